@@ -1,0 +1,124 @@
+"""Checkpoints: config + weights + class names + provenance, saved atomically.
+
+A checkpoint is a ``torch.save`` dict of plain types and tensors only, so it loads
+with ``weights_only=True``:
+``{"format", "config", "state_dict", "class_names", "fingerprint", "metrics",
+"code_version", "extra"}``. Inference rebuilds the network from ``config``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import ModelConfig
+from .errors import CheckpointError
+from .network import DRSegUNet
+from .vocabulary import CLASS_NAMES
+
+FORMAT = "drsegunet-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    class_names: tuple[str, ...] = CLASS_NAMES
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    code_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> DRSegUNet:
+        """A network in eval mode with these weights (float32)."""
+        model = DRSegUNet(self.config.network)
+        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in self.state_dict.items()}
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0] if str(e) else "state dict mismatch"
+            raise CheckpointError(f"checkpoint weights do not match its network config: {first}") from None
+        return model.eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "state_dict": self.state_dict,
+            "class_names": list(self.class_names),
+            "fingerprint": self.fingerprint,
+            "metrics": self.metrics,
+            "code_version": self.code_version,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_model(cls, model: DRSegUNet, config: ModelConfig, half: bool = False, **kw: Any) -> "Checkpoint":
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if half:
+            sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+        return cls(config=config, state_dict=sd, **kw)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    torch.save(ckpt.to_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, expected_classes: tuple[str, ...] = CLASS_NAMES) -> Checkpoint:
+    """Load and validate a checkpoint; raise CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a readable DRSegUNet checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # pickle errors of many kinds for arbitrary files
+        raise CheckpointError(f"{path} is not a readable DRSegUNet checkpoint ({type(e).__name__})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a DRSegUNet checkpoint (format tag missing or unknown)")
+    names = tuple(d.get("class_names", ()))
+    if names != tuple(expected_classes):
+        raise CheckpointError(
+            f"{path} was trained for classes {list(names)}, not {list(expected_classes)}"
+        )
+    try:
+        config = ModelConfig.from_dict(d["config"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} has an invalid config ({e})") from None
+    if config.network.num_classes != len(names):
+        raise CheckpointError(f"{path}: network has {config.network.num_classes} outputs for {len(names)} classes")
+    return Checkpoint(
+        config=config,
+        state_dict=d["state_dict"],
+        class_names=names,
+        fingerprint=d.get("fingerprint", {}),
+        metrics=d.get("metrics", {}),
+        code_version=d.get("code_version", "?"),
+        extra=d.get("extra", {}),
+    )

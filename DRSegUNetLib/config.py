@@ -1,0 +1,125 @@
+"""Method constants, in frozen dataclasses, saved inside every checkpoint.
+
+Nothing that defines the method (HU windows, thresholds, structuring elements,
+k, learning rates) is written inline elsewhere: it is read from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Thesis §4.2: clip HU to [hu_min, hu_max], then z-score with fixed constants.
+
+    ``mean``/``std`` are the statistics of clipped HU over the training pixels; they
+    are fixed per model (not per slice) so that a crop and a full slice of the same
+    CT are normalised alike.
+    """
+
+    hu_min: float = -1000.0
+    hu_max: float = 100.0
+    mean: float = -500.0
+    std: float = 450.0
+
+
+@dataclass(frozen=True)
+class EightBitConfig:
+    """Documented rule mapping 8-bit lung-window images to approximate HU.
+
+    ``hu = low + value / 255 * (high - low)``: grey 0 is air (-1000 HU) and 255 the
+    upper end of a lung window (W1500/L-600 → +150 HU). The images are not
+    invertible to HU; training augments intensity so the model does not depend on it.
+    """
+
+    low: float = -1000.0
+    high: float = 150.0
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    in_channels: int = 1
+    num_classes: int = 4
+    base_filters: int = 16
+    depth: int = 4
+    upsampling: str = "transpose"  # "transpose" (thesis default) or "upsample" (Table 13)
+
+
+@dataclass(frozen=True)
+class LungConfig:
+    """Thesis §4.4.1 steps 1-3: lung extraction."""
+
+    window_low: float = -1000.0  # HU of air
+    window_high: float = 400.0  # HU of bone
+    threshold_hu: float = -170.0
+    n_components: int = 2  # bwareafilt(bw, 2)
+    # Additions to the thesis (see lungs.py): what is not lung although it is air.
+    min_air_hu: float = -500.0  # a CT in HU has air below this; otherwise not HU
+    min_component_mm2: float = 100.0  # smaller air pockets (oesophagus, noise) are not lung
+    min_second_fraction: float = 0.1  # blobs 2..n_components: at least this fraction of the largest
+    min_extra_fraction: float = 0.1  # further blobs (a lung split by consolidation): same test
+    airway_max_mm2: float = 600.0  # a blob this small near the body's midline is trachea/bronchus
+    airway_band_fraction: float = 0.1  # "near the midline": within this fraction of body width
+    max_junction_mm: float = 20.0  # touching lungs are split at junctions up to this thick
+    closing_radius_mm: float = 10.0  # fills lesions at the lung border (per lung)
+    min_volume_fraction: float = 0.1  # volumes: 3D blobs under this fraction of the largest go
+    assumed_fov_mm: float = 350.0  # pixel size = this / slice width when spacing is unknown
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Thesis §4.4.1 steps 5-6: k-means and morphological clean-up."""
+
+    k: int = 3
+    seed: int = 0
+    line_length: int = 8
+    line_angle_deg: float = 50.0
+    disk_radius: int = 6
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    steps_per_epoch: int = 50
+    batch_size: int = 8
+    crop: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: str = "ce"  # "ce" (thesis) or "ce+dice"
+    seed: int = 0
+    lr_schedule: str = "constant"  # "constant" (thesis) or "cosine"
+    val_every: int = 1
+    frozen_layers: int = 0  # level 2 freezes the first two layers (stem conv1, bn1)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    batch_size: int = 4
+    decision: str = "argmax"  # "argmax" or "threshold" (thesis §4.5)
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything a checkpoint needs to rebuild and apply its network."""
+
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    eight_bit: EightBitConfig = field(default_factory=EightBitConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(
+            network=NetworkConfig(**d["network"]),
+            preprocess=PreprocessConfig(**d["preprocess"]),
+            eight_bit=EightBitConfig(**d.get("eight_bit", {})),
+        )
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,176 @@
+"""Readers for the annotated slice sets, with partial labels as "allowed class" sets.
+
+Every reader yields :class:`Sample`: an image in HU (or approximate HU) and, per
+pixel, a bitmask of the classes the annotation allows there (bit c set = class c
+possible). This lets datasets that leave different classes undecided train one
+model (marginal loss) and be scored only on what they decide:
+
+- MedSeg (GGO / consolidation, no lung): 0 → {background, lung}, 1 → {GGO},
+  2 → {consolidation}.
+- COVID-19-CT-Seg (lung / infection): infection → {GGO, consolidation},
+  lung and not infection → {lung}, elsewhere → {background}.
+- A label map in our vocabulary (e.g. accepted corrections): value c → {c}.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .config import EightBitConfig
+from .errors import InputError
+from .preprocessing import eight_bit_to_hu
+from .vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS
+
+ALL_CLASSES = np.uint8((1 << NUM_CLASSES) - 1)
+
+
+def bit(*classes: int) -> np.uint8:
+    return np.uint8(sum(1 << c for c in classes))
+
+
+@dataclass
+class Sample:
+    """One annotated axial slice. ``hu`` (H, W) float32; ``allowed`` (H, W) uint8 bitmask."""
+
+    hu: np.ndarray
+    allowed: np.ndarray
+    name: str
+    group: str
+
+    def region_truth(self, region: str) -> np.ndarray | None:
+        """Binary truth of a region (see vocabulary.REGIONS), or None if undecided somewhere."""
+        rbits = bit(*REGIONS[region])
+        inside = (self.allowed & ~rbits) == 0
+        outside = (self.allowed & rbits) == 0
+        if not np.all(inside | outside):
+            return None
+        return inside
+
+
+def labels_to_allowed(labels: np.ndarray) -> np.ndarray:
+    """Exclusive label map in our vocabulary → allowed bitmask (every class decided)."""
+    return (np.uint8(1) << labels.astype(np.uint8)).astype(np.uint8)
+
+
+def medseg_allowed(mask: np.ndarray) -> np.ndarray:
+    table = np.array([bit(BACKGROUND, LUNG), bit(GGO), bit(CONSOLIDATION)], dtype=np.uint8)
+    if mask.max() > 2:
+        raise InputError(f"MedSeg mask has value {mask.max()}; expected 0, 1, 2")
+    return table[mask]
+
+
+def zenodo_allowed(lung: np.ndarray, infection: np.ndarray) -> np.ndarray:
+    out = np.full(lung.shape, bit(BACKGROUND), dtype=np.uint8)
+    out[lung > 0] = bit(LUNG)
+    out[infection > 0] = bit(GGO, CONSOLIDATION)
+    return out
+
+
+def _read_gray(path: Path, indexed: bool = False) -> np.ndarray:
+    """8-bit grey image; ``indexed`` keeps palette indices (label PNGs) instead of colours."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if indexed and im.mode in ("P", "L", "I;16", "I"):
+            return np.asarray(im).astype(np.uint8)
+        return np.asarray(im.convert("L"))
+
+
+def read_medseg_folder(folder: str | Path, eight_bit: EightBitConfig = EightBitConfig(),
+                       names: Iterable[str] | None = None) -> list[Sample]:
+    """Read ``images/<id>.jpg`` + ``masks/<id>.png``; images are 8-bit, mapped to approx. HU.
+
+    The slices are stored transposed relative to radiological convention; they are
+    transposed back so that they look like axial slices of a CT volume.
+    """
+    folder = Path(folder)
+    img_dir, mask_dir = folder / "images", folder / "masks"
+    if not img_dir.is_dir() or not mask_dir.is_dir():
+        raise InputError(f"{folder} is not a MedSeg-style folder (needs images/ and masks/)")
+    wanted = set(names) if names is not None else None
+    samples = []
+    for img_path in sorted(img_dir.iterdir(), key=lambda p: (len(p.stem), p.stem)):
+        if img_path.suffix.lower() not in (".jpg", ".jpeg", ".png") or (wanted is not None and img_path.stem not in wanted):
+            continue
+        mask_path = mask_dir / f"{img_path.stem}.png"
+        if not mask_path.is_file():
+            raise InputError(f"no mask {mask_path} for image {img_path}")
+        img, mask = _read_gray(img_path), _read_gray(mask_path, indexed=True)
+        if img.shape != mask.shape:
+            raise InputError(f"{img_path.name}: image {img.shape} and mask {mask.shape} differ in size")
+        samples.append(Sample(eight_bit_to_hu(img.T, eight_bit), medseg_allowed(mask.T), img_path.stem, "medseg"))
+    if not samples:
+        raise InputError(f"no images found in {img_dir}")
+    return samples
+
+
+def read_zenodo_npz(path: str | Path, eight_bit: EightBitConfig = EightBitConfig(),
+                    groups: Sequence[int] | None = None) -> list[Sample]:
+    """Read a COVID-19-CT-Seg ``.npz`` (ct_uint8, lung_mask, infection_mask, group)."""
+    try:
+        d = np.load(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path} as .npz ({e})") from None
+    missing = {"ct_uint8", "lung_mask", "infection_mask"} - set(d.files)
+    if missing:
+        raise InputError(f"{path} lacks arrays {sorted(missing)}")
+    grp = d["group"] if "group" in d.files else np.zeros(len(d["ct_uint8"]), dtype=int)
+    src = d["source_index"] if "source_index" in d.files else np.arange(len(grp))
+    keep = np.arange(len(grp)) if groups is None else np.flatnonzero(np.isin(grp, list(groups)))
+    ct, lung, inf = d["ct_uint8"], d["lung_mask"], d["infection_mask"]
+    return [
+        Sample(eight_bit_to_hu(ct[i], eight_bit), zenodo_allowed(lung[i], inf[i]), f"z{int(src[i])}", f"zenodo{int(grp[i])}")
+        for i in keep
+    ]
+
+
+def read_dataset(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) -> list[Sample]:
+    """A MedSeg-style folder or a COVID-19-CT-Seg-style ``.npz``."""
+    path = Path(path)
+    if path.is_dir():
+        return read_medseg_folder(path, eight_bit)
+    if path.suffix == ".npz":
+        return read_zenodo_npz(path, eight_bit)
+    raise InputError(f"{path}: expected a folder with images/ and masks/, or an .npz file")
+
+
+def fingerprint(paths: Iterable[str | Path]) -> dict[str, str]:
+    """sha256 of each data file (folders: of their sorted files' hashes)."""
+    out = {}
+    for p in map(Path, paths):
+        h = hashlib.sha256()
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        out[str(p)] = h.hexdigest()
+    return out
+
+
+def load_split(path: str | Path) -> dict:
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+def _in_part(s: Sample, part: dict) -> bool:
+    if s.group == "medseg":
+        return s.name in set(part.get("medseg", ()))
+    if s.group.startswith("zenodo"):
+        return int(s.group[len("zenodo"):]) in set(part.get("zenodo_groups", ()))
+    return s.name in set(part.get("names", ()))
+
+
+def apply_split(samples: Sequence[Sample], split: dict) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train, val, test) by a split file's ``val``/``test`` parts; the rest trains."""
+    val = [s for s in samples if _in_part(s, split.get("val", {}))]
+    test = [s for s in samples if _in_part(s, split.get("test", {}))]
+    held = {id(s) for s in val + test}
+    return [s for s in samples if id(s) not in held], val, test

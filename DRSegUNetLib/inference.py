@@ -1,0 +1,163 @@
+"""Inference: a CT volume in HU → exclusive label map, slice by slice.
+
+Data flow: SimpleITK image (any direction) → axial view → batches of slices →
+window + z-score → network → softmax → decision → yield per slice → labels placed
+back in the input's geometry. Class probabilities exist only for one batch at a
+time, so memory does not grow with the number of slices.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import InferenceConfig, ModelConfig
+from .errors import InputError
+from .network import DRSegUNet
+from .orientation import axial_view
+from .preprocessing import check_ct_hu, normalize
+from .progress import CancelCheck, ProgressCallback, check_cancel, report
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device in ("auto", "gpu"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if device == "gpu":
+            raise InputError("a GPU was asked for, but torch sees no CUDA device")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@dataclass
+class SliceResult:
+    """One finished axial slice.
+
+    ``labels`` (rows, cols) uint8 in the axial display frame; ``probabilities``
+    (C, rows, cols) float16 when asked for.
+    """
+
+    index: int
+    total: int
+    labels: np.ndarray
+    direction: tuple[float, ...]
+    probabilities: Optional[np.ndarray] = None
+
+    def place(self, volume_zyx: np.ndarray) -> None:
+        """Write this slice's labels into an array laid out like ``sitk.GetArrayFromImage(input)``."""
+        view, _ = axial_view(volume_zyx, self.direction)
+        view[self.index] = self.labels
+
+
+def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
+    """Class probabilities (N, C, H, W) → labels (N, H, W) uint8.
+
+    ``argmax``: the most probable class. ``threshold`` (thesis §4.5): a pixel takes
+    class c only when P(c) > threshold, else background (0).
+    """
+    conf, lab = prob.max(dim=1)
+    if cfg.decision == "threshold":
+        lab = torch.where(conf > cfg.threshold, lab, torch.zeros_like(lab))
+    elif cfg.decision != "argmax":
+        raise ValueError(f"unknown decision {cfg.decision!r}; use 'argmax' or 'threshold'")
+    return lab.to(torch.uint8)
+
+
+class Predictor:
+    """Applies a trained DRSegUNet to CT slices and volumes."""
+
+    def __init__(self, model: DRSegUNet, config: ModelConfig, device: str | torch.device = "auto",
+                 inference: InferenceConfig = InferenceConfig(), checkpoint: Optional[Checkpoint] = None) -> None:
+        self.device = resolve_device(device)
+        self.config = config
+        self.inference = inference
+        self.checkpoint = checkpoint
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **inference_kw) -> "Predictor":
+        ckpt = load_checkpoint(path)
+        return cls(ckpt.build_model(), ckpt.config, device, InferenceConfig(**inference_kw), ckpt)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def probabilities(self, hu: np.ndarray) -> torch.Tensor:
+        """Softmax probabilities (N, C, H, W) float32 on the device for HU slices (N, H, W)."""
+        x = torch.from_numpy(normalize(hu, self.config.preprocess)).unsqueeze(1)
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            return torch.softmax(self.model(x).float(), dim=1)
+
+    def predict_slices(self, slices: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Labels for 2D HU slices of any sizes (same-size neighbours are batched)."""
+        out: list[np.ndarray] = []
+        i = 0
+        while i < len(slices):
+            j = i + 1
+            while j < len(slices) and j - i < self.inference.batch_size and slices[j].shape == slices[i].shape:
+                j += 1
+            prob = self.probabilities(np.stack(slices[i:j]))
+            out.extend(decide(prob, self.inference).cpu().numpy())
+            i = j
+        return out
+
+    def iter_slices(self, image: sitk.Image, progress: Optional[ProgressCallback] = None,
+                    cancel: Optional[CancelCheck] = None, with_probabilities: bool = False) -> Iterator[SliceResult]:
+        """Yield one :class:`SliceResult` per axial slice, inferior to superior."""
+        array = validate_ct_image(image)
+        view, _ = axial_view(array, image.GetDirection())
+        n = view.shape[0]
+        bs = max(1, self.inference.batch_size)
+        report(progress, "segment", 0, n, "segmenting")
+        for start in range(0, n, bs):
+            check_cancel(cancel)
+            batch = np.ascontiguousarray(view[start:start + bs], dtype=np.float32)
+            prob = self.probabilities(batch)
+            labels = decide(prob, self.inference).cpu().numpy()
+            probs = prob.half().cpu().numpy() if with_probabilities else None
+            for k in range(labels.shape[0]):
+                yield SliceResult(start + k, n, labels[k], image.GetDirection(),
+                                  probs[k] if probs is not None else None)
+            report(progress, "segment", min(start + bs, n), n, f"slice {min(start + bs, n)}/{n}")
+
+    def predict(self, image: sitk.Image, progress: Optional[ProgressCallback] = None,
+                cancel: Optional[CancelCheck] = None) -> sitk.Image:
+        """Label map (uint8, values 0-3) with the input's size, spacing, origin and direction."""
+        out = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+        for r in self.iter_slices(image, progress, cancel):
+            r.place(out)
+        labels = sitk.GetImageFromArray(out)
+        labels.CopyInformation(image)
+        return labels
+
+
+def validate_ct_image(image: sitk.Image, what: str = "input image") -> np.ndarray:
+    """Check that ``image`` is a scalar 3D CT in HU; return its (z, y, x) array."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} has {image.GetNumberOfComponentsPerPixel()} components per pixel (RGB?); "
+                         "a CT has one")
+    if image.GetDimension() != 3:
+        raise InputError(f"{what} is {image.GetDimension()}D; a CT volume is 3D")
+    if 0 in image.GetSize():
+        raise InputError(f"{what} is empty (size {image.GetSize()})")
+    array = sitk.GetArrayViewFromImage(image)
+    check_ct_hu(array, what)
+    return array

@@ -1,0 +1,55 @@
+"""Slice a volume along the patient's axial axis, whatever its direction matrix.
+
+SimpleITK arrays are (z, y, x) = (k, j, i) with a direction matrix whose columns
+are the LPS directions of the i, j, k index axes. The *axial view* of a volume is
+the array permuted and flipped so that axis 0 runs inferior→superior, axis 1
+anterior→posterior and axis 2 patient right→left: each ``view[n]`` is an axial
+slice in radiological display (patient's right on the image's left, anterior up).
+Only permutations and flips are used (no resampling); an oblique volume is sliced
+along the index axis closest to each patient axis.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def _axis_assignment(direction: Sequence[float]) -> tuple[list[int], list[int]]:
+    """For each patient axis (L, P, S) the index axis (i, j, k) closest to it and its sign."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    patient_of_index = [-1, -1, -1]
+    taken: set[int] = set()
+    # Assign the most clear-cut index axes first, so an oblique one takes what is left.
+    for a in np.argsort(-np.abs(d).max(axis=0)):
+        order = np.argsort(-np.abs(d[:, a]))
+        p = next(int(q) for q in order if int(q) not in taken)
+        taken.add(p)
+        patient_of_index[a] = p
+    index_of_patient = [patient_of_index.index(p) for p in range(3)]
+    sign_of_patient = [1 if d[p, index_of_patient[p]] >= 0 else -1 for p in range(3)]
+    return index_of_patient, sign_of_patient
+
+
+def axial_view(array_zyx: np.ndarray, direction: Sequence[float]) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Return (view, inverse): ``view`` is (n_axial, rows, cols), a view not a copy.
+
+    ``inverse(a)`` maps an array laid out like ``view`` back to the input layout.
+    ``array_zyx`` may have trailing extra axes (e.g. channels), which are kept.
+    """
+    index_of_patient, sign = _axis_assignment(direction)
+    # numpy axis of index axis a is 2 - a; output axis o holds patient axis 2 - o.
+    axes = [2 - index_of_patient[2 - o] for o in range(3)]
+    extra = list(range(3, array_zyx.ndim))
+    flips = [o for o in range(3) if sign[2 - o] < 0]
+    view = np.transpose(array_zyx, axes + extra)
+    if flips:
+        view = np.flip(view, axis=flips)
+    inv_axes = [int(i) for i in np.argsort(axes)]
+
+    def inverse(a: np.ndarray) -> np.ndarray:
+        if flips:
+            a = np.flip(a, axis=flips)
+        return np.transpose(a, inv_axes + list(range(3, a.ndim)))
+
+    return view, inverse

@@ -1,0 +1,48 @@
+"""A PNG overlay of one axial slice: CT in a lung window with the segments coloured."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import SimpleITK as sitk
+
+from .checkpoint import atomic_write_bytes
+from .orientation import axial_view
+from .vocabulary import CONSOLIDATION, GGO, LUNG, REGIONS, SEGMENTS
+
+WINDOW = (-1350.0, 150.0)  # lung window W1500/L-600 for display only
+ALPHA = 0.45
+
+
+def overlay_slice(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """RGB uint8 (H, W, 3): grey CT with GGO, consolidation and lung outline coloured."""
+    grey = np.clip((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    colours = {s.labels[0]: np.array(s.color) for s in SEGMENTS if len(s.labels) == 1}
+    for value in (GGO, CONSOLIDATION):
+        m = labels == value
+        rgb[m] = (1 - ALPHA) * rgb[m] + ALPHA * colours[value]
+    field = np.isin(labels, REGIONS["lung"])
+    from scipy import ndimage
+
+    edge = field & ~ndimage.binary_erosion(field)
+    lung_colour = next(np.array(s.color) for s in SEGMENTS if LUNG in s.labels and len(s.labels) > 1)
+    rgb[edge] = lung_colour
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def write_overlay(image: sitk.Image, labels: sitk.Image, path: str | os.PathLike, index: int | None = None) -> int:
+    """Write the overlay of axial slice ``index`` (default: most infection) and return the index."""
+    from PIL import Image
+
+    hu, _ = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())
+    lab, _ = axial_view(sitk.GetArrayViewFromImage(labels), labels.GetDirection())
+    if index is None:
+        infection = np.isin(lab, REGIONS["infection"]).sum(axis=(1, 2))
+        index = int(np.argmax(infection)) if infection.any() else lab.shape[0] // 2
+    rgb = overlay_slice(np.asarray(hu[index], dtype=np.float32), np.asarray(lab[index]))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return index

@@ -1,0 +1,52 @@
+"""Thesis §4.2 preprocessing, the 8-bit→HU rule, and checks that an image is CT in HU."""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import EightBitConfig, PreprocessConfig
+from .errors import InputError
+
+
+def normalize(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Clip HU to [hu_min, hu_max] and z-score with the model's fixed constants.
+
+    Returns float32 of the same shape.
+    """
+    x = np.clip(np.asarray(hu, dtype=np.float32), cfg.hu_min, cfg.hu_max)
+    return (x - np.float32(cfg.mean)) / np.float32(cfg.std)
+
+
+def eight_bit_to_hu(values: np.ndarray, cfg: EightBitConfig = EightBitConfig()) -> np.ndarray:
+    """Map 8-bit lung-window grey values (0..255) to approximate HU, linearly.
+
+    Grey 0 → ``cfg.low`` (air, -1000 HU), 255 → ``cfg.high``. See EightBitConfig.
+    """
+    v = np.asarray(values, dtype=np.float32)
+    return cfg.low + v / np.float32(255.0) * np.float32(cfg.high - cfg.low)
+
+
+def check_ct_hu(array: np.ndarray, what: str = "image") -> None:
+    """Raise InputError unless ``array`` looks like CT in Hounsfield units.
+
+    CT in HU contains air or lung (values well below -500 HU). An 8-bit picture
+    (values within 0..255), an MR image (no negative values) or a normalised image
+    (values within a few units of 0) has none.
+    """
+    if array.size == 0:
+        raise InputError(f"{what} is empty (no voxels)")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        n = int((~np.isfinite(array)).sum())
+        raise InputError(f"{what} contains {n} NaN or infinite voxel(s); CT in HU must be finite")
+    lo, hi = float(array.min()), float(array.max())
+    if lo >= 0 and hi <= 255:
+        raise InputError(
+            f"{what} has values in [{lo:g}, {hi:g}]: it looks like an 8-bit picture, not CT in "
+            "Hounsfield units (air is -1000 HU)"
+        )
+    if lo >= -200:
+        raise InputError(
+            f"{what} has no values below {lo:g}: CT in Hounsfield units has air and lung near "
+            "-1000 HU; is this an MR or a normalised image?"
+        )
+    if np.percentile(array if array.size < 4_000_000 else array.ravel()[:: array.size // 4_000_000 + 1], 99) < -500:
+        raise InputError(f"{what} is almost all air (99th percentile below -500 HU): no body in view")

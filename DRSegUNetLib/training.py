@@ -1,0 +1,288 @@
+"""The one training loop: level 1 from scratch, level 2 / fine-tuning from a checkpoint.
+
+Adam + categorical cross-entropy (thesis §3.6) generalised to partial labels as a
+*marginal* cross-entropy: a pixel whose annotation allows a set S of classes
+contributes ``-log sum_{c in S} p_c`` (S of one class is plain cross-entropy; a
+pixel that allows every class contributes nothing). MedSeg pixels labelled 0 allow
+{background, lung}; COVID-19-CT-Seg infection pixels allow {GGO, consolidation};
+so one network learns all four classes from datasets that each leave some
+undecided. Optional soft Dice uses only pixels where a class is decided.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .checkpoint import Checkpoint, save_checkpoint
+from .config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig, to_dict
+from .data import Sample, bit
+from .inference import Predictor, resolve_device
+from .metrics import MetricAccumulator, mean_dice
+from .network import DRSegUNet
+from .preprocessing import normalize
+from .progress import CancelCheck, ProgressCallback, check_cancel, report
+from .vocabulary import BACKGROUND, CONSOLIDATION, GGO, NUM_CLASSES, REGIONS
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- losses
+def allowed_to_mask(allowed: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(N, H, W) uint8 bitmask → (N, C, H, W) bool."""
+    bits = (1 << torch.arange(num_classes, device=allowed.device, dtype=torch.int32)).view(1, -1, 1, 1)
+    return (allowed.unsqueeze(1).to(torch.int32) & bits) != 0
+
+
+def marginal_cross_entropy(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of ``-log P(class in allowed set)``; logits (N,C,H,W), allowed (N,H,W)."""
+    mask = allowed_to_mask(allowed, logits.shape[1])
+    logits = logits.float()
+    log_all = torch.logsumexp(logits, dim=1)
+    log_ok = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
+    informative = ~mask.all(dim=1)
+    loss = (log_all - log_ok)[informative]
+    return loss.mean() if loss.numel() else logits.sum() * 0.0
+
+
+def marginal_soft_dice(logits: torch.Tensor, allowed: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over the classes, using only pixels where the class is decided."""
+    mask = allowed_to_mask(allowed, logits.shape[1])
+    prob = torch.softmax(logits.float(), dim=1)
+    single = mask.sum(dim=1, keepdim=True) == 1
+    target = (mask & single).float()  # class decided present
+    decided = (single | ~mask).float()  # class decided (present or absent)
+    inter = (prob * target * decided).sum(dim=(0, 2, 3))
+    denom = (prob * decided).sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
+    present = target.sum(dim=(0, 2, 3)) > 0
+    dice = (2 * inter + eps) / (denom + eps)
+    return 1 - dice[present].mean() if present.any() else logits.sum() * 0.0
+
+
+def compute_loss(logits: torch.Tensor, allowed: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "ce":
+        return marginal_cross_entropy(logits, allowed)
+    if kind == "ce+dice":
+        return marginal_cross_entropy(logits, allowed) + marginal_soft_dice(logits, allowed)
+    raise ValueError(f"unknown loss {kind!r}; use 'ce' or 'ce+dice'")
+
+
+# ---------------------------------------------------------------- sampling
+INFECTION_BITS = bit(GGO, CONSOLIDATION)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation that bridges 8-bit slices and HU CT (geometry and intensity)."""
+
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.8, 1.25)
+    flip_lr: float = 0.5
+    hu_gain: tuple[float, float] = (0.9, 1.1)
+    hu_shift: float = 40.0
+    gamma: tuple[float, float] = (0.7, 1.5)
+    noise_hu: float = 20.0
+    blur_sigma: float = 1.0
+    foreground_fraction: float = 0.5  # crops centred on infection
+
+
+class PatchSampler:
+    """Random augmented crops (HU, allowed) from samples; sources drawn equally often."""
+
+    def __init__(self, samples: Sequence[Sample], crop: int, aug: AugmentConfig, seed: int) -> None:
+        self.samples = list(samples)
+        self.crop = crop
+        self.aug = aug
+        self.rng = np.random.default_rng(seed)
+        sources = [s.group.rstrip("0123456789") for s in self.samples]
+        counts = {k: sources.count(k) for k in set(sources)}
+        w = np.array([1.0 / counts[k] for k in sources])
+        self.weights = w / w.sum()
+        # Pixels that can only be infection: centres for foreground-biased crops.
+        self.fg = [np.argwhere(((s.allowed & INFECTION_BITS) != 0) & ((s.allowed & bit(BACKGROUND)) == 0))
+                   for s in self.samples]
+
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        rng, a, c = self.rng, self.aug, self.crop
+        i = rng.choice(len(self.samples), p=self.weights)
+        s = self.samples[i]
+        h, w = s.hu.shape
+        if len(self.fg[i]) and rng.random() < a.foreground_fraction:
+            centre = self.fg[i][rng.integers(len(self.fg[i]))].astype(float)
+        else:
+            centre = np.array([rng.uniform(0, h), rng.uniform(0, w)])
+        theta = math.radians(rng.uniform(-a.rotate_deg, a.rotate_deg))
+        scale = math.exp(rng.uniform(math.log(a.scale[0]), math.log(a.scale[1])))
+        flip = -1.0 if rng.random() < a.flip_lr else 1.0
+        rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+        matrix = rot @ np.diag([1.0, flip]) / scale
+        offset = centre - matrix @ np.array([c / 2, c / 2])
+        hu = ndimage.affine_transform(s.hu, matrix, offset, (c, c), order=1, mode="constant", cval=-1000.0)
+        allowed = ndimage.affine_transform(s.allowed, matrix, offset, (c, c), order=0, mode="constant",
+                                           cval=int(bit(BACKGROUND)))
+        # Intensity: gain/shift about air, gamma within the window, blur, noise.
+        hu = (hu + 1000.0) * rng.uniform(*a.hu_gain) - 1000.0 + rng.uniform(-a.hu_shift, a.hu_shift)
+        t = np.clip((hu + 1000.0) / 1100.0, 0, 1)
+        g = math.exp(rng.uniform(math.log(a.gamma[0]), math.log(a.gamma[1])))
+        hu = np.where(hu < 100.0, t**g * 1100.0 - 1000.0, hu)
+        if a.blur_sigma > 0 and rng.random() < 0.2:
+            hu = ndimage.gaussian_filter(hu, rng.uniform(0.3, a.blur_sigma))
+        if a.noise_hu > 0 and rng.random() < 0.3:
+            hu = hu + rng.normal(0, rng.uniform(0, a.noise_hu), hu.shape)
+        return hu.astype(np.float32), allowed.astype(np.uint8)
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self.draw() for _ in range(n)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+# ---------------------------------------------------------------- evaluation
+def evaluate_samples(predictor: Predictor, samples: Sequence[Sample],
+                     regions: Sequence[str] = tuple(REGIONS)) -> dict[str, dict]:
+    """Per-region metrics of ``predictor`` on annotated slices (see metrics.py)."""
+    acc = MetricAccumulator(regions)
+    for s in samples:
+        pred = predictor.predict_slices([s.hu])[0]
+        acc.add(s.name, pred, {r: s.region_truth(r) for r in regions})
+    return acc.summary()
+
+
+def estimate_normalisation(samples: Sequence[Sample], cfg: PreprocessConfig) -> PreprocessConfig:
+    """Mean/std of clipped HU over all training pixels (the z-score constants)."""
+    vals = np.concatenate([np.clip(s.hu, cfg.hu_min, cfg.hu_max).ravel()[::7] for s in samples])
+    return replace(cfg, mean=round(float(vals.mean()), 2), std=round(float(vals.std()), 2))
+
+
+# ---------------------------------------------------------------- training
+def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:
+    """Freeze the first ``n`` weight-bearing layers in forward order (Keras' layer order).
+
+    For DRSegUNet these are stem.conv1, stem.bn1, stem.conv2, stem.shortcut, ...
+    Frozen BatchNorm layers also keep their running statistics (eval mode).
+    """
+    layers = [(name, m) for name, m in model.named_modules()
+              if len(list(m.children())) == 0 and any(True for _ in m.parameters(recurse=False))]
+    frozen = []
+    for name, m in layers[:n]:
+        for p in m.parameters():
+            p.requires_grad_(False)
+        frozen.append(name)
+    return frozen
+
+
+def _set_train_mode(model: DRSegUNet, frozen: Sequence[str]) -> None:
+    model.train()
+    modules = dict(model.named_modules())
+    for name in frozen:
+        if isinstance(modules[name], torch.nn.BatchNorm2d):
+            modules[name].eval()
+
+
+@dataclass
+class TrainResult:
+    best_path: Path
+    last_path: Path
+    best_score: float
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    model_config: Optional[ModelConfig] = None,
+    init: Optional[Checkpoint] = None,
+    device: str = "auto",
+    fingerprint: Optional[dict[str, Any]] = None,
+    augment: AugmentConfig = AugmentConfig(),
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCheck] = None,
+    extra: Optional[dict[str, Any]] = None,
+) -> TrainResult:
+    """Train and write ``best.pt`` (best validation Dice) and ``last.pt`` into ``out_dir``.
+
+    ``init``: start from this checkpoint (level 2 / fine-tuning); its model config is
+    kept. Otherwise the network is built from ``model_config`` with z-score
+    constants estimated on ``train_samples``. Without ``val_samples`` the last epoch
+    is also the best. Checkpoints are written atomically after every epoch.
+    """
+    if not train_samples:
+        raise ValueError("no training samples")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    dev = resolve_device(device)
+    if init is not None:
+        mcfg = init.config
+        model = init.build_model()
+    else:
+        mcfg = model_config or ModelConfig()
+        mcfg = replace(mcfg, preprocess=estimate_normalisation(train_samples, mcfg.preprocess))
+        model = DRSegUNet(mcfg.network)
+    model.to(dev)
+    frozen = freeze_first_layers(model, config.frozen_layers)
+    if frozen:
+        log.info("frozen layers: %s", ", ".join(frozen))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.epochs * config.steps_per_epoch
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=config.lr * 0.02)
+             if config.lr_schedule == "cosine" else None)
+    sampler = PatchSampler(train_samples, config.crop, augment, config.seed)
+    val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1))
+    best_score, best_epoch, history = -1.0, -1, []
+    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+    meta = {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),
+            "init": (init.extra.get("name") if init else None), **(extra or {})}
+    step = 0
+    t0 = time.time()
+    for epoch in range(1, config.epochs + 1):
+        _set_train_mode(model, frozen)
+        losses = []
+        for _ in range(config.steps_per_epoch):
+            check_cancel(cancel)
+            hu, allowed = sampler.batch(config.batch_size)
+            x = torch.from_numpy(normalize(hu, mcfg.preprocess)).unsqueeze(1).to(dev)
+            y = torch.from_numpy(allowed).to(dev)
+            loss = compute_loss(model(x), y, config.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            losses.append(loss.item())
+            report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
+                   epoch=epoch, loss=losses[-1])
+        entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
+        if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
+            model.eval()
+            summary = evaluate_samples(val_predictor, val_samples)
+            entry["val_dice"] = mean_dice(summary)
+            entry["val"] = {r: v["mean"]["dice"] for r, v in summary.items()}
+        history.append(entry)
+        score = entry.get("val_dice", -1.0 if val_samples else float(epoch))
+        ckpt = Checkpoint.from_model(model, mcfg, half=False, fingerprint=fingerprint or {},
+                                     metrics={"epoch": epoch, **{k: v for k, v in entry.items() if k != "epoch"}},
+                                     extra={**meta, "history": history})
+        save_checkpoint(ckpt, last_path)
+        if "val_dice" in entry and score > best_score or not val_samples:
+            best_score, best_epoch = score, epoch
+            save_checkpoint(ckpt, best_path)
+        report(progress, "epoch", epoch, config.epochs,
+               f"epoch {epoch}: loss {entry['loss']:.4f}" + (f" val Dice {entry['val_dice']:.3f}" if "val_dice" in entry else ""),
+               **{k: v for k, v in entry.items() if k in ("loss", "val_dice")})
+    if not best_path.exists():
+        save_checkpoint(Checkpoint.from_model(model, mcfg, fingerprint=fingerprint or {}, extra=meta), best_path)
+    return TrainResult(best_path, last_path, best_score, best_epoch, history)

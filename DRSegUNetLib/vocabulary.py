@@ -1,0 +1,60 @@
+"""The one table of classes, label values, segment names, colours and terminology.
+
+Used by the CLI, the report, the ``.seg.nrrd`` writer and the Slicer logic, so that
+all of them say the same thing about the same label value.
+
+Label values are exclusive: 0 background, 1 ground-glass opacity, 2 consolidation,
+3 lung (lung tissue that is neither GGO nor consolidation). The *segment* "Lung" is
+the whole lung field, i.e. the union of labels 1-3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKGROUND, GGO, CONSOLIDATION, LUNG = 0, 1, 2, 3
+CLASS_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation", "lung")
+NUM_CLASSES = len(CLASS_NAMES)
+
+# Derived regions used by metrics and reports: name -> label values it is made of.
+REGIONS: dict[str, tuple[int, ...]] = {
+    "ggo": (GGO,),
+    "consolidation": (CONSOLIDATION,),
+    "infection": (GGO, CONSOLIDATION),
+    "lung": (GGO, CONSOLIDATION, LUNG),  # the whole lung field, lesions included
+}
+
+_CATEGORY_ANATOMY = ("SCT", "123037004", "Anatomical Structure")
+_CATEGORY_ALTERED = ("SCT", "49755003", "Morphologically Altered Structure")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One output segment as Slicer shows it."""
+
+    segment_id: str
+    name: str
+    labels: tuple[int, ...]  # label values whose union this segment covers
+    color: tuple[float, float, float]  # RGB in [0, 1]
+    category: tuple[str, str, str]  # (scheme, code, meaning)
+    type: tuple[str, str, str]
+    layer: int  # seg.nrrd layer; overlapping segments need different layers
+
+    @property
+    def terminology(self) -> str:
+        """Slicer's terminology entry string (category and type; no modifiers)."""
+        c, t = self.category, self.type
+        return (
+            "Segmentation category and type - DICOM master list"
+            f"~{c[0]}^{c[1]}^{c[2]}~{t[0]}^{t[1]}^{t[2]}~^^"
+            "~Anatomic codes - DICOM master list~^^~^^"
+        )
+
+
+SEGMENTS: tuple[Segment, ...] = (
+    Segment("ggo", "Ground-glass opacity", (GGO,), (0.95, 0.85, 0.20),
+            _CATEGORY_ALTERED, ("DCM", "112120", "Ground glass opacity"), 0),
+    Segment("consolidation", "Consolidation", (CONSOLIDATION,), (0.85, 0.25, 0.20),
+            _CATEGORY_ALTERED, ("SCT", "95436008", "Lung consolidation"), 0),
+    Segment("lung", "Lung", (GGO, CONSOLIDATION, LUNG), (0.50, 0.68, 0.85),
+            _CATEGORY_ANATOMY, ("SCT", "39607008", "Lung"), 1),
+)

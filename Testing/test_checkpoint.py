@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from DRSegUNetLib.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from DRSegUNetLib.config import ModelConfig, NetworkConfig, PreprocessConfig
+from DRSegUNetLib.errors import CheckpointError
+from DRSegUNetLib.network import DRSegUNet
+
+
+def _model(filters=4):
+    torch.manual_seed(1)
+    cfg = ModelConfig(network=NetworkConfig(base_filters=filters), preprocess=PreprocessConfig(mean=-612.5, std=401.0))
+    return DRSegUNet(cfg.network).eval(), cfg
+
+
+def test_round_trip_gives_identical_logits_and_config(tmp_path):
+    model, cfg = _model()
+    x = torch.randn(2, 1, 40, 56)
+    save_checkpoint(Checkpoint.from_model(model, cfg, metrics={"val_dice": 0.5}), tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.config == cfg and loaded.metrics == {"val_dice": 0.5}
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.build_model()(x))
+
+
+def test_half_precision_checkpoint_is_close(tmp_path):
+    model, cfg = _model()
+    x = torch.randn(1, 1, 32, 32)
+    save_checkpoint(Checkpoint.from_model(model, cfg, half=True), tmp_path / "h.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "h.pt").build_model()(x), model(x), atol=2e-2, rtol=2e-2)
+
+
+def test_load_uses_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "drsegunet-checkpoint/1", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04 truncated zip"])
+def test_corrupt_files_are_refused(tmp_path, content):
+    p = tmp_path / "bad.pt"
+    p.write_bytes(content)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(p)
+
+
+def test_truncated_real_checkpoint_is_refused(tmp_path):
+    model, cfg = _model()
+    save_checkpoint(Checkpoint.from_model(model, cfg), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "t.pt")
+
+
+def test_other_torch_file_and_other_class_layout(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a DRSegUNet checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    model, cfg = _model()
+    ck = Checkpoint.from_model(model, cfg)
+    ck.class_names = ("background", "infection", "lung", "other")
+    save_checkpoint(ck, tmp_path / "layout.pt")
+    with pytest.raises(CheckpointError, match="trained for classes"):
+        load_checkpoint(tmp_path / "layout.pt")
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    model, cfg = _model(4)
+    other = ModelConfig(network=NetworkConfig(base_filters=8))
+    save_checkpoint(Checkpoint(config=other, state_dict=model.state_dict()), tmp_path / "mm.pt")
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(tmp_path / "mm.pt").build_model()
+
+
+def test_save_is_atomic_and_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    model, cfg = _model()
+    path = tmp_path / "m.pt"
+    save_checkpoint(Checkpoint.from_model(model, cfg, metrics={"v": 1}), path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(Checkpoint.from_model(model, cfg, metrics={"v": 2}), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]

@@ -1,0 +1,134 @@
+"""The CLI end to end on the bundled real CT sample, and its answers to bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO, TESTDATA
+
+from DRSegUNetLib.cli import main
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "DRSegUNetLib", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", ["segment", "train", "evaluate", "info"])
+def test_every_command_has_help(command):
+    r = run_cli(command, "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout and command in r.stdout
+
+
+@pytest.mark.slow
+def test_segment_bundled_sample_end_to_end(tmp_path, sample_ct_path, bundled_model):
+    import slicerio
+
+    out = tmp_path / "labels.nii.gz"
+    r = run_cli("segment", sample_ct_path, out, "--seg-nrrd", tmp_path / "s.seg.nrrd",
+                "--report", tmp_path / "r.json", "--overlay", tmp_path / "o.png", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    ct, lab = sitk.ReadImage(str(sample_ct_path)), sitk.ReadImage(str(out))
+    assert lab.GetSize() == ct.GetSize() and lab.GetDirection() == ct.GetDirection()
+    np.testing.assert_allclose(lab.GetSpacing(), ct.GetSpacing())
+    np.testing.assert_allclose(lab.GetOrigin(), ct.GetOrigin(), atol=1e-4)
+    labels = sitk.GetArrayFromImage(lab)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    # The sample shows bilateral COVID-19 pneumonia: lungs and infection must be found.
+    assert (labels == 3).sum() > 5000 and np.isin(labels, (1, 2)).sum() > 500
+
+    seg = slicerio.read_segmentation(str(tmp_path / "s.seg.nrrd"))
+    assert slicerio.segment_names(seg) == ["Ground-glass opacity", "Consolidation", "Lung"]
+    lung = slicerio.extract_segments(seg, [("Lung", 1)])["voxels"]
+    assert int((lung > 0).sum()) == int(np.isin(labels, (1, 2, 3)).sum())
+
+    rep = json.loads((tmp_path / "r.json").read_text())
+    vol_ml = np.prod(ct.GetSpacing()) / 1000
+    assert rep["volume_ml"]["ggo"] == pytest.approx((labels == 1).sum() * vol_ml, rel=1e-3, abs=1e-3)
+    assert rep["percent_of_lung"]["infection"] == pytest.approx(
+        100 * np.isin(labels, (1, 2)).sum() / np.isin(labels, (1, 2, 3)).sum(), abs=0.01)
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _bad_inputs(tmp_path):
+    text = tmp_path / "notes.nrrd"
+    text.write_text("this is not an image\n")
+    png = tmp_path / "slice.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(png)
+    four = tmp_path / "four.nrrd"
+    sitk.WriteImage(sitk.Image([4, 4, 4, 2], sitk.sitkInt16), str(four))
+    rgb = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.Image([8, 8, 2], sitk.sitkVectorUInt8, 3), str(rgb))
+    nan = tmp_path / "nan.nrrd"  # NIfTI writing turns NaN into 0
+    a = np.full((2, 8, 8), -1000, np.float32)
+    a[0, 0, 0] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(nan))
+    eight = tmp_path / "eight.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 256, (2, 8, 8)).astype(np.uint8)), str(eight))
+    mr = tmp_path / "mr.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 3000, (3, 8, 8)).astype(np.int16)), str(mr))
+    empty_dir = tmp_path / "emptydir"
+    empty_dir.mkdir()
+    return {"text": (text, "not an image"), "png": (png, "2D picture"), "4d": (four, "4D"),
+            "rgb": (rgb, "components"), "nan": (nan, "NaN"), "8bit": (eight, "8-bit"), "mr": (mr, "MR"),
+            "missing": (tmp_path / "nope.nii", "does not exist"), "emptydir": (empty_dir, "no DICOM series")}
+
+
+@pytest.mark.parametrize("case", ["text", "png", "4d", "rgb", "nan", "8bit", "mr", "missing", "emptydir"])
+def test_bad_input_one_line_error_and_nothing_written(tmp_path, capsys, case, tiny_checkpoint):
+    path, message = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "out" / "labels.nii.gz"
+    code = main(["segment", str(path), str(out), "--model", str(tiny_checkpoint), "--report", str(tmp_path / "out" / "r.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists() and not (tmp_path / "out" / "r.json").exists()
+
+
+@pytest.mark.parametrize("content,message", [(b"garbage", "not a readable"), (None, "trained for classes")])
+def test_bad_checkpoint_one_line_error(tmp_path, capsys, sample_ct_path, tiny_checkpoint, content, message):
+    import torch
+
+    bad = tmp_path / "bad.pt"
+    if content is not None:
+        bad.write_bytes(content)
+    else:
+        d = torch.load(tiny_checkpoint, weights_only=True)
+        d["class_names"] = ["background", "infection", "lung"]
+        torch.save(d, bad)
+    out = tmp_path / "labels.nrrd"
+    code = main(["segment", str(sample_ct_path), str(out), "--model", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and not out.exists()
+
+
+def test_segment_reads_a_dicom_series_folder(tmp_path, shared_data, tiny_checkpoint):
+    series = shared_data / "hu" / "cip_copdgene" / "ct-64Dicom"
+    out = tmp_path / "l.nrrd"
+    assert main(["segment", str(series), str(out), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 0
+    assert sitk.ReadImage(str(out)).GetSize() == (64, 64, 79)
+
+
+def test_evaluate_on_medseg_folder_and_npz(tmp_path, tiny_checkpoint):
+    for data in (TESTDATA / "medseg_mini", TESTDATA / "zenodo_mini.npz"):
+        out = tmp_path / (data.stem + ".json")
+        assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu"]) == 0
+        m = json.loads(out.read_text())["metrics"]
+        expected = {"ggo", "consolidation", "infection"} if data.is_dir() else {"infection", "lung"}
+        assert set(m) == expected
+        for region in m.values():
+            assert set(region) == {"n_slices", "n_empty_both", "mean", "std", "pooled"}
+            assert set(region["mean"]) == {"dice", "iou", "precision", "recall", "f1"}
+
+
+def test_info_prints_config_and_parameter_count(capsys, tiny_checkpoint):
+    assert main(["info", str(tiny_checkpoint)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["class_names"] == ["background", "ggo", "consolidation", "lung"]
+    assert info["config"]["preprocess"]["hu_min"] == -1000.0

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DRSegUNetLib.errors import Cancelled, InputError
+from DRSegUNetLib.inference import Predictor
+from DRSegUNetLib.orientation import axial_view
+
+
+def _phantom(shape=(5, 40, 48)) -> sitk.Image:
+    """Geometry-only phantom in HU: body disc, two dark lungs, an asymmetric blob."""
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    a = np.full(shape, -1000.0, np.float32)
+    a[((y - 20) ** 2 / 18**2 + (x - 24) ** 2 / 22**2) < 1] = 40
+    a[((y - 20) ** 2 / 12**2 + (x - 14) ** 2 / 6**2) < 1] = -850
+    a[((y - 20) ** 2 / 12**2 + (x - 34) ** 2 / 6**2) < 1] = -850
+    a[(z >= 2) & ((y - 15) ** 2 + (x - 12) ** 2 < 9)] = -400
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((-10.0, 20.0, 30.0))
+    return img
+
+
+def test_axial_view_matches_dicom_orient_for_all_axis_orders():
+    img = _phantom()
+    arr = sitk.GetArrayFromImage(img)
+    for order in [(0, 1, 2), (2, 0, 1), (1, 2, 0), (0, 2, 1)]:
+        for flips in [(False, False, False), (True, False, True)]:
+            other = sitk.Flip(sitk.PermuteAxes(img, order), flips)
+            view, inverse = axial_view(sitk.GetArrayFromImage(other), other.GetDirection())
+            np.testing.assert_array_equal(view, arr)
+            np.testing.assert_array_equal(inverse(view), sitk.GetArrayFromImage(other))
+
+
+def test_non_identity_direction_comes_back_aligned(tiny_checkpoint):
+    p = Predictor.from_checkpoint(tiny_checkpoint, "cpu", batch_size=2)
+    img = _phantom()
+    ref = p.predict(img)
+    other = sitk.Flip(sitk.PermuteAxes(img, (2, 0, 1)), (True, False, True))
+    assert other.GetDirection() != img.GetDirection()
+    out = p.predict(other)
+    for attr in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(out, attr)() == getattr(other, attr)()
+    # Same physical voxels get the same labels: map back onto the reference grid.
+    back = sitk.Resample(out, ref, sitk.Transform(), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ref))
+    assert len(np.unique(sitk.GetArrayFromImage(ref))) > 1
+
+
+def test_slices_stream_with_progress_and_cancel(tiny_checkpoint):
+    p = Predictor.from_checkpoint(tiny_checkpoint, "cpu", batch_size=2)
+    img = _phantom()
+    events = []
+    results = list(p.iter_slices(img, progress=lambda s, i, n, m="", **k: events.append((s, i, n))))
+    assert [r.index for r in results] == list(range(5))
+    assert events[0] == ("segment", 0, 5) and events[-1] == ("segment", 5, 5)
+    volume = np.zeros(img.GetSize()[::-1], np.uint8) + 9
+    for r in results:
+        r.place(volume)
+    np.testing.assert_array_equal(volume, sitk.GetArrayFromImage(p.predict(img)))
+    seen = []
+    with pytest.raises(Cancelled):
+        for r in p.iter_slices(img, cancel=lambda: len(seen) >= 2):
+            seen.append(r.index)
+    assert seen == [0, 1]
+
+
+def test_threshold_decision_leaves_uncertain_pixels_background(tiny_checkpoint):
+    img = _phantom()
+    arg = sitk.GetArrayFromImage(Predictor.from_checkpoint(tiny_checkpoint, "cpu").predict(img))
+    thr = sitk.GetArrayFromImage(Predictor.from_checkpoint(tiny_checkpoint, "cpu", decision="threshold").predict(img))
+    changed = arg != thr
+    assert np.all(thr[changed] == 0)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: sitk.Image([8, 8], sitk.sitkFloat32), "2D"),
+    (lambda: sitk.Image([4, 4, 4, 2], sitk.sitkInt16), "4D"),
+    (lambda: sitk.Image([8, 8, 2], sitk.sitkVectorUInt8, 3), "components"),
+    (lambda: sitk.Image([8, 8, 2], sitk.sitkUInt8), "8-bit"),
+])
+def test_bad_volumes_are_refused(tiny_checkpoint, make, message):
+    p = Predictor.from_checkpoint(tiny_checkpoint, "cpu")
+    with pytest.raises(InputError, match=message):
+        p.predict(make())

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TESTDATA
+
+from DRSegUNetLib.checkpoint import load_checkpoint
+from DRSegUNetLib.config import ModelConfig, NetworkConfig, TrainConfig
+from DRSegUNetLib.data import bit, read_medseg_folder, read_zenodo_npz
+from DRSegUNetLib.training import (AugmentConfig, PatchSampler, compute_loss, freeze_first_layers,
+                                   marginal_cross_entropy, marginal_soft_dice, train)
+from DRSegUNetLib.network import DRSegUNet
+from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG
+
+
+def test_marginal_loss_is_cross_entropy_for_single_classes():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6)
+    target = torch.randint(0, 4, (2, 5, 6))
+    allowed = (1 << target).to(torch.uint8)
+    torch.testing.assert_close(marginal_cross_entropy(logits, allowed), F.cross_entropy(logits, target))
+
+
+def test_marginal_loss_sums_probability_over_allowed_set():
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).view(1, 4, 1, 1)
+    allowed = torch.tensor([[[bit(BACKGROUND, LUNG)]]])
+    assert marginal_cross_entropy(logits, allowed).item() == pytest.approx(-np.log(0.5), rel=1e-5)
+    everything = torch.tensor([[[bit(BACKGROUND, GGO, CONSOLIDATION, LUNG)]]])
+    assert marginal_cross_entropy(logits, everything).item() == 0.0
+
+
+def test_soft_dice_ignores_undecided_pixels():
+    # Pixel 0 is GGO-or-consolidation (undecided between them); pixel 1 is background.
+    allowed = torch.tensor([[[bit(GGO, CONSOLIDATION), bit(BACKGROUND)]]])
+    perfect = torch.tensor([[[-9.0, 9.0]], [[0.0, -9.0]], [[0.0, -9.0]], [[-9.0, -9.0]]]).unsqueeze(0)
+    assert marginal_soft_dice(perfect, allowed).item() < 0.01
+    assert compute_loss(perfect, allowed, "ce+dice").item() < 0.02
+
+
+def test_partial_labels_of_both_datasets():
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    z = read_zenodo_npz(TESTDATA / "zenodo_mini.npz")
+    assert ms[0].region_truth("ggo") is not None and ms[0].region_truth("lung") is None
+    assert z[0].region_truth("lung") is not None and z[0].region_truth("ggo") is None
+    assert z[0].region_truth("infection").sum() > 0
+    # MedSeg slices are transposed back to radiological orientation.
+    from PIL import Image
+    raw = np.asarray(Image.open(TESTDATA / "medseg_mini" / "images" / "0.jpg"))
+    assert ms[0].hu.shape == raw.shape[::-1]
+
+
+def test_sampler_crops_are_augmented_but_label_aligned():
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    s = PatchSampler(ms, 64, AugmentConfig(rotate_deg=0, scale=(1, 1), flip_lr=0, hu_gain=(1, 1), hu_shift=0,
+                                           gamma=(1, 1), noise_hu=0, blur_sigma=0), seed=3)
+    hu, allowed = s.batch(6)
+    assert hu.shape == (6, 64, 64) and allowed.dtype == np.uint8
+    # Nearest-neighbour resampling and background padding keep labels in the annotation vocabulary.
+    assert set(np.unique(allowed)) <= {bit(BACKGROUND, LUNG), bit(GGO), bit(CONSOLIDATION), bit(BACKGROUND)}
+
+
+def test_freeze_first_two_layers_names_stem_conv_and_bn():
+    m = DRSegUNet(NetworkConfig(base_filters=4))
+    assert freeze_first_layers(m, 2) == ["stem.conv1", "stem.bn1"]
+    assert not m.stem.conv1.weight.requires_grad and m.stem.conv2.weight.requires_grad
+
+
+@pytest.mark.slow
+def test_short_training_on_real_slices_lowers_loss_and_writes_checkpoints(tmp_path):
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    z = read_zenodo_npz(TESTDATA / "zenodo_mini.npz")
+    cfg = TrainConfig(epochs=4, steps_per_epoch=6, batch_size=4, crop=64, lr=3e-3, seed=0)
+    events = []
+    res = train(ms[:2] + z[:3], ms[2:] + z[3:], tmp_path, cfg, ModelConfig(network=NetworkConfig(base_filters=8)),
+                device="cpu", progress=lambda *a, **k: events.append((a, k)))
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    assert res.best_path.is_file() and res.last_path.is_file()
+    best = load_checkpoint(res.best_path)
+    assert best.metrics["val_dice"] == pytest.approx(max(h["val_dice"] for h in res.history))
+    assert best.config.preprocess.mean != ModelConfig().preprocess.mean  # estimated on training pixels
+    assert any(a[0] == "epoch" for a, _ in events) and any("loss" in k for _, k in events)
+
+    # Level 2: fine-tune from it with the first two layers frozen; they stay identical.
+    res2 = train(ms[:2], [], tmp_path / "l2", TrainConfig(epochs=1, steps_per_epoch=3, batch_size=2, crop=64,
+                                                       lr=1e-4, frozen_layers=2), init=best, device="cpu")
+    l2 = load_checkpoint(res2.best_path)
+    for k in ("stem.conv1.weight", "stem.bn1.running_mean", "stem.bn1.weight"):
+        assert torch.equal(l2.state_dict[k], best.state_dict[k])
+    assert not torch.equal(l2.state_dict["stem.conv2.weight"], best.state_dict["stem.conv2.weight"])
