@@ -54,13 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"DRSegUNetLib {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("segment", help="segment a CT volume", description="Segment a chest CT in HU (NIfTI, NRRD, MHA, a DICOM file or a DICOM series folder) and write a label map (0 background, 1 GGO, 2 consolidation, 3 lung) with the input's geometry.")
-    p.add_argument("input", help="CT volume in HU: .nii/.nii.gz/.nrrd/.mha/.dcm file or DICOM series folder")
-    p.add_argument("output", help="label map to write (.nii.gz, .nrrd, .mha, ...)")
+    p = sub.add_parser("segment", help="segment CT volumes",
+                       description="Segment chest CT in HU (NIfTI, NRRD, MHA, a DICOM file or a DICOM series folder) and write a label map (0 background, 1 GGO, 2 consolidation, 3 lung) with the input's geometry. "
+                                   "One volume: segment INPUT OUTPUT [--seg-nrrd P] [--report P] [--overlay P]. "
+                                   "Many volumes with one model load: segment INPUT... --out-dir DIR (inputs may be files, folders of volumes, DICOM series folders, or --list FILE); finished outputs are skipped on a rerun, and --shard K/N splits the work across workers or GPUs.")
+    p.add_argument("paths", nargs="*", metavar="INPUT [OUTPUT]",
+                   help="one CT and its label-map path, or (with --out-dir) any number of inputs")
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
-    p.add_argument("--seg-nrrd", default=None, help="also write a Slicer .seg.nrrd here")
-    p.add_argument("--report", default=None, help="also write a JSON report (volumes, %% of lung involved)")
-    p.add_argument("--overlay", default=None, help="also write a PNG overlay of the most involved slice")
+    p.add_argument("--seg-nrrd", default=None, help="also write a Slicer .seg.nrrd here (one volume)")
+    p.add_argument("--report", default=None, help="also write a JSON report (volumes, %% of lung involved) (one volume)")
+    p.add_argument("--overlay", default=None, help="also write a PNG overlay of the most involved slice (one volume)")
+    p.add_argument("--out-dir", default=None, help="many volumes: write NAME.nii.gz (+ outputs of --outputs) here")
+    p.add_argument("--list", default=None, help="many volumes: a text file with one input path per line")
+    p.add_argument("--outputs", default="labels,report",
+                   help="many volumes: comma list of labels, seg, report, overlay (default labels,report)")
+    p.add_argument("--shard", default=None, help="many volumes: K/N processes every N-th input starting at K (0-based)")
+    p.add_argument("--overwrite", action="store_true", help="many volumes: redo inputs whose outputs exist")
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
                    help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
@@ -97,6 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=str(Path(__file__).parent / "splits" / "default.json"))
     _add_common(p)
 
+    from .config import FineTuneConfig
+
+    ft = FineTuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune level 2 on accepted corrections",
+                       description="Fine-tune a model (level 2: first two layers frozen, low learning rate) on the slices in a corrections store and add the result to a model store as a new version, made active. The previous versions are kept.")
+    p.add_argument("--corrections", required=True, help="corrections store folder")
+    p.add_argument("--store", required=True, help="model store folder (the new version is added here)")
+    p.add_argument("--model", default=None, help="checkpoint to start from (default: the store's active version)")
+    p.add_argument("--epochs", type=int, default=ft.epochs)
+    p.add_argument("--lr", type=float, default=ft.lr)
+    p.add_argument("--frozen-layers", type=int, default=ft.frozen_layers)
+    p.add_argument("--batch-size", type=int, default=ft.batch_size)
+    p.add_argument("--crop", type=int, default=ft.crop)
+    p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="make a small (fp16) copy of a checkpoint for bundling",
+                       description="Copy a checkpoint with float16 weights (half the size), recording the code commit and test metrics given as JSON files.")
+    p.add_argument("model", help="checkpoint to export (e.g. a training run's best.pt)")
+    p.add_argument("output", help="where to write the exported checkpoint")
+    p.add_argument("--test-metrics", nargs="*", default=[], help="evaluate --json outputs to record in the checkpoint")
+    p.add_argument("-v", "--verbose", action="store_true")
+
     p = sub.add_parser("info", help="describe a checkpoint", description="Print a checkpoint's config, classes, training data fingerprint and metrics as JSON.")
     p.add_argument("model", nargs="?", default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -112,36 +144,129 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    from .imageio import read_ct, write_image
-    from .inference import Predictor
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
-    image = read_ct(args.input)
-    predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
-                                          decision=args.decision, batch_size=args.batch_size)
-    labels = predictor.predict(image, progress=ProgressPrinter())
+
+def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, report=None, overlay=None,
+                 progress=None) -> list[str]:
+    from .imageio import read_ct, write_image
+
+    image = read_ct(input_path)
+    labels = predictor.predict(image, progress=progress)
     outputs = []
-    write_image(labels, args.output)
-    outputs.append(args.output)
-    if args.seg_nrrd:
+    if seg_nrrd:
         from .segio import write_seg_nrrd
 
-        write_seg_nrrd(labels, args.seg_nrrd)
-        outputs.append(args.seg_nrrd)
-    if args.report:
+        write_seg_nrrd(labels, seg_nrrd)
+        outputs.append(str(seg_nrrd))
+    if report:
         from .report import compute_report, write_report
 
         rep = compute_report(labels)
-        rep["input"] = str(args.input)
-        rep["model"] = str(args.model or default_model_path())
-        write_report(rep, args.report)
-        outputs.append(args.report)
-    if args.overlay:
+        rep.update(input=str(input_path), model=str(predictor.source))
+        write_report(rep, report)
+        outputs.append(str(report))
+    if overlay:
         from .overlay import write_overlay
 
-        write_overlay(image, labels, args.overlay)
-        outputs.append(args.overlay)
-    log.info("wrote %s", ", ".join(map(str, outputs)))
+        write_overlay(image, labels, overlay)
+        outputs.append(str(overlay))
+    # The label map last: its presence marks a finished input for reruns.
+    write_image(labels, labels_path)
+    outputs.append(str(labels_path))
+    return outputs
+
+
+def expand_inputs(paths: Sequence[str], list_file: Optional[str]) -> list[Path]:
+    """Files stay; a folder of DICOM files is one input; other folders give their volume files."""
+    from .imageio import _is_dicom
+
+    items = [Path(p) for p in paths]
+    if list_file:
+        items += [Path(line.strip()) for line in Path(list_file).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    out: list[Path] = []
+    for p in items:
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file())
+            if any(f.suffix.lower() == ".dcm" or _is_dicom(f) for f in files[:5]):
+                out.append(p)
+            else:
+                out += [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
+        else:
+            out.append(p)
+    return out
+
+
+def _volume_name(p: Path) -> str:
+    name = p.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError, InputError
+    from .inference import Predictor
+
+    if args.out_dir is None:
+        if len(args.paths) != 2 or args.list or args.shard:
+            raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
+        predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
+                                              decision=args.decision, batch_size=args.batch_size)
+        written = _segment_one(predictor, args.paths[0], Path(args.paths[1]), args.seg_nrrd, args.report,
+                               args.overlay, progress=ProgressPrinter())
+        log.info("wrote %s", ", ".join(written))
+        return 0
+
+    if args.seg_nrrd or args.report or args.overlay:
+        raise InputError("with --out-dir, choose extra outputs with --outputs, not --seg-nrrd/--report/--overlay")
+    wanted = {w.strip() for w in args.outputs.split(",") if w.strip()}
+    unknown = wanted - {"labels", "seg", "report", "overlay"}
+    if unknown:
+        raise InputError(f"unknown --outputs {sorted(unknown)}; choose from labels, seg, report, overlay")
+    inputs = expand_inputs(args.paths, args.list)
+    if not inputs:
+        raise InputError("no inputs found")
+    names = [_volume_name(p) for p in inputs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"several inputs would write the same outputs: {dupes[:5]}")
+    if args.shard:
+        try:
+            k, n = (int(v) for v in args.shard.split("/"))
+            assert 0 <= k < n
+        except (ValueError, AssertionError):
+            raise InputError(f"--shard must be K/N with 0 <= K < N, not {args.shard!r}") from None
+        inputs, names = inputs[k::n], names[k::n]
+    out_dir = Path(args.out_dir)
+
+    def targets(name: str) -> dict[str, Optional[Path]]:
+        return {"labels": out_dir / f"{name}.nii.gz",
+                "seg": out_dir / f"{name}.seg.nrrd" if "seg" in wanted else None,
+                "report": out_dir / f"{name}.json" if "report" in wanted else None,
+                "overlay": out_dir / f"{name}.png" if "overlay" in wanted else None}
+
+    todo = [(p, nm) for p, nm in zip(inputs, names)
+            if args.overwrite or not all(t.exists() for t in targets(nm).values() if t is not None)]
+    log.info("%d input(s), %d already done, %d to segment", len(inputs), len(inputs) - len(todo), len(todo))
+    if not todo:
+        return 0
+    predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
+                                          decision=args.decision, batch_size=args.batch_size)
+    failed = []
+    printer = ProgressPrinter()
+    for i, (path, name) in enumerate(todo, 1):
+        t = targets(name)
+        try:
+            _segment_one(predictor, str(path), t["labels"], t["seg"], t["report"], t["overlay"])
+        except (InputError, CheckpointError) as e:
+            failed.append(f"{path}: {e}")
+            log.error("%s: %s", path, e)
+        printer("volumes", i, len(todo), name)
+    if failed:
+        print(f"error: {len(failed)} of {len(todo)} input(s) failed; first: {failed[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -190,6 +315,70 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import math
+    import tempfile
+
+    from .checkpoint import load_checkpoint
+    from .config import TrainConfig
+    from .data import Sample, labels_to_allowed
+    from .errors import InputError
+    from .store import CorrectionsStore, ModelStore
+    from .training import train
+
+    store = ModelStore(args.store, bundled=default_model_path())
+    parent = store.active()
+    start = Path(args.model) if args.model else parent.path
+    corrections = CorrectionsStore(args.corrections)
+    ids = corrections.ids()
+    if not ids:
+        raise InputError(f"no accepted slices in {args.corrections}")
+    samples = []
+    for cid in ids:
+        c = corrections.load(cid)
+        samples.append(Sample(c.ct_hu, labels_to_allowed(c.labels), cid, "corrections"))
+    printer = ProgressPrinter(json_lines=args.json_progress)
+    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=max(1, math.ceil(len(samples) / args.batch_size)),
+                      batch_size=args.batch_size, crop=args.crop, lr=args.lr, frozen_layers=args.frozen_layers)
+    init = load_checkpoint(start)
+    with tempfile.TemporaryDirectory(prefix="drsegunet-finetune-") as tmp:
+        result = train(samples, [], tmp, cfg, init=init, device=args.device, progress=printer,
+                       fingerprint={"corrections": corrections.fingerprint(), "n_slices": len(samples)})
+        version = store.add_version(result.last_path, card={
+            "level": 2, "corrections_fingerprint": corrections.fingerprint(), "corrections_used": ids,
+            "epochs": args.epochs, "lr": args.lr, "frozen_layers": args.frozen_layers,
+            "started_from": str(start), "loss_history": [h["loss"] for h in result.history]}, parent=parent)
+    store.set_active(version)
+    printer("done", 1, 1, f"saved model version {version.version}", version=version.version, path=str(version.path))
+    return 0
+
+
+def _git_commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(args.model)
+    ckpt.state_dict = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt.state_dict.items()}
+    ckpt.extra = {**ckpt.extra, "exported_from": str(args.model), "export_commit": _git_commit()}
+    for path in args.test_metrics:
+        d = json.loads(Path(path).read_text())
+        ckpt.metrics.setdefault("test", {})[Path(d["data"]).name] = {
+            r: {"dice_mean": m["mean"]["dice"], "dice_pooled": (m["pooled"] or {}).get("dice"), "n_slices": m["n_slices"]}
+            for r, m in d["metrics"].items()}
+    save_checkpoint(ckpt, args.output)
+    log.info("wrote %s (%.1f MB)", args.output, Path(args.output).stat().st_size / 1e6)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .network import keras_parameter_count
@@ -204,7 +393,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "info": cmd_info}
+COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune,
+            "export": cmd_export, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -77,6 +77,11 @@ class PseudoLabelConfig:
     line_length: int = 8
     line_angle_deg: float = 50.0
     disk_radius: int = 6
+    # Additions (see pseudolabels.py).
+    n_init: int = 4  # k-means restarts (fixed, so results are reproducible)
+    disk_approximation: int = 4  # MATLAB strel('disk', r, N): default N=4; 0 = exact Euclidean disk
+    hu_min: float = -1000.0  # k-means sees HU clipped to the thesis's air..bone window
+    hu_max: float = 400.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,21 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" (thesis) or "cosine"
     val_every: int = 1
     frozen_layers: int = 0  # level 2 freezes the first two layers (stem conv1, bn1)
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Level 2 (thesis §4.4.2, §5.5): start from the current model, first two layers
+    frozen, learning rate 9.8e-6 (the thesis's level-2 rate). An epoch is one pass
+    over the accepted slices (one crop per slice)."""
+
+    epochs: int = 10
+    lr: float = 9.8e-6
+    frozen_layers: int = 2
+    batch_size: int = 4
+    crop: int = 256
+    loss: str = "ce"
+    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ class Predictor:
         self.config = config
         self.inference = inference
         self.checkpoint = checkpoint
+        self.source: Optional[str] = None  # where the weights came from, for reports
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -90,7 +91,9 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **inference_kw) -> "Predictor":
         ckpt = load_checkpoint(path)
-        return cls(ckpt.build_model(), ckpt.config, device, InferenceConfig(**inference_kw), ckpt)
+        predictor = cls(ckpt.build_model(), ckpt.config, device, InferenceConfig(**inference_kw), ckpt)
+        predictor.source = str(path)
+        return predictor
 
     def _autocast(self):
         if self.device.type == "cuda":

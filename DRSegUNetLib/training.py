@@ -163,6 +163,24 @@ def estimate_normalisation(samples: Sequence[Sample], cfg: PreprocessConfig) -> 
 
 
 # ---------------------------------------------------------------- training
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(world size, rank, device) — joins the process group when run under ``torchrun``.
+
+    gloo on CPU, NCCL on CUDA; each rank uses the GPU of its LOCAL_RANK.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_world_size(), dist.get_rank(), device
+
+
 def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:
     """Freeze the first ``n`` weight-bearing layers in forward order (Keras' layer order).
 
@@ -194,6 +212,7 @@ class TrainResult:
     best_score: float
     best_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    model: Optional[DRSegUNet] = None  # the network after the last step (on its device)
 
 
 def train(
@@ -230,6 +249,7 @@ def train(
         mcfg = model_config or ModelConfig()
         mcfg = replace(mcfg, preprocess=estimate_normalisation(train_samples, mcfg.preprocess))
         model = DRSegUNet(mcfg.network)
+    world, rank, dev = _init_distributed(dev)
     model.to(dev)
     frozen = freeze_first_layers(model, config.frozen_layers)
     if frozen:
@@ -239,7 +259,13 @@ def train(
     total_steps = config.epochs * config.steps_per_epoch
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=config.lr * 0.02)
              if config.lr_schedule == "cosine" else None)
-    sampler = PatchSampler(train_samples, config.crop, augment, config.seed)
+    net: torch.nn.Module = model
+    if world > 1:
+        # Every rank draws different crops; gradients are averaged, so weights stay equal.
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if rank != 0:
+            progress = None
+    sampler = PatchSampler(train_samples, config.crop, augment, config.seed + rank)
     val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1))
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -255,7 +281,7 @@ def train(
             hu, allowed = sampler.batch(config.batch_size)
             x = torch.from_numpy(normalize(hu, mcfg.preprocess)).unsqueeze(1).to(dev)
             y = torch.from_numpy(allowed).to(dev)
-            loss = compute_loss(model(x), y, config.loss)
+            loss = compute_loss(net(x), y, config.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -266,6 +292,8 @@ def train(
             report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
                    epoch=epoch, loss=losses[-1])
         entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
+        if rank != 0:
+            continue  # rank 0 validates and writes checkpoints
         if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
             model.eval()
             summary = evaluate_samples(val_predictor, val_samples)
@@ -283,6 +311,12 @@ def train(
         report(progress, "epoch", epoch, config.epochs,
                f"epoch {epoch}: loss {entry['loss']:.4f}" + (f" val Dice {entry['val_dice']:.3f}" if "val_dice" in entry else ""),
                **{k: v for k, v in entry.items() if k in ("loss", "val_dice")})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            return TrainResult(best_path, last_path, best_score, best_epoch, history, model)
     if not best_path.exists():
         save_checkpoint(Checkpoint.from_model(model, mcfg, fingerprint=fingerprint or {}, extra=meta), best_path)
-    return TrainResult(best_path, last_path, best_score, best_epoch, history)
+    return TrainResult(best_path, last_path, best_score, best_epoch, history, model)

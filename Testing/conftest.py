@@ -15,9 +15,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (still runs in CI)")
-    config.addinivalue_line("markers", "realdata: needs ../shared/data (present in CI)")
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,29 @@ def test_info_prints_config_and_parameter_count(capsys, tiny_checkpoint):
     info = json.loads(capsys.readouterr().out)
     assert info["class_names"] == ["background", "ggo", "consolidation", "lung"]
     assert info["config"]["preprocess"]["hu_min"] == -1000.0
+
+
+def test_segment_many_one_load_skips_finished_and_shards(tmp_path, sample_ct_path, tiny_checkpoint, caplog):
+    ct = sitk.ReadImage(str(sample_ct_path))[200:264, 200:264, :]  # a real CT patch keeps this fast
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        sitk.WriteImage(ct, str(inputs / f"case{i}.nrrd"))
+    (inputs / "broken.nrrd").write_text("not an image")
+    out = tmp_path / "out"
+    args = ["segment", str(inputs), "--out-dir", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
+            "--outputs", "labels,report,seg"]
+    assert main(args) == 2  # the broken file fails, the others are done
+    done = sorted(p.name for p in out.iterdir())
+    assert done == sorted([f"case{i}{ext}" for i in range(3) for ext in (".nii.gz", ".json", ".seg.nrrd")])
+    (inputs / "broken.nrrd").unlink()
+    stamp = (out / "case1.nii.gz").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert (out / "case1.nii.gz").stat().st_mtime_ns == stamp
+    assert "3 already done, 0 to segment" in caplog.text
+    shard_out = tmp_path / "shard"
+    assert main(["segment", str(inputs), "--out-dir", str(shard_out), "--model", str(tiny_checkpoint),
+                 "--shard", "1/2", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in shard_out.iterdir()) == ["case1.json", "case1.nii.gz"]
