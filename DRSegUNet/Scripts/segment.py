@@ -1,0 +1,130 @@
+"""Segment a chest CT without a GUI, through the DRSegUNet module logic.
+
+In Slicer:
+    Slicer --no-main-window --python-script DRSegUNet/Scripts/segment.py -- \
+        --input CT --output SEG.seg.nrrd [--model MODEL] [--device auto|cpu|cuda] [--report REPORT.json]
+In plain Python with slicer-core installed (``pip install slicer-core``):
+    python DRSegUNet/Scripts/segment.py --input CT --output SEG.seg.nrrd ...
+
+CT: a .nrrd/.nii(.gz)/.mha file, a DICOM file or a DICOM series folder, in HU.
+MODEL: a checkpoint file or a model version number of the model store (default: the active one).
+Exits 0 on success, 2 with a one-line message on bad input, 1 on other failures.
+"""
+import argparse
+import os
+import sys
+import types
+import unittest
+
+
+def parseArgs(argv):
+    p = argparse.ArgumentParser(prog="segment.py", description="Segment GGO, consolidation and lung on a chest CT.")
+    p.add_argument("--input", required=True, help="CT volume in HU (file or DICOM series folder)")
+    p.add_argument("--output", required=True, help="segmentation to write (.seg.nrrd)")
+    p.add_argument("--model", default=None, help="checkpoint file or model version (default: the active model)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--report", default=None, help="also write the JSON report (volumes, %% of lung involved)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return p.parse_args(argv)
+
+
+def _inSlicerApplication(slicer) -> bool:
+    return getattr(slicer, "app", None) is not None
+
+
+def _standInScriptedLoadableModule(slicer) -> None:
+    """slicer-core has no slicer.ScriptedLoadableModule; the logic only needs its base classes."""
+    try:
+        import slicer.ScriptedLoadableModule  # noqa: F401
+        return
+    except ImportError:
+        pass
+    m = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        pass
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+                ScriptedLoadableModuleTest):
+        setattr(m, cls.__name__, cls)
+    sys.modules[m.__name__] = m
+    slicer.ScriptedLoadableModule = m
+
+
+def _importModule():
+    """The DRSegUNet module file: already loaded in Slicer, else from ``..`` (installed or a checkout)."""
+    loaded = sys.modules.get("DRSegUNet")
+    if loaded is not None and hasattr(loaded, "DRSegUNetLogic"):
+        return loaded
+    # Not a checkout's DRSegUNet/ folder (a namespace package when the repository root is on sys.path).
+    sys.modules.pop("DRSegUNet", None)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import DRSegUNet
+
+    return DRSegUNet
+
+
+def main(argv=None) -> int:
+    args = parseArgs(sys.argv[1:] if argv is None else argv)
+    import slicer
+
+    if not _inSlicerApplication(slicer):
+        _standInScriptedLoadableModule(slicer)
+        slicer.mrmlScene = slicer.vtkMRMLScene()
+    module = _importModule()
+    from DRSegUNetLib.errors import CheckpointError, InputError
+    from DRSegUNetLib.imageio import read_ct
+    from DRSegUNetLib.report import write_report
+
+    def progress(step, total, message):
+        if not args.quiet and total:
+            print(f"segment {step}/{total}", file=sys.stderr, flush=True)
+
+    try:
+        if not str(args.output).endswith(".seg.nrrd"):
+            raise InputError(f"--output must end with .seg.nrrd, got {args.output}")
+        logic = module.DRSegUNetLogic(scene=slicer.mrmlScene)
+        image = read_ct(args.input)
+        name = os.path.basename(os.path.normpath(args.input)).split(".")[0] or "CT"
+        volume = module.volumeNodeFromSitkImage(image, name, slicer.mrmlScene)
+        job = logic.segment(volume, model=args.model, device=args.device, progress=progress)
+        logic.saveSegmentation(job.segmentationNode, args.output)
+        if args.report:
+            report = dict(job.report, input=str(args.input), model=job.modelPath)
+            write_report(report, args.report)
+    except (InputError, CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"segment.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one clear line, then the details for a bug report
+        import traceback
+
+        traceback.print_exc()
+        print(f"segment.py: failed: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    status = main()
+    import slicer
+
+    if _inSlicerApplication(slicer):
+        slicer.util.exit(status)
+    else:
+        sys.exit(status)

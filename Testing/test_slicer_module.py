@@ -1,0 +1,516 @@
+"""The Slicer module's logic against real MRML (slicer-core), with stand-ins only for qt/ctk/ScriptedLoadableModule.
+
+Segments a real CT volume node slice by slice, checks segments (names, colours,
+terminology, geometry), cancels half-way, accepts corrections from an edited
+segmentation, fine-tunes through a process runner, saves a .seg.nrrd and reads it
+back with slicerio, and runs the headless script under plain Python.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer", reason="slicer-core is in requirements-dev.txt")
+
+import slicer_stubs  # noqa: E402  (Testing/ is on sys.path)
+
+slicer = slicer_stubs.install()
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "DRSegUNet"))
+
+import DRSegUNet as module  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+from DRSegUNetLib.errors import Cancelled  # noqa: E402
+from DRSegUNetLib.orientation import axial_view  # noqa: E402
+from DRSegUNetLib.store import CorrectionsStore, ModelStore  # noqa: E402
+from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG, SEGMENTS  # noqa: E402
+
+CT64 = Path(__file__).resolve().parent / "data" / "cip_ct64" / "ct-64.nrrd"
+
+
+# ----------------------------------------------------------------- helpers
+
+
+class ThresholdPredictor:
+    """Follows the Predictor contract with a fixed HU rule, so geometry and flow are checkable exactly."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+
+    @staticmethod
+    def rule(hu: np.ndarray) -> np.ndarray:
+        lab = np.zeros(hu.shape, np.uint8)
+        lab[(hu > -1000) & (hu < -600)] = LUNG
+        lab[(hu >= -600) & (hu < -300)] = GGO
+        lab[(hu >= -300) & (hu < -100)] = CONSOLIDATION
+        return lab
+
+    def iter_slices(self, image, progress=None, cancel=None):
+        from DRSegUNetLib.inference import SliceResult
+
+        view, _ = axial_view(sitk.GetArrayFromImage(image), image.GetDirection())
+        for n in range(view.shape[0]):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            time.sleep(self.delay)
+            yield SliceResult(n, view.shape[0], self.rule(view[n]), image.GetDirection())
+
+    def predict_array(self, image) -> np.ndarray:
+        out = np.zeros(image.GetSize()[::-1], np.uint8)
+        for r in self.iter_slices(image):
+            r.place(out)
+        return out
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path, monkeypatch):
+    """Nothing a test does may land in the user's real data folder."""
+    monkeypatch.setenv("DRSEGUNET_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture()
+def scene():
+    return slicer_stubs.new_scene()
+
+
+@pytest.fixture()
+def stores(tmp_path, tiny_checkpoint):
+    return (ModelStore(tmp_path / "models", bundled=tiny_checkpoint), CorrectionsStore(tmp_path / "corrections"))
+
+
+@pytest.fixture()
+def logic(scene, stores):
+    models, corrections = stores
+    return module.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections,
+                                 predictorFactory=lambda path, device: ThresholdPredictor())
+
+
+@pytest.fixture(scope="module")
+def ct_image():
+    from DRSegUNetLib.imageio import read_ct
+
+    return read_ct(CT64)
+
+
+def _oblique_image(ct_image) -> sitk.Image:
+    """The real CT with axes permuted and flipped and a non-identity direction (same physical content)."""
+    arr = sitk.GetArrayFromImage(ct_image)[::-1, :, ::-1].transpose(1, 0, 2).copy()  # (y, z, x)
+    img = sitk.GetImageFromArray(arr)
+    sp = ct_image.GetSpacing()
+    img.SetSpacing((sp[0], sp[2], sp[1]))
+    # index i → -x (L→R), j → -z (head→feet), k → +y (anterior→posterior)
+    img.SetDirection((-1, 0, 0, 0, 0, 1, 0, -1, 0))
+    img.SetOrigin((12.5, -40.0, 7.0))
+    return img
+
+
+def _segment_names(node):
+    seg = node.GetSegmentation()
+    return [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+
+
+# ----------------------------------------------------------------- module and geometry
+
+
+def test_module_metadata():
+    parent = type("Parent", (), {})()
+    module.DRSegUNet(parent)
+    assert parent.title == "DRSegUNet" and parent.categories == ["Segmentation"]
+
+
+def test_volume_sitk_round_trip_with_non_identity_direction(scene, ct_image):
+    img = _oblique_image(ct_image)
+    node = module.volumeNodeFromSitkImage(img, "oblique", scene)
+    # A voxel lands at the same place: SimpleITK (LPS) vs the node's IJK→RAS.
+    ijk = (3, 5, 7)
+    lps = np.array(img.TransformIndexToPhysicalPoint(ijk))
+    ras = module.ijkToRasArray(node) @ np.array([*ijk, 1.0])
+    np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-9)
+    back = module.sitkImageFromVolumeNode(node)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
+    np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing())
+    np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin())
+    np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 0, 1, 0, -1, 0),
+                                       (0, 0, 1, 1, 0, 0, 0, 1, 0), (1, 0, 0, 0, -1, 0, 0, 0, -1)])
+def test_axial_layout_matches_where_slices_are_placed(direction):
+    from DRSegUNetLib.inference import SliceResult
+
+    shape = (5, 6, 7)
+    axes, region = module.axialLayout(shape, direction)
+    view_shape = axial_view(np.zeros(shape), direction)[0].shape
+    assert [shape[a] for a in axes] == list(view_shape)
+    for n in range(view_shape[0]):
+        out = np.zeros(shape, np.uint8)
+        SliceResult(n, view_shape[0], np.ones(view_shape[1:], np.uint8), direction).place(out)
+        expected = np.zeros(shape, np.uint8)
+        expected[region(n)] = 1
+        np.testing.assert_array_equal(out, expected)
+
+
+# ----------------------------------------------------------------- segment
+
+
+def _check_segments(logic, job, volume, expected_labels):
+    node = job.segmentationNode
+    assert _segment_names(node) == [s.name for s in SEGMENTS]
+    segmentation = node.GetSegmentation()
+    for s in SEGMENTS:
+        segment = segmentation.GetSegment(s.segment_id)
+        assert segment.GetName() == s.name
+        np.testing.assert_allclose(segment.GetColor(), s.color)
+        assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
+        assert segment.GetTerminology() == s.terminology
+    # Geometry: read back on the volume's grid, the segments say exactly what the model said.
+    np.testing.assert_array_equal(logic.labelsFromSegmentation(node, volume), expected_labels)
+    lung = slicer.util.arrayFromSegmentBinaryLabelmap(node, "lung", volume)
+    np.testing.assert_array_equal(lung > 0, expected_labels > 0)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_segment_real_ct_slice_by_slice(logic, scene, ct_image, oblique):
+    img = _oblique_image(ct_image) if oblique else ct_image
+    volume = module.volumeNodeFromSitkImage(img, "CT", scene)
+    steps = []
+    job = logic.segment(volume, device="cpu", progress=lambda step, total, msg: steps.append((step, total)),
+                        timeout=120, maxSlices=1)
+    expected = ThresholdPredictor().predict_array(img)
+    assert job.state == "completed" and job.step == job.total == 79
+    assert len({s for s, _ in steps}) > 10  # the segments grew slice by slice
+    np.testing.assert_array_equal(job.labels, expected)
+    _check_segments(logic, job, volume, expected)
+    rep = job.report
+    assert rep["volume_ml"]["lung"] > 0 and set(rep["percent_of_lung"]) >= {"ggo", "consolidation", "infection"}
+    rows = module.reportRows(rep)
+    assert [r[0] for r in rows[:4]] == ["GGO", "Consolidation", "Total infection", "Lung field"]
+    table = job.tableNode.GetTable()
+    assert table.GetNumberOfRows() == len(rows) and table.GetColumnName(1) == "Volume (mL)"
+    assert json.loads(job.segmentationNode.GetAttribute(module.ATTR_REPORT)) == rep
+
+
+def test_segment_again_into_the_same_node_replaces_the_segments(logic, scene, ct_image):
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    first = logic.segment(volume, device="cpu", timeout=120)
+    second = logic.segment(volume, first.segmentationNode, device="cpu", timeout=120)
+    assert second.segmentationNode is first.segmentationNode
+    assert _segment_names(second.segmentationNode) == [s.name for s in SEGMENTS]
+    np.testing.assert_array_equal(logic.labelsFromSegmentation(second.segmentationNode, volume), second.labels)
+
+
+def test_cancel_half_way_keeps_finished_slices_and_nothing_else(logic, scene, ct_image):
+    logic.predictorFactory = lambda path, device: ThresholdPredictor(delay=0.002)
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.startSegmentation(volume, None, None, "cpu")
+    job.wait(cancel=lambda: job.step * 2 >= job.total > 0, timeout=120, maxSlices=1)
+    assert job.state == "cancelled"
+    assert job.total // 2 <= job.step < job.total
+    written = logic.labelsFromSegmentation(job.segmentationNode, volume)
+    np.testing.assert_array_equal(written, job.labels)
+    full = axial_view(ThresholdPredictor().predict_array(ct_image), ct_image.GetDirection())[0]
+    got = axial_view(written, ct_image.GetDirection())[0]
+    for n in range(job.total):  # each axial slice is either complete or untouched
+        np.testing.assert_array_equal(got[n], full[n] if job.done[n] else 0)
+    assert job.report is None and "Cancelled" in job.message
+
+
+def test_bad_inputs_fail_with_clear_messages(logic, scene, ct_image):
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    with pytest.raises(ValueError, match="Model file not found"):
+        logic.startSegmentation(volume, None, "/nonexistent/model.pt")
+    with pytest.raises(ValueError, match="device"):
+        logic.startSegmentation(volume, None, None, "tpu")
+    with pytest.raises(ValueError, match="input CT"):
+        logic.startSegmentation(None)
+
+    def broken(path, device):
+        raise RuntimeError("checkpoint is corrupt")
+
+    logic.predictorFactory = broken
+    with pytest.raises(RuntimeError, match="corrupt"):
+        logic.segment(volume, device="cpu", timeout=60)
+
+
+def test_real_predictor_on_a_tiny_checkpoint(scene, stores, ct_image):
+    """The default predictor factory (DRSegUNetLib.inference.Predictor) through the logic."""
+    models, corrections = stores
+    logic = module.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections)
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.segment(volume, device="cpu", timeout=300)
+    from DRSegUNetLib.inference import Predictor
+
+    expected = sitk.GetArrayFromImage(Predictor.from_checkpoint(models.active().path, "cpu").predict(ct_image))
+    np.testing.assert_array_equal(job.labels, expected)
+    _check_segments(logic, job, volume, expected)
+
+
+def test_bundled_model_segments_the_real_ct(scene, tmp_path, ct_image):
+    """With the bundled level-1 model (needs DRSegUNetLib/models/drsegunet_level1.pt)."""
+    import DRSegUNetLib
+
+    logic = module.DRSegUNetLogic(scene=scene, modelStore=ModelStore(tmp_path / "m", bundled=DRSegUNetLib.default_model_path()),
+                                  correctionsStore=CorrectionsStore(tmp_path / "c"))
+    assert logic.modelStore.active().bundled
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.segment(volume, device="cpu", timeout=300)
+    _check_segments(logic, job, volume, job.labels)
+    assert job.report["volume_ml"]["lung"] > 500  # a whole thorax has litres of lung
+
+
+# ----------------------------------------------------------------- save and read back
+
+
+def test_saved_seg_nrrd_reads_back_with_slicerio(logic, scene, ct_image, tmp_path):
+    slicerio = pytest.importorskip("slicerio")
+    img = _oblique_image(ct_image)
+    volume = module.volumeNodeFromSitkImage(img, "CT", scene)
+    job = logic.segment(volume, device="cpu", timeout=120)
+    path = tmp_path / "out.seg.nrrd"
+    logic.saveSegmentation(job.segmentationNode, str(path))
+    seg = slicerio.read_segmentation(str(path))
+    names = [s["name"] for s in seg["segments"]]
+    assert names == [s.name for s in SEGMENTS]
+    for s, info in zip(SEGMENTS, seg["segments"]):
+        np.testing.assert_allclose(info["color"], s.color, atol=1e-6)
+        term = info["terminology"]
+        assert (term["category"], term["type"]) == (list(s.category), list(s.type))
+        mask = slicerio.extract_segments(seg, [(s.name, 1)])["voxels"]  # (I, J, K) in the file's extent
+        offset = [int(v) for v in seg.get("referenceImageExtentOffset", (0, 0, 0))]
+        full = np.zeros(img.GetSize(), np.uint8)  # (I, J, K)
+        full[offset[0]:offset[0] + mask.shape[0], offset[1]:offset[1] + mask.shape[1],
+             offset[2]:offset[2] + mask.shape[2]] = mask
+        np.testing.assert_array_equal(full.transpose(2, 1, 0) > 0, np.isin(job.labels, s.labels))
+    # Geometry in LPS equals the input's.
+    expected = np.eye(4)
+    expected[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    expected[:3, 3] = img.GetOrigin()
+    ijk_to_lps = np.array(seg["ijkToLPS"], float)
+    shift = ijk_to_lps[:3, :3] @ np.array(offset, float)
+    np.testing.assert_allclose(ijk_to_lps[:3, :3], expected[:3, :3], atol=1e-6)
+    np.testing.assert_allclose(ijk_to_lps[:3, 3] - shift, expected[:3, 3], atol=1e-4)
+
+
+# ----------------------------------------------------------------- corrections
+
+
+def _edit_axial_slice(logic, job, volume, image, n, new_value):
+    """Paint the lung field of axial slice n as ``new_value`` in the segmentation, like the Segment Editor would."""
+    labels = job.labels.copy()
+    view = axial_view(labels, image.GetDirection())[0]
+    view[n][view[n] > 0] = new_value
+    node = job.segmentationNode
+    for s in SEGMENTS:
+        slicer.util.updateSegmentBinaryLabelmapFromArray(np.isin(labels, s.labels).astype(np.uint8), node, s.segment_id, volume)
+    return labels
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_accept_corrections_stores_the_changed_slices(logic, scene, ct_image, oblique):
+    img = _oblique_image(ct_image) if oblique else ct_image
+    volume = module.volumeNodeFromSitkImage(img, "CT", scene)
+    job = logic.segment(volume, device="cpu", timeout=120)
+    assert logic.acceptCorrections(volume, job.segmentationNode) == []  # nothing changed yet
+    edited = _edit_axial_slice(logic, job, volume, img, 40, CONSOLIDATION)
+
+    ids = logic.acceptCorrections(volume, job.segmentationNode)
+    assert len(ids) == 1
+    c = logic.correctionsStore.load(ids[0])
+    ct_view = axial_view(sitk.GetArrayFromImage(img), img.GetDirection())[0]
+    assert c.slice_index == 40
+    np.testing.assert_array_equal(c.ct_hu, ct_view[40])
+    np.testing.assert_array_equal(c.labels, axial_view(edited, img.GetDirection())[0][40])
+    assert set(np.unique(c.labels)) <= {0, CONSOLIDATION}
+    spacing_zyx = img.GetSpacing()[::-1]
+    axes, _ = module.axialLayout(ct_view.shape if not oblique else sitk.GetArrayFromImage(img).shape, img.GetDirection())
+    assert c.spacing == pytest.approx((spacing_zyx[axes[1]], spacing_zyx[axes[2]]))
+    assert "CT" in c.source and "sha1:" in c.source
+
+    assert logic.acceptCorrections(volume, job.segmentationNode) == []  # accepted = the new baseline
+    ranged = logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(10, 12))
+    assert [logic.correctionsStore.load(i).slice_index for i in ranged] == [10, 11, 12]
+    # A restart of Slicer: a new store object sees everything.
+    assert len(CorrectionsStore(logic.correctionsStore.root)) == 4
+
+
+def test_accept_without_a_prediction_needs_a_range(logic, scene, ct_image):
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    manual = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    with pytest.raises(ValueError, match="slice range"):
+        logic.acceptCorrections(volume, manual)
+    ids = logic.acceptCorrections(volume, manual, sliceRange=(0, 1))
+    assert len(ids) == 2 and logic.correctionsStore.load(ids[0]).labels.max() == 0
+
+
+# ----------------------------------------------------------------- fine-tune
+
+
+class FakeProcess:
+    """Prints what `python -m DRSegUNetLib finetune --json-progress` prints; adds the version on the last line."""
+
+    def __init__(self, args, store_root, bundled, finish=True):
+        self.args = list(args)
+        self.lines = [("out", json.dumps({"stage": "train", "step": s, "total": 3, "loss": 1.0 / s})) for s in (1, 2, 3)]
+        self.lines.insert(1, ("err", "INFO some log line"))
+        self.store = ModelStore(store_root, bundled=bundled)
+        self.finish = finish
+        self.terminated = False
+        self.rc = None
+
+    def readLines(self):
+        out, self.lines = self.lines[:1], self.lines[1:]
+        if not self.lines and self.finish and self.rc is None and not self.terminated:
+            v = self.store.add_version(b"fine-tuned", {"note": "fake"}, parent=self.store.active())
+            out.append(("out", json.dumps({"stage": "done", "version": v.version})))
+            self.rc = 0
+        return out
+
+    def returnCode(self):
+        return self.rc if not self.lines else None
+
+    def terminate(self):
+        self.terminated = True
+        self.rc = -15
+
+
+class FakeRunner:
+    def __init__(self, **kw):
+        self.kw = kw
+        self.started = []
+
+    def start(self, args, env):
+        self.started.append((args, env))
+        return FakeProcess(args, self.kw["store_root"], self.kw["bundled"], self.kw.get("finish", True))
+
+
+def _logic_with_corrections(scene, stores, ct_image, runner):
+    models, corrections = stores
+    logic = module.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections, processRunner=runner,
+                                  predictorFactory=lambda path, device: ThresholdPredictor())
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.segment(volume, device="cpu", timeout=120)
+    _edit_axial_slice(logic, job, volume, ct_image, 30, GGO)
+    assert len(logic.acceptCorrections(volume, job.segmentationNode)) == 1
+    return logic
+
+
+def test_fine_tune_adds_and_activates_a_new_version(scene, stores, ct_image):
+    runner = FakeRunner(store_root=stores[0].root, bundled=stores[0].bundled)
+    logic = _logic_with_corrections(scene, stores, ct_image, runner)
+    assert logic.modelStore.active().version == 1
+    job = logic.startFineTune(epochs=2, lr=1e-4, device="cpu")
+    args, env = runner.started[0]
+    assert args[1:4] == ["-m", "DRSegUNetLib", "finetune"] and "--json-progress" in args
+    assert args[args.index("--corrections") + 1] == str(logic.correctionsStore.root)
+    assert args[args.index("--epochs") + 1] == "2" and float(args[args.index("--lr") + 1]) == 1e-4
+    assert str(REPO) in env["PYTHONPATH"].split(os.pathsep)
+    log = []
+    while not job.finished:
+        log += job.poll()
+    assert job.state == "completed" and job.loss == pytest.approx(1 / 3)
+    assert any("INFO some log line" in line for line in log)
+    assert logic.modelStore.active().version == 2 and logic.modelStore.active().card["parent"] == 1
+    assert [v.version for v in logic.modelStore.versions()] == [1, 2]  # the previous one is kept
+    logic.modelStore.set_active(1)  # the user can switch back
+    assert logic.modelPath() == str(stores[0].bundled)
+
+
+def test_fine_tune_cancel_keeps_the_active_model(scene, stores, ct_image):
+    runner = FakeRunner(store_root=stores[0].root, bundled=stores[0].bundled, finish=False)
+    logic = _logic_with_corrections(scene, stores, ct_image, runner)
+    job = logic.startFineTune(epochs=2, lr=1e-4)
+    job.poll()
+    job.cancel()
+    job.wait(timeout=10)
+    assert job.state == "cancelled" and logic.modelStore.active().version == 1
+
+
+def test_fine_tune_needs_corrections(logic):
+    with pytest.raises(ValueError, match="corrections"):
+        logic.startFineTune(epochs=1, lr=1e-4)
+
+
+def test_fine_tune_defaults_come_from_the_library_config(logic):
+    d = logic.fineTuneDefaults()
+    assert d["frozen_layers"] == 2 and 0 < d["lr"] < 1e-3 and d["epochs"] >= 1
+
+
+@pytest.mark.slow
+def test_fine_tune_in_a_real_subprocess_changes_the_model_version(scene, stores, ct_image):
+    """`python -m DRSegUNetLib finetune` in a subprocess, on the tiny checkpoint and one accepted slice."""
+    logic = _logic_with_corrections(scene, stores, ct_image, None)
+    assert isinstance(logic.processRunner, module.SubprocessRunner)
+    job = logic.startFineTune(epochs=1, lr=1e-4, device="cpu")
+    job.wait(timeout=300, interval=0.1)
+    job.raiseIfFailed()
+    assert job.state == "completed"
+    assert logic.modelStore.active().version == 2
+    # Segment uses it.
+    logic.predictorFactory = module._defaultPredictorFactory
+    volume = module.volumeNodeFromSitkImage(ct_image, "CT2", scene)
+    seg = logic.segment(volume, device="cpu", timeout=300)
+    assert seg.modelPath == str(logic.modelStore.path_of(2))
+
+
+# ----------------------------------------------------------------- headless script
+
+
+def _run_script(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "DRSegUNet" / "Scripts" / "segment.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+
+
+@pytest.mark.slow
+def test_headless_script_under_plain_python(tmp_path, tiny_checkpoint):
+    slicerio = pytest.importorskip("slicerio")
+    out, rep = tmp_path / "ct.seg.nrrd", tmp_path / "report.json"
+    r = _run_script("--", "--input", str(CT64), "--output", str(out), "--model", str(tiny_checkpoint),
+                    "--device", "cpu", "--report", str(rep))
+    assert r.returncode == 0, r.stderr
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == [s.name for s in SEGMENTS]
+    report = json.loads(rep.read_text())
+    assert "volume_ml" in report and report["model"] == str(tiny_checkpoint)
+
+
+@pytest.mark.slow
+def test_headless_script_rejects_bad_input_with_one_line(tmp_path, tiny_checkpoint):
+    r = _run_script("--input", str(tmp_path / "missing.nrrd"), "--output", str(tmp_path / "x.seg.nrrd"),
+                    "--model", str(tiny_checkpoint))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"segment.py: error: {tmp_path / 'missing.nrrd'} does not exist"]
+    assert not (tmp_path / "x.seg.nrrd").exists()
+
+
+# ----------------------------------------------------------------- "Additional module paths"
+
+
+def test_module_finds_the_library_beside_its_folder_when_not_installed(tmp_path):
+    """Slicer given only the checkout's DRSegUNet/ folder: the module adds .. to sys.path itself."""
+    code = (
+        "import sys\n"
+        f"sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n"
+        f"sys.path.insert(0, {str(REPO / 'Testing')!r})\n"
+        "import slicer_stubs; slicer_stubs.install()\n"
+        "try:\n"
+        "    import DRSegUNetLib\n"
+        "    raise SystemExit('DRSegUNetLib should not be importable before the module is loaded')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        f"sys.path.insert(0, {str(REPO / 'DRSegUNet')!r})\n"
+        "import DRSegUNet, DRSegUNetLib\n"
+        "print(DRSegUNetLib.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert Path(r.stdout.strip().splitlines()[-1]).resolve().parent == REPO / "DRSegUNetLib"

@@ -1,0 +1,244 @@
+"""Model store and corrections store: versions, the active pointer, atomic writes, crashes, restarts."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from DRSegUNetLib import store as store_mod
+from DRSegUNetLib.store import CorrectionsStore, ModelStore, default_home
+
+
+@pytest.fixture()
+def bundled(tmp_path: Path) -> Path:
+    p = tmp_path / "package" / "drsegunet_level1.pt"
+    p.parent.mkdir()
+    p.write_bytes(b"bundled-checkpoint")
+    return p
+
+
+@pytest.fixture()
+def models(tmp_path: Path, bundled: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models", bundled=bundled)
+
+
+def _visible(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+# ----------------------------------------------------------------- ModelStore
+
+
+def test_fresh_store_has_only_the_bundled_model_and_it_is_active(models: ModelStore, bundled: Path) -> None:
+    [v1] = models.versions()
+    assert (v1.version, v1.bundled, v1.path) == (1, True, bundled)
+    assert models.active().version == 1
+    assert models.path_of(1) == bundled
+    assert not models.root.exists()  # reading creates nothing
+
+
+def test_add_version_keeps_previous_and_does_not_switch(models: ModelStore, tmp_path: Path, bundled: Path) -> None:
+    ckpt = tmp_path / "trained.pt"
+    ckpt.write_bytes(b"level-2-weights")
+    v2 = models.add_version(ckpt, {"corrections_used": 3, "fingerprint": {"corrections": "abc"}}, parent=1)
+    v3 = models.add_version(b"more-weights", {"note": "second round"}, parent=v2)
+
+    assert [v.version for v in models.versions()] == [1, 2, 3]
+    assert v2.path.read_bytes() == b"level-2-weights"
+    assert v3.path == models.root / "v0003" / "model.pt"
+    card = json.loads((models.root / "v0003" / "card.json").read_text())
+    assert card["version"] == 3 and card["parent"] == 2 and card["note"] == "second round"
+    assert card["created"] and len(card["checkpoint_sha256"]) == 64
+    assert models.get(2).card["corrections_used"] == 3
+    assert bundled.read_bytes() == b"bundled-checkpoint"  # never copied over
+    assert models.active().version == 1  # adding does not switch
+
+    models.set_active(3)
+    assert models.active().version == 3
+    models.set_active(1)  # switching back
+    assert models.active().path == bundled
+
+
+def test_set_active_rejects_unknown_version(models: ModelStore) -> None:
+    with pytest.raises(KeyError):
+        models.set_active(7)
+    assert models.active().version == 1
+
+
+def test_failed_add_version_leaves_nothing_and_keeps_active(models: ModelStore, monkeypatch) -> None:
+    v2 = models.add_version(b"good", {}, parent=1)
+    models.set_active(v2)
+    before = _visible(models.root)
+
+    real_dumps = json.dumps
+
+    def broken_dumps(obj, *a, **k):  # fail while the card of the new version is written
+        if isinstance(obj, dict) and "checkpoint_sha256" in obj:
+            raise OSError("disk full")
+        return real_dumps(obj, *a, **k)
+
+    monkeypatch.setattr(store_mod.json, "dumps", broken_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        models.add_version(b"x" * 100_000, {}, parent=2)
+    monkeypatch.undo()
+
+    assert _visible(models.root) == before  # no v0003, no temporary folder
+    assert [v.version for v in models.versions()] == [1, 2]
+    assert models.active().version == 2
+
+
+def test_failed_pointer_write_keeps_previous_active(models: ModelStore, monkeypatch) -> None:
+    models.add_version(b"a", {}, parent=1)
+    models.add_version(b"b", {}, parent=2)
+    models.set_active(2)
+
+    def broken_replace(src, dst):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(store_mod.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        models.set_active(3)
+    monkeypatch.undo()
+
+    assert models.active().version == 2
+    assert not [n for n in _visible(models.root) if n.startswith(".tmp-")]
+
+
+def test_leftovers_of_a_killed_writer_are_ignored_and_cleanable(models: ModelStore) -> None:
+    models.add_version(b"a", {}, parent=1)
+    dead = models.root / ".tmp-killed"
+    dead.mkdir()
+    (dead / "model.pt").write_bytes(b"half")
+    (models.root / "v0009").mkdir()  # a version folder without its checkpoint is not a version
+    assert [v.version for v in models.versions()] == [1, 2]
+    assert models.add_version(b"b", {}, parent=2).version == 3
+    os.utime(dead, (0, 0))
+    assert models.clean_temporary(older_than_s=60) == 1
+    assert not dead.exists()
+
+
+def test_corrupt_pointer_falls_back_to_bundled(models: ModelStore) -> None:
+    models.add_version(b"a", {}, parent=1)
+    models.root.joinpath("active.json").write_text('{"vers')
+    assert models.active().version == 1
+    models.root.joinpath("active.json").write_text('{"version": 42}')
+    assert models.active().version == 1
+
+
+def test_restart_sees_versions_and_pointer(tmp_path: Path, bundled: Path) -> None:
+    a = ModelStore(tmp_path / "m", bundled=bundled)
+    v = a.add_version(b"w", {"note": "n"}, parent=1)
+    a.set_active(v)
+    b = ModelStore(tmp_path / "m", bundled=bundled)
+    assert b.active().version == 2 and b.active().card["note"] == "n"
+    assert b.active().label.startswith("v2")
+
+
+def test_store_without_bundled_model(tmp_path: Path) -> None:
+    s = ModelStore(tmp_path / "m")
+    with pytest.raises(LookupError):
+        s.active()
+    s.add_version(b"w", {}, parent=None)
+    assert s.active().version == 2
+
+
+def test_default_home_env_override(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DRSEGUNET_HOME", str(tmp_path / "h"))
+    assert default_home() == tmp_path / "h"
+    assert ModelStore().root == tmp_path / "h" / "models"
+    assert CorrectionsStore().root == tmp_path / "h" / "corrections"
+    monkeypatch.delenv("DRSEGUNET_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    if os.name == "posix" and not str(default_home()).startswith(str(Path.home() / "Library")):
+        assert default_home() == tmp_path / "xdg" / "DRSegUNet"
+
+
+# ----------------------------------------------------------------- CorrectionsStore
+
+
+def _slice(seed: int, shape=(12, 10)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ct = rng.integers(-1024, 400, size=shape).astype(np.int16)
+    labels = rng.integers(0, 4, size=shape).astype(np.uint8)
+    return ct, labels
+
+
+def test_add_and_load_round_trip(tmp_path: Path) -> None:
+    s = CorrectionsStore(tmp_path / "c")
+    ct, lab = _slice(0)
+    cid = s.add(ct, lab, (0.7, 0.8), source="CT1 sha1:ab", slice_index=5)
+    c = s.load(cid)
+    assert c.ct_hu.dtype == np.float32 and np.array_equal(c.ct_hu, ct)
+    assert c.labels.dtype == np.uint8 and np.array_equal(c.labels, lab)
+    assert c.spacing == (0.7, 0.8) and c.source == "CT1 sha1:ab" and c.slice_index == 5 and c.known is None
+    [info] = list(s.items())
+    assert (info.id, info.slice_index, info.shape, info.spacing) == (cid, 5, (12, 10), (0.7, 0.8))
+    assert len(s) == 1 and cid in s
+
+
+def test_float_hu_and_partial_knowledge(tmp_path: Path) -> None:
+    s = CorrectionsStore(tmp_path / "c")
+    ct = np.linspace(-1000.25, 50.5, 20, dtype=np.float64).reshape(4, 5)
+    cid = s.add(ct, np.zeros((4, 5), np.uint8), (1, 1), "v", 0, known=("lung",))
+    c = s.load(cid)
+    assert np.allclose(c.ct_hu, ct) and c.known == ("lung",)
+
+
+def test_rejects_bad_slices(tmp_path: Path) -> None:
+    s = CorrectionsStore(tmp_path / "c")
+    with pytest.raises(ValueError):
+        s.add(np.zeros((3, 3)), np.zeros((3, 4), np.uint8), (1, 1), "v", 0)
+    with pytest.raises(ValueError):
+        s.add(np.zeros((3, 3)), np.full((3, 3), 7, np.uint8), (1, 1), "v", 0)
+    assert len(s) == 0
+
+
+def test_restart_sees_everything_in_order(tmp_path: Path) -> None:
+    a = CorrectionsStore(tmp_path / "c")
+    ids = [a.add(*_slice(i), (1, 1), "vol", i) for i in range(4)]
+    b = CorrectionsStore(tmp_path / "c")
+    assert len(b) == 4 and [i.id for i in b.items()] == ids == b.ids()
+    assert [i.slice_index for i in b.items()] == [0, 1, 2, 3]
+
+
+def test_torn_index_line_and_unindexed_file_survive(tmp_path: Path) -> None:
+    s = CorrectionsStore(tmp_path / "c")
+    first = s.add(*_slice(1), (1, 1), "vol", 1)
+    second = s.add(*_slice(2), (1, 1), "vol", 2)
+    index = s.root / "index.jsonl"
+    lines = index.read_text().splitlines(keepends=True)
+    index.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # crash while appending line 2
+
+    s2 = CorrectionsStore(s.root)
+    assert [i.id for i in s2.items()] == [first, second]  # second read from its file
+    assert [i.slice_index for i in s2.items()] == [1, 2]
+    third = s2.add(*_slice(3), (1, 1), "vol", 3)  # appending after a torn line still works
+    assert [i.id for i in CorrectionsStore(s.root).items()] == [first, second, third]
+    assert json.loads(index.read_text().splitlines()[-1])["id"] == third
+
+
+def test_failure_mid_write_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    s = CorrectionsStore(tmp_path / "c")
+    keep = s.add(*_slice(1), (1, 1), "vol", 1)
+    before = _visible(s.root)
+
+    def broken_savez(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_mod.np, "savez_compressed", broken_savez)
+    with pytest.raises(OSError):
+        s.add(*_slice(2), (1, 1), "vol", 2)
+    monkeypatch.undo()
+    assert _visible(s.root) == before
+    assert s.ids() == [keep]
+
+
+def test_temporary_file_of_a_killed_writer_is_not_an_item(tmp_path: Path) -> None:
+    s = CorrectionsStore(tmp_path / "c")
+    s.add(*_slice(1), (1, 1), "vol", 1)
+    (s.root / ".tmp-abc.npz").write_bytes(b"PK half")
+    assert len(s) == 1 and len(list(s.items())) == 1

@@ -1,0 +1,47 @@
+"""Every ``self.ui.<name>`` the widget uses is a widget in the .ui file (a typo fails here, not in Slicer)."""
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "DRSegUNet"
+
+
+def _ui_names() -> set[str]:
+    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "DRSegUNet.ui").getroot()
+    return {w.get("name") for w in root.iter("widget")} | {a.get("name") for a in root.iter("action")}
+
+
+def _used_names() -> set[str]:
+    tree = ast.parse((MODULE_DIR / "DRSegUNet.py").read_text())
+    used = set()
+    for node in ast.walk(tree):
+        # self.ui.<name>
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            used.add(node.attr)
+    return used
+
+
+def test_widget_uses_only_names_from_the_ui_file() -> None:
+    used = _used_names()
+    assert len(used) > 15, "the widget should bind its controls through self.ui"
+    missing = used - _ui_names()
+    assert not missing, f"self.ui names missing from DRSegUNet.ui: {sorted(missing)}"
+
+
+def test_ui_names_are_unique_and_the_top_widget_is_the_module() -> None:
+    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "DRSegUNet.ui").getroot()
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names))
+    assert root.find("class").text == "DRSegUNet"
+    assert root.find("widget").get("class") == "qMRMLWidget"
+
+
+def test_mrml_widgets_get_the_scene() -> None:
+    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "DRSegUNet.ui").getroot()
+    mrml = {w.get("name") for w in root.iter("widget") if w.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    assert mrml and mrml <= connected
