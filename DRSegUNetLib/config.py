@@ -63,7 +63,7 @@ class LungConfig:
     airway_max_mm2: float = 600.0  # a blob this small near the body's midline is trachea/bronchus
     airway_band_fraction: float = 0.1  # "near the midline": within this fraction of body width
     max_junction_mm: float = 20.0  # touching lungs are split at junctions up to this thick
-    closing_radius_mm: float = 10.0  # fills lesions at the lung border (per lung)
+    closing_radius_mm: float = 10.0  # fills lesions at the lung border (per side of the body)
     min_volume_fraction: float = 0.1  # volumes: 3D blobs under this fraction of the largest go
     assumed_fov_mm: float = 350.0  # pixel size = this / slice width when spacing is unknown
 

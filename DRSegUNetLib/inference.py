@@ -54,10 +54,14 @@ class SliceResult:
     direction: tuple[float, ...]
     probabilities: Optional[np.ndarray] = None
 
-    def place(self, volume_zyx: np.ndarray) -> None:
-        """Write this slice's labels into an array laid out like ``sitk.GetArrayFromImage(input)``."""
+    def place(self, volume_zyx: np.ndarray, labels: Optional[Sequence[int]] = None) -> None:
+        """Write this slice into an array laid out like ``sitk.GetArrayFromImage(input)``.
+
+        With ``labels`` (e.g. a segment's label values), write the binary mask of
+        those labels instead of the label values (e.g. into one segment's labelmap).
+        """
         view, _ = axial_view(volume_zyx, self.direction)
-        view[self.index] = self.labels
+        view[self.index] = self.labels if labels is None else np.isin(self.labels, labels)
 
 
 def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:

@@ -58,6 +58,10 @@ def test_slices_stream_with_progress_and_cancel(tiny_checkpoint):
     for r in results:
         r.place(volume)
     np.testing.assert_array_equal(volume, sitk.GetArrayFromImage(p.predict(img)))
+    lung_field = np.zeros_like(volume)
+    for r in results:
+        r.place(lung_field, labels=(1, 2, 3))
+    np.testing.assert_array_equal(lung_field, np.isin(volume, (1, 2, 3)))
     seen = []
     with pytest.raises(Cancelled):
         for r in p.iter_slices(img, cancel=lambda: len(seen) >= 2):
