@@ -44,6 +44,7 @@ from scipy import ndimage
 
 from .config import LungConfig
 from .errors import InputError
+from .orientation import axial_spacing as orientation_axial_spacing
 from .orientation import axial_view
 from .preprocessing import check_ct_hu
 
@@ -151,10 +152,7 @@ def extract_lungs(image: sitk.Image, cfg: LungConfig = LungConfig()) -> sitk.Ima
 
 def axial_spacing(image: sitk.Image) -> Spacing:
     """(row, col) pixel size in mm of the slices of ``orientation.axial_view``."""
-    # Probe the permutation with an array whose axis lengths name the (z, y, x) axes.
-    probe, _ = axial_view(np.empty((2, 3, 4)), image.GetDirection())
-    zyx = image.GetSpacing()[::-1]
-    return float(zyx[probe.shape[1] - 2]), float(zyx[probe.shape[2] - 2])
+    return orientation_axial_spacing(image.GetSpacing(), image.GetDirection())
 
 
 def _check_hu(array: np.ndarray, cfg: LungConfig, what: str) -> None:

@@ -53,3 +53,10 @@ def axial_view(array_zyx: np.ndarray, direction: Sequence[float]) -> tuple[np.nd
         return np.transpose(a, inv_axes + list(range(3, a.ndim)))
 
     return view, inverse
+
+
+def axial_spacing(spacing_xyz: Sequence[float], direction: Sequence[float]) -> tuple[float, float]:
+    """(row, col) pixel size in mm of the slices of :func:`axial_view`."""
+    index_of_patient, _ = _axis_assignment(direction)
+    # Rows run along P (patient axis 1), columns along L (patient axis 0).
+    return float(spacing_xyz[index_of_patient[1]]), float(spacing_xyz[index_of_patient[0]])

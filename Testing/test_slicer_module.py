@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DRSegUNet"))
 
 import DRSegUNet as module  # noqa: E402
+import DRSegUNetSlicer as lib  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from DRSegUNetLib.errors import Cancelled  # noqa: E402
@@ -89,8 +91,8 @@ def stores(tmp_path, tiny_checkpoint):
 @pytest.fixture()
 def logic(scene, stores):
     models, corrections = stores
-    return module.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections,
-                                 predictorFactory=lambda path, device: ThresholdPredictor())
+    return lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections,
+                              predictorFactory=lambda path, device: ThresholdPredictor())
 
 
 @pytest.fixture(scope="module")
@@ -128,34 +130,17 @@ def test_module_metadata():
 
 def test_volume_sitk_round_trip_with_non_identity_direction(scene, ct_image):
     img = _oblique_image(ct_image)
-    node = module.volumeNodeFromSitkImage(img, "oblique", scene)
+    node = lib.volumeNodeFromSitkImage(img, "oblique", scene)
     # A voxel lands at the same place: SimpleITK (LPS) vs the node's IJK→RAS.
     ijk = (3, 5, 7)
     lps = np.array(img.TransformIndexToPhysicalPoint(ijk))
-    ras = module.ijkToRasArray(node) @ np.array([*ijk, 1.0])
+    ras = lib.ijkToRasArray(node) @ np.array([*ijk, 1.0])
     np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-9)
-    back = module.sitkImageFromVolumeNode(node)
+    back = lib.sitkImageFromVolumeNode(node)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
     np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing())
     np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin())
     np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-12)
-
-
-@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 0, 1, 0, -1, 0),
-                                       (0, 0, 1, 1, 0, 0, 0, 1, 0), (1, 0, 0, 0, -1, 0, 0, 0, -1)])
-def test_axial_layout_matches_where_slices_are_placed(direction):
-    from DRSegUNetLib.inference import SliceResult
-
-    shape = (5, 6, 7)
-    axes, region = module.axialLayout(shape, direction)
-    view_shape = axial_view(np.zeros(shape), direction)[0].shape
-    assert [shape[a] for a in axes] == list(view_shape)
-    for n in range(view_shape[0]):
-        out = np.zeros(shape, np.uint8)
-        SliceResult(n, view_shape[0], np.ones(view_shape[1:], np.uint8), direction).place(out)
-        expected = np.zeros(shape, np.uint8)
-        expected[region(n)] = 1
-        np.testing.assert_array_equal(out, expected)
 
 
 # ----------------------------------------------------------------- segment
@@ -180,7 +165,7 @@ def _check_segments(logic, job, volume, expected_labels):
 @pytest.mark.parametrize("oblique", [False, True])
 def test_segment_real_ct_slice_by_slice(logic, scene, ct_image, oblique):
     img = _oblique_image(ct_image) if oblique else ct_image
-    volume = module.volumeNodeFromSitkImage(img, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(img, "CT", scene)
     steps = []
     job = logic.segment(volume, device="cpu", progress=lambda step, total, msg: steps.append((step, total)),
                         timeout=120, maxSlices=1)
@@ -191,15 +176,15 @@ def test_segment_real_ct_slice_by_slice(logic, scene, ct_image, oblique):
     _check_segments(logic, job, volume, expected)
     rep = job.report
     assert rep["volume_ml"]["lung"] > 0 and set(rep["percent_of_lung"]) >= {"ggo", "consolidation", "infection"}
-    rows = module.reportRows(rep)
+    rows = lib.reportRows(rep)
     assert [r[0] for r in rows[:4]] == ["GGO", "Consolidation", "Total infection", "Lung field"]
     table = job.tableNode.GetTable()
     assert table.GetNumberOfRows() == len(rows) and table.GetColumnName(1) == "Volume (mL)"
-    assert json.loads(job.segmentationNode.GetAttribute(module.ATTR_REPORT)) == rep
+    assert json.loads(job.segmentationNode.GetAttribute(lib.ATTR_REPORT)) == rep
 
 
 def test_segment_again_into_the_same_node_replaces_the_segments(logic, scene, ct_image):
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     first = logic.segment(volume, device="cpu", timeout=120)
     second = logic.segment(volume, first.segmentationNode, device="cpu", timeout=120)
     assert second.segmentationNode is first.segmentationNode
@@ -207,9 +192,32 @@ def test_segment_again_into_the_same_node_replaces_the_segments(logic, scene, ct
     np.testing.assert_array_equal(logic.labelsFromSegmentation(second.segmentationNode, volume), second.labels)
 
 
+def test_saving_half_way_merges_layers_and_later_slices_still_land_in_their_own_segment(logic, scene, ct_image, tmp_path):
+    """The storage node puts GGO and consolidation into one shared layer when it writes; writing goes on correctly."""
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.startSegmentation(volume, None, None, "cpu")
+    while job.step < 30:
+        job.poll(maxSlices=1)
+    segmentation = job.segmentationNode.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() == 3
+    logic.saveSegmentation(job.segmentationNode, str(tmp_path / "half.seg.nrrd"))
+    assert segmentation.GetNumberOfLayers() == 2
+    job.wait(timeout=120)
+    assert job.state == "completed"
+    _check_segments(logic, job, volume, ThresholdPredictor().predict_array(ct_image))
+
+
+def test_reading_the_segments_back_leaves_no_nodes_behind(logic, scene, ct_image):
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.segment(volume, device="cpu", timeout=120)
+    before = scene.GetNumberOfNodes()
+    logic.labelsFromSegmentation(job.segmentationNode, volume)
+    assert scene.GetNumberOfNodes() == before  # the export's labelmap, display node and colour table
+
+
 def test_cancel_half_way_keeps_finished_slices_and_nothing_else(logic, scene, ct_image):
     logic.predictorFactory = lambda path, device: ThresholdPredictor(delay=0.002)
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     job = logic.startSegmentation(volume, None, None, "cpu")
     job.wait(cancel=lambda: job.step * 2 >= job.total > 0, timeout=120, maxSlices=1)
     assert job.state == "cancelled"
@@ -224,7 +232,7 @@ def test_cancel_half_way_keeps_finished_slices_and_nothing_else(logic, scene, ct
 
 
 def test_bad_inputs_fail_with_clear_messages(logic, scene, ct_image):
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     with pytest.raises(ValueError, match="Model file not found"):
         logic.startSegmentation(volume, None, "/nonexistent/model.pt")
     with pytest.raises(ValueError, match="device"):
@@ -243,8 +251,8 @@ def test_bad_inputs_fail_with_clear_messages(logic, scene, ct_image):
 def test_real_predictor_on_a_tiny_checkpoint(scene, stores, ct_image):
     """The default predictor factory (DRSegUNetLib.inference.Predictor) through the logic."""
     models, corrections = stores
-    logic = module.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections)
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    logic = lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=300)
     from DRSegUNetLib.inference import Predictor
 
@@ -257,10 +265,10 @@ def test_bundled_model_segments_the_real_ct(scene, tmp_path, ct_image):
     """With the bundled level-1 model (needs DRSegUNetLib/models/drsegunet_level1.pt)."""
     import DRSegUNetLib
 
-    logic = module.DRSegUNetLogic(scene=scene, modelStore=ModelStore(tmp_path / "m", bundled=DRSegUNetLib.default_model_path()),
-                                  correctionsStore=CorrectionsStore(tmp_path / "c"))
+    logic = lib.DRSegUNetLogic(scene=scene, modelStore=ModelStore(tmp_path / "m", bundled=DRSegUNetLib.default_model_path()),
+                               correctionsStore=CorrectionsStore(tmp_path / "c"))
     assert logic.modelStore.active().bundled
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=300)
     _check_segments(logic, job, volume, job.labels)
     assert job.report["volume_ml"]["lung"] > 500  # a whole thorax has litres of lung
@@ -272,7 +280,7 @@ def test_bundled_model_segments_the_real_ct(scene, tmp_path, ct_image):
 def test_saved_seg_nrrd_reads_back_with_slicerio(logic, scene, ct_image, tmp_path):
     slicerio = pytest.importorskip("slicerio")
     img = _oblique_image(ct_image)
-    volume = module.volumeNodeFromSitkImage(img, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(img, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=120)
     path = tmp_path / "out.seg.nrrd"
     logic.saveSegmentation(job.segmentationNode, str(path))
@@ -316,7 +324,7 @@ def _edit_axial_slice(logic, job, volume, image, n, new_value):
 @pytest.mark.parametrize("oblique", [False, True])
 def test_accept_corrections_stores_the_changed_slices(logic, scene, ct_image, oblique):
     img = _oblique_image(ct_image) if oblique else ct_image
-    volume = module.volumeNodeFromSitkImage(img, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(img, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=120)
     assert logic.acceptCorrections(volume, job.segmentationNode) == []  # nothing changed yet
     edited = _edit_axial_slice(logic, job, volume, img, 40, CONSOLIDATION)
@@ -329,9 +337,8 @@ def test_accept_corrections_stores_the_changed_slices(logic, scene, ct_image, ob
     np.testing.assert_array_equal(c.ct_hu, ct_view[40])
     np.testing.assert_array_equal(c.labels, axial_view(edited, img.GetDirection())[0][40])
     assert set(np.unique(c.labels)) <= {0, CONSOLIDATION}
-    spacing_zyx = img.GetSpacing()[::-1]
-    axes, _ = module.axialLayout(ct_view.shape if not oblique else sitk.GetArrayFromImage(img).shape, img.GetDirection())
-    assert c.spacing == pytest.approx((spacing_zyx[axes[1]], spacing_zyx[axes[2]]))
+    # Axial rows run anterior→posterior (y), columns right→left (x), however the volume is stored.
+    assert c.spacing == pytest.approx((ct_image.GetSpacing()[1], ct_image.GetSpacing()[0]))
     assert "CT" in c.source and "sha1:" in c.source
 
     assert logic.acceptCorrections(volume, job.segmentationNode) == []  # accepted = the new baseline
@@ -342,7 +349,7 @@ def test_accept_corrections_stores_the_changed_slices(logic, scene, ct_image, ob
 
 
 def test_accept_without_a_prediction_needs_a_range(logic, scene, ct_image):
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     manual = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
     with pytest.raises(ValueError, match="slice range"):
         logic.acceptCorrections(volume, manual)
@@ -393,9 +400,9 @@ class FakeRunner:
 
 def _logic_with_corrections(scene, stores, ct_image, runner):
     models, corrections = stores
-    logic = module.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections, processRunner=runner,
-                                  predictorFactory=lambda path, device: ThresholdPredictor())
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    logic = lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections, processRunner=runner,
+                               predictorFactory=lambda path, device: ThresholdPredictor())
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=120)
     _edit_axial_slice(logic, job, volume, ct_image, 30, GGO)
     assert len(logic.acceptCorrections(volume, job.segmentationNode)) == 1
@@ -447,15 +454,15 @@ def test_fine_tune_defaults_come_from_the_library_config(logic):
 def test_fine_tune_in_a_real_subprocess_changes_the_model_version(scene, stores, ct_image):
     """`python -m DRSegUNetLib finetune` in a subprocess, on the tiny checkpoint and one accepted slice."""
     logic = _logic_with_corrections(scene, stores, ct_image, None)
-    assert isinstance(logic.processRunner, module.SubprocessRunner)
+    assert isinstance(logic.processRunner, lib.SubprocessRunner)
     job = logic.startFineTune(epochs=1, lr=1e-4, device="cpu")
     job.wait(timeout=300, interval=0.1)
     job.raiseIfFailed()
     assert job.state == "completed"
     assert logic.modelStore.active().version == 2
     # Segment uses it.
-    logic.predictorFactory = module._defaultPredictorFactory
-    volume = module.volumeNodeFromSitkImage(ct_image, "CT2", scene)
+    logic.predictorFactory = lib.logic._defaultPredictorFactory
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT2", scene)
     seg = logic.segment(volume, device="cpu", timeout=300)
     assert seg.modelPath == str(logic.modelStore.path_of(2))
 
@@ -514,3 +521,20 @@ def test_module_finds_the_library_beside_its_folder_when_not_installed(tmp_path)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert Path(r.stdout.strip().splitlines()[-1]).resolve().parent == REPO / "DRSegUNetLib"
+
+
+# ----------------------------------------------------------------- the in-Slicer self-test
+
+
+@pytest.mark.slow
+def test_the_in_slicer_self_test_runs_against_slicer_core(monkeypatch, tiny_checkpoint):
+    """DRSegUNetTest (Reload and Test, ctest) on the bundled CT stacked 4 times; the tiny model stands in."""
+    import DRSegUNetLib
+
+    monkeypatch.setattr(DRSegUNetLib, "default_model_path", lambda: tiny_checkpoint)
+    slicer_stubs.new_scene()
+    volume = module.DRSegUNetTest.sampleVolume()
+    assert volume.GetImageData().GetDimensions() == (512, 512, 4)
+    assert lib.ijkToRasArray(volume)[2, 2] == pytest.approx(1.25)  # the DICOM's slice spacing
+    result = unittest.TextTestRunner(verbosity=0).run(module.DRSegUNetTest("runTest"))
+    assert result.wasSuccessful(), result.failures + result.errors

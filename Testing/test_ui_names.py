@@ -1,7 +1,9 @@
-"""Every ``self.ui.<name>`` the widget uses is a widget in the .ui file (a typo fails here, not in Slicer)."""
+"""Every ``self.ui.<name>`` the widget uses is a widget in the .ui file (a typo fails here, not in Slicer),
+and every Python file of the module is installed by its CMakeLists.txt."""
 from __future__ import annotations
 
 import ast
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -45,3 +47,10 @@ def test_mrml_widgets_get_the_scene() -> None:
     connected = {c.findtext("receiver") for c in root.iter("connection")
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
     assert mrml and mrml <= connected
+
+
+def test_cmake_installs_every_python_file_of_the_module() -> None:
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "DRSegUNet")
+    listed = set(re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", cmake, re.S).group(1).split())
+    present = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
+    assert listed == present

@@ -13,8 +13,6 @@ Exits 0 on success, 2 with a one-line message on bad input, 1 on other failures.
 import argparse
 import os
 import sys
-import types
-import unittest
 
 
 def parseArgs(argv):
@@ -34,48 +32,12 @@ def _inSlicerApplication(slicer) -> bool:
     return getattr(slicer, "app", None) is not None
 
 
-def _standInScriptedLoadableModule(slicer) -> None:
-    """slicer-core has no slicer.ScriptedLoadableModule; the logic only needs its base classes."""
-    try:
-        import slicer.ScriptedLoadableModule  # noqa: F401
-        return
-    except ImportError:
-        pass
-    m = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
-        setattr(m, cls.__name__, cls)
-    sys.modules[m.__name__] = m
-    slicer.ScriptedLoadableModule = m
-
-
-def _importModule():
-    """The DRSegUNet module file: already loaded in Slicer, else from ``..`` (installed or a checkout)."""
-    loaded = sys.modules.get("DRSegUNet")
-    if loaded is not None and hasattr(loaded, "DRSegUNetLogic"):
-        return loaded
-    # Not a checkout's DRSegUNet/ folder (a namespace package when the repository root is on sys.path).
-    sys.modules.pop("DRSegUNet", None)
+def _importSlicerLayer():
+    """The module's DRSegUNetSlicer package, from ``..`` (installed, or a checkout's DRSegUNet/ folder)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import DRSegUNet
+    import DRSegUNetSlicer
 
-    return DRSegUNet
+    return DRSegUNetSlicer
 
 
 def main(argv=None) -> int:
@@ -83,24 +45,26 @@ def main(argv=None) -> int:
     import slicer
 
     if not _inSlicerApplication(slicer):
-        _standInScriptedLoadableModule(slicer)
         slicer.mrmlScene = slicer.vtkMRMLScene()
-    module = _importModule()
+    layer = _importSlicerLayer()
     from DRSegUNetLib.errors import CheckpointError, InputError
     from DRSegUNetLib.imageio import read_ct
     from DRSegUNetLib.report import write_report
 
+    printed = []
+
     def progress(step, total, message):
-        if not args.quiet and total:
+        if not args.quiet and total and printed[-1:] != [step]:
+            printed.append(step)
             print(f"segment {step}/{total}", file=sys.stderr, flush=True)
 
     try:
         if not str(args.output).endswith(".seg.nrrd"):
             raise InputError(f"--output must end with .seg.nrrd, got {args.output}")
-        logic = module.DRSegUNetLogic(scene=slicer.mrmlScene)
+        logic = layer.DRSegUNetLogic(scene=slicer.mrmlScene)
         image = read_ct(args.input)
         name = os.path.basename(os.path.normpath(args.input)).split(".")[0] or "CT"
-        volume = module.volumeNodeFromSitkImage(image, name, slicer.mrmlScene)
+        volume = layer.volumeNodeFromSitkImage(image, name, slicer.mrmlScene)
         job = logic.segment(volume, model=args.model, device=args.device, progress=progress)
         logic.saveSegmentation(job.segmentationNode, args.output)
         if args.report:

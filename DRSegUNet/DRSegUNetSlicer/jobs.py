@@ -1,0 +1,249 @@
+"""Long work, polled from the main thread: a segmentation in a worker thread, a fine-tuning in a process.
+
+The widget polls a job from a ``QTimer``; headless callers use :meth:`Job.wait`. MRML is
+only touched in ``poll()``, so no Slicer call ever runs outside the main thread.
+"""
+import json
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from DRSegUNetLib.errors import Cancelled
+from DRSegUNetLib.orientation import axial_view
+from DRSegUNetLib.store import ModelVersion
+from DRSegUNetLib.vocabulary import SEGMENTS
+
+from . import ATTR_REPORT, _
+from .processes import RunningProcess
+
+if TYPE_CHECKING:
+    from .logic import DRSegUNetLogic
+
+
+class Job:
+    """State shared by long work: progress, a cancel flag, and how it ended."""
+
+    def __init__(self):
+        self.step = 0
+        self.total = 0
+        self.message = ""
+        self.state = "running"  # running, completed, cancelled, failed
+        self.error: Optional[BaseException] = None
+        self.finishedAndReported = False  # for the widget
+        self._cancel = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def poll(self, **kwargs) -> Any:
+        raise NotImplementedError
+
+    def raiseIfFailed(self) -> None:
+        if self.state == "failed" and self.error is not None:
+            raise self.error
+
+    def wait(self, progress: Optional[Callable[..., None]] = None, cancel: Optional[Callable[[], bool]] = None,
+             interval: float = 0.02, timeout: Optional[float] = None, **pollArgs) -> "Job":
+        """Poll until finished (headless use and tests); ``cancel()`` returning True cancels."""
+        start = time.monotonic()
+        while not self.finished:
+            self.poll(**pollArgs)
+            if progress is not None:
+                progress(self.step, self.total, self.message)
+            if cancel is not None and cancel():
+                self.cancel()
+            if timeout is not None and time.monotonic() - start > timeout:
+                self.cancel()
+                raise TimeoutError(f"{type(self).__name__} did not finish in {timeout} s")
+            if not self.finished:
+                time.sleep(interval)
+        return self
+
+
+class SegmentationJob(Job):
+    """Runs a Predictor in a worker thread; :meth:`poll` writes finished slices into the segmentation.
+
+    Each axial slice is written whole into the three segments' own full-size labelmaps
+    (with ``SliceResult.place``), so on Cancel the slices written so far stay, no slice is
+    half-written, and nothing more is written after Cancel.
+    """
+
+    def __init__(self, logic: "DRSegUNetLogic", volumeNode, segmentationNode, image: sitk.Image,
+                 modelPath: str, device: str):
+        super().__init__()
+        self.logic = logic
+        self.volumeNode = volumeNode
+        self.segmentationNode = segmentationNode
+        self.image = image
+        self.modelPath = modelPath
+        self.labels = np.zeros(image.GetSize()[::-1], dtype=np.uint8)  # (z, y, x) like the input
+        self.total = axial_view(self.labels, image.GetDirection())[0].shape[0]
+        self.done = np.zeros(self.total, dtype=bool)  # per axial slice: written
+        self.report: Optional[Dict[str, Any]] = None
+        self.tableNode = None
+        self.message = _("Loading the model...")
+        logic.prepareSegments(segmentationNode, volumeNode)
+        self._queue: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, args=(device,), name="DRSegUNet segmentation", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        """Queue for the main thread; gives up on a slice once cancelled, on anything after a minute unread."""
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if (self._cancel.is_set() and item[0] == "slice") or time.monotonic() > deadline:
+                    return False
+
+    def _run(self, device: str) -> None:
+        try:
+            predictor = self.logic.predictorFactory(self.modelPath, device)
+            for result in predictor.iter_slices(self.image, cancel=self._cancel.is_set):
+                if not self._put(("slice", result)):
+                    raise Cancelled("cancelled")
+            self._put(("done", None))
+        except Cancelled:
+            self._put(("cancelled", None))
+        except BaseException as e:  # reported to the main thread
+            self._put(("failed", e))
+
+    def poll(self, budget: float = 0.2, maxSlices: Optional[int] = None) -> None:
+        """Write the slices finished so far (for at most ``budget`` seconds) and update the state."""
+        start = time.monotonic()
+        written = 0
+        while not self.finished and time.monotonic() - start < budget and (maxSlices is None or written < maxSlices):
+            try:
+                kind, payload = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "slice":
+                if not self._cancel.is_set():  # after Cancel, slices still queued are dropped
+                    self._writeSlice(payload)
+                    written += 1
+            elif kind == "done":
+                self._finish("cancelled" if self._cancel.is_set() and self.step < self.total else "completed")
+            elif kind == "cancelled":
+                self._finish("cancelled")
+            else:
+                self.error = payload
+                self._finish("failed")
+
+    def _writeSlice(self, result) -> None:
+        result.place(self.labels)
+        modify = self.segmentationNode.StartModify()
+        try:
+            for s in SEGMENTS:
+                array = self.logic.segmentLabelmapArray(self.segmentationNode, self.volumeNode, s.segment_id,
+                                                        self.labels, s.labels)
+                if array is not None:
+                    result.place(array, s.labels)
+                    # What slicer.util.arrayFromSegmentInternalBinaryLabelmap asks for after writing.
+                    self.segmentationNode.GetSegmentation().GetSegment(s.segment_id).Modified()
+        finally:
+            self.segmentationNode.EndModify(modify)
+        self.done[result.index] = True
+        self.step = int(self.done.sum())
+        self.message = _("Segmented {step}/{total} slices").format(step=self.step, total=self.total)
+
+    def _finish(self, state: str) -> None:
+        self.state = state
+        if state == "failed":
+            self.message = _("Failed: {error}").format(error=self.error)
+            return
+        self.logic.recordPrediction(self.segmentationNode, self.volumeNode, self.image, self.labels, self.modelPath)
+        if state == "cancelled":
+            self.message = _("Cancelled after {step} of {total} slices; finished slices kept.").format(
+                step=self.step, total=self.total)
+            return
+        from DRSegUNetLib.report import compute_report  # scipy: installed with the requirements
+
+        self.report = compute_report(self.labelImage())
+        self.segmentationNode.SetAttribute(ATTR_REPORT, json.dumps(self.report))
+        self.tableNode = self.logic.reportTable(self.report)
+        self.message = _("Done: {total} slices").format(total=self.total)
+
+    def labelImage(self) -> sitk.Image:
+        """The labels so far (0 bg, 1 GGO, 2 consolidation, 3 lung) as a SimpleITK image in the input's geometry."""
+        image = sitk.GetImageFromArray(self.labels)
+        image.CopyInformation(self.image)
+        return image
+
+
+class FineTuneJob(Job):
+    """A ``python -m DRSegUNetLib finetune --json-progress`` process whose JSON lines drive :meth:`poll`."""
+
+    def __init__(self, logic: "DRSegUNetLogic", process: RunningProcess, parent: ModelVersion):
+        super().__init__()
+        self.logic = logic
+        self.process = process
+        self.parent = parent
+        self.version: Optional[int] = None
+        self.loss: Optional[float] = None
+        self.stage = ""
+        self._stderr: List[str] = []
+        self._cancelSent = False
+
+    def poll(self) -> List[str]:
+        """Read the lines printed so far; returns them as log text. Finishes the job when the process ends."""
+        if self.finished:
+            return []
+        if self._cancel.is_set() and not self._cancelSent:
+            self._cancelSent = True
+            self.process.terminate()
+        log = []
+        for stream, line in self.process.readLines():
+            event = None
+            if stream == "out" and line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+            if isinstance(event, dict) and "stage" in event:
+                self._onEvent(event)
+                log.append(self.message)
+            else:
+                if stream == "err":
+                    self._stderr = (self._stderr + [line])[-20:]
+                log.append(line)
+        rc = self.process.returnCode()
+        if rc is not None:
+            if self._cancelSent:
+                self.state = "cancelled"
+                self.message = _("Fine-tuning cancelled; the active model is unchanged.")
+            elif rc == 0 and self.version is not None:
+                self.logic.modelStore.set_active(self.version)
+                self.state = "completed"
+                self.message = _("New model v{version} is active (previous: v{parent}).").format(
+                    version=self.version, parent=self.parent.version)
+            else:
+                detail = "\n".join(self._stderr[-5:]) or _("no error output")
+                self.error = RuntimeError(f"fine-tuning ended with exit code {rc} without a new model:\n{detail}")
+                self.state = "failed"
+                self.message = str(self.error)
+            log.append(self.message)
+        return log
+
+    def _onEvent(self, event: Dict[str, Any]) -> None:
+        self.stage = str(event.get("stage", ""))
+        if self.stage == "done":
+            self.version = int(event["version"])
+            self.step = self.total = max(self.total, 1)
+            self.message = _("Saved model version {v}").format(v=self.version)
+            return
+        self.step = int(event.get("step", self.step) or 0)
+        self.total = int(event.get("total", self.total) or 0)
+        if event.get("loss") is not None:
+            self.loss = float(event["loss"])
+        loss = f", loss {self.loss:.4f}" if self.loss is not None else ""
+        self.message = f"{self.stage} {self.step}/{self.total}{loss}" + (f" {event['message']}" if event.get("message") else "")

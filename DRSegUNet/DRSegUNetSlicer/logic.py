@@ -1,0 +1,385 @@
+"""DRSegUNetLogic: segment, report, accept corrections and fine-tune, on MRML nodes, without any GUI."""
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import slicer
+import SimpleITK as sitk
+import vtk
+
+import DRSegUNetLib
+from DRSegUNetLib.orientation import axial_view
+from DRSegUNetLib.store import HOME_ENV, CorrectionsStore, ModelStore, default_home
+from DRSegUNetLib.vocabulary import LUNG, SEGMENTS
+
+from . import ATTR_MODEL, ATTR_SLICE_HASHES, ATTR_SOURCE, DEVICES, _
+from .conversions import orientedImageFromMask, sitkImageFromVolumeNode
+from .jobs import FineTuneJob, SegmentationJob
+from .processes import ProcessRunner, SubprocessRunner
+
+_BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+_REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+
+
+def _defaultPredictorFactory(modelPath: str, device: str):
+    from DRSegUNetLib.inference import Predictor  # torch loads here, on first use
+
+    return Predictor.from_checkpoint(modelPath, device=device)
+
+
+def _sliceHash(labels: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), digest_size=6).hexdigest()
+
+
+class DRSegUNetLogic:
+    """Segment, report, accept corrections and fine-tune, on MRML nodes, without any GUI.
+
+    Args:
+        scene: the MRML scene (default ``slicer.mrmlScene``).
+        modelStore / correctionsStore: default in the data folder (see :meth:`dataFolder`).
+        processRunner: starts the fine-tuning process (default :class:`SubprocessRunner`).
+        predictorFactory: ``(modelPath, device) -> Predictor`` (default loads the checkpoint).
+    """
+
+    def __init__(self, scene=None, modelStore: Optional[ModelStore] = None,
+                 correctionsStore: Optional[CorrectionsStore] = None, processRunner: Optional[ProcessRunner] = None,
+                 predictorFactory: Optional[Callable[[str, str], Any]] = None):
+        self.scene = scene if scene is not None else slicer.mrmlScene
+        home = self.dataFolder()
+        # `is None`, not `or`: an empty corrections store is falsy (it has a length).
+        self.modelStore = modelStore if modelStore is not None else ModelStore(
+            home / "models", bundled=DRSegUNetLib.default_model_path())
+        self.correctionsStore = correctionsStore if correctionsStore is not None else CorrectionsStore(home / "corrections")
+        self.processRunner = processRunner if processRunner is not None else SubprocessRunner()
+        self.predictorFactory = predictorFactory if predictorFactory is not None else _defaultPredictorFactory
+        self._segmentationsLogic = None
+        if getattr(getattr(slicer, "modules", None), "segmentations", None) is None:
+            # Outside the application nothing has registered the segment representations yet.
+            self._segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+            self._segmentationsLogic.SetMRMLScene(self.scene)
+
+    @staticmethod
+    def dataFolder() -> Path:
+        """``$DRSEGUNET_HOME``, else a folder beside Slicer's settings, else the per-user default."""
+        app = getattr(slicer, "app", None)
+        if app is not None and not os.environ.get(HOME_ENV):
+            return Path(app.slicerUserSettingsFilePath).parent / "DRSegUNet"
+        return default_home()
+
+    # -- requirements
+    def setupPythonRequirements(self, askUser: Callable[[str], bool], withTorch: bool = True) -> None:
+        """Install torch (PyTorch extension) and Resources/requirements.txt, after asking. Slicer only."""
+        if getattr(slicer, "app", None) is None:
+            return  # plain Python: the environment is the caller's
+        import importlib.util
+
+        if withTorch and importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError(_("DRSegUNet needs the PyTorch extension: install it from the Extensions Manager."))
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if not askUser(_("DRSegUNet needs PyTorch, which will now be downloaded and installed "
+                                 "(this may take several minutes). Continue?")):
+                    raise RuntimeError(_("PyTorch is required; installation was declined."))
+                if torchLogic.installTorch(askConfirmation=False) is None:
+                    raise RuntimeError(_("PyTorch could not be installed; use the PyTorch Utils module."))
+        missing = self.missingRequirements()
+        if missing:
+            if not askUser(_("DRSegUNet needs these Python packages: {p}. Install them now?").format(p=", ".join(missing))):
+                raise RuntimeError(_("Required Python packages were not installed: {p}").format(p=", ".join(missing)))
+            slicer.util.pip_install(missing)
+
+    @staticmethod
+    def missingRequirements() -> List[str]:
+        """Requirement lines of Resources/requirements.txt that are not installed (or too old)."""
+        import importlib.metadata
+
+        missing = []
+        for line in _REQUIREMENTS.read_text().splitlines() if _REQUIREMENTS.exists() else []:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                from packaging.requirements import Requirement
+
+                req = Requirement(line)
+                name, spec = req.name, req.specifier
+            except ImportError:
+                name, spec = line.split(">")[0].split("=")[0].split("<")[0].strip(), None
+            try:
+                version = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(line)
+                continue
+            if spec is not None and version not in spec:
+                missing.append(line)
+        return missing
+
+    # -- models
+    def modelPath(self, model: Any = None) -> str:
+        """A checkpoint path from a version number, a path, or None (the active version)."""
+        if model is None:
+            return str(self.modelStore.active().path)
+        if isinstance(model, int) or (isinstance(model, str) and model.isdigit()):
+            return str(self.modelStore.path_of(int(model)))
+        return str(model)
+
+    @staticmethod
+    def fineTuneDefaults() -> Dict[str, Any]:
+        """Level-2 defaults (epochs, learning rate, frozen layers) from the library's config."""
+        from DRSegUNetLib.config import FineTuneConfig
+
+        cfg = FineTuneConfig()
+        return {"epochs": int(cfg.epochs), "lr": float(cfg.lr), "frozen_layers": int(cfg.frozen_layers)}
+
+    # -- segmentation
+    def prepareSegments(self, segmentationNode, volumeNode) -> None:
+        """(Re)create the three segments, empty, with fixed names, colours and terminology.
+
+        Each segment gets its own full-size labelmap layer, so finished slices can be
+        written in place (writing one slice through SetBinaryLabelmapToSegment either
+        clears the segment or, with shared layers, spills into the other segments).
+        """
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        if segmentationNode.GetDisplayNode() is None:
+            segmentationNode.CreateDefaultDisplayNodes()
+        segmentation = segmentationNode.GetSegmentation()
+        empty = np.zeros(volumeNode.GetImageData().GetDimensions()[::-1], dtype=np.uint8)
+        for s in SEGMENTS:
+            for old in {s.segment_id, segmentation.GetSegmentIdBySegmentName(s.name)} - {""}:
+                if segmentation.GetSegment(old) is not None:
+                    segmentation.RemoveSegment(old)
+            segment = slicer.vtkSegment()
+            segment.SetName(s.name)
+            segment.SetColor(*s.color)
+            segment.SetNameAutoGenerated(False)
+            segment.SetColorAutoGenerated(False)
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), s.terminology)
+            segment.AddRepresentation(_BINARY_LABELMAP, orientedImageFromMask(volumeNode, empty))
+            if not segmentation.AddSegment(segment, s.segment_id):
+                raise RuntimeError(f"could not add segment '{s.name}'")
+
+    def segmentLabelmapArray(self, segmentationNode, volumeNode, segmentId: str, labels: np.ndarray,
+                             values: Sequence[int]) -> Optional[np.ndarray]:
+        """A writable (k, j, i) view of the segment's own full-size labelmap, or None if the user removed it.
+
+        If the segment no longer has its own full-size 0/1 layer (saving merges layers,
+        editing crops them), it is given one again, filled from ``labels`` (the slices
+        finished so far).
+        """
+        segmentation = segmentationNode.GetSegmentation()
+        segment = segmentation.GetSegment(segmentId)
+        if segment is None:
+            return None
+        image = segment.GetRepresentation(_BINARY_LABELMAP)
+        own = (image is not None and len(segmentation.GetSegmentIDsForDataObject(image)) == 1
+               and segment.GetLabelValue() == 1  # a merged layer numbers its segments 1, 2, ...
+               and image.GetDimensions() == labels.shape[::-1] and image.GetExtent()[::2] == (0, 0, 0))
+        if not own:
+            segment.AddRepresentation(_BINARY_LABELMAP, orientedImageFromMask(volumeNode, np.isin(labels, values)))
+            segment.SetLabelValue(1)
+        return slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentId)
+
+    def startSegmentation(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto") -> SegmentationJob:
+        """Start segmenting ``volumeNode`` into ``segmentationNode`` (new if None); poll the returned job."""
+        if volumeNode is None:
+            raise ValueError(_("Select an input CT volume."))
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        modelPath = self.modelPath(model)
+        if not os.path.isfile(modelPath):
+            raise ValueError(_("Model file not found: {path}").format(path=modelPath))
+        image = sitkImageFromVolumeNode(volumeNode)
+        if segmentationNode is None:
+            segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} DRSegUNet")
+        return SegmentationJob(self, volumeNode, segmentationNode, image, modelPath, device)
+
+    def segment(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
+                progress: Optional[Callable[..., None]] = None, cancel: Optional[Callable[[], bool]] = None,
+                timeout: Optional[float] = None, **pollArgs) -> SegmentationJob:
+        """Segment and wait (headless use). Raises the worker's error if it failed."""
+        job = self.startSegmentation(volumeNode, segmentationNode, model, device)
+        job.wait(progress=progress, cancel=cancel, timeout=timeout, **pollArgs)
+        job.raiseIfFailed()
+        return job
+
+    def recordPrediction(self, segmentationNode, volumeNode, image: sitk.Image, labels: np.ndarray, modelPath: str) -> None:
+        """Remember per axial slice what the model said, so Accept can tell which slices the user changed."""
+        view = axial_view(labels, image.GetDirection())[0]
+        segmentationNode.SetAttribute(ATTR_SLICE_HASHES, json.dumps([_sliceHash(s) for s in view]))
+        segmentationNode.SetAttribute(ATTR_MODEL, str(modelPath))
+        segmentationNode.SetAttribute(ATTR_SOURCE, self.sourceIdentity(volumeNode, image))
+
+    @staticmethod
+    def sourceIdentity(volumeNode, image: sitk.Image) -> str:
+        """Volume name, file (if any) and a digest of its voxels and geometry."""
+        digest = hashlib.sha1(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+        digest.update(repr((image.GetSpacing(), image.GetOrigin(), image.GetDirection())).encode())
+        storage = volumeNode.GetStorageNode()
+        fileName = storage.GetFileName() if storage is not None and storage.GetFileName() else ""
+        return f"{volumeNode.GetName()} | {fileName} | sha1:{digest.hexdigest()[:16]}"
+
+    def reportTable(self, report: Dict[str, Any], tableNode=None):
+        """Fill a table node with volume (mL) and % of lung per region, and per lung when separable."""
+        if tableNode is None:
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", "DRSegUNet report")
+        table = tableNode.GetTable()
+        table.Initialize()
+        columns = [vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
+        for column, name in zip(columns, ("Region", "Volume (mL)", "% of lung")):
+            column.SetName(name)
+            table.AddColumn(column)
+        for region, volume, percent in reportRows(report):
+            row = table.InsertNextBlankRow()
+            table.SetValue(row, 0, vtk.vtkVariant(region))
+            table.SetValue(row, 1, vtk.vtkVariant(volume))
+            table.SetValue(row, 2, vtk.vtkVariant(float("nan") if percent is None else percent))
+        tableNode.Modified()
+        return tableNode
+
+    # -- corrections
+    def labelsFromSegmentation(self, segmentationNode, volumeNode) -> np.ndarray:
+        """The segmentation in our label vocabulary on the volume's (z, y, x) grid.
+
+        "Lung" → 3, then "Ground-glass opacity" → 1, then "Consolidation" → 2 (later wins).
+        """
+        segmentation = segmentationNode.GetSegmentation()
+        labels = np.zeros(volumeNode.GetImageData().GetDimensions()[::-1], dtype=np.uint8)
+        for s in sorted(SEGMENTS, key=lambda s: -len(s.labels)):  # the lung field first, lesions over it
+            segmentId = s.segment_id if segmentation.GetSegment(s.segment_id) else segmentation.GetSegmentIdBySegmentName(s.name)
+            if segmentId:
+                labels[self._exportSegment(segmentationNode, segmentId, volumeNode) > 0] = \
+                    s.labels[0] if len(s.labels) == 1 else LUNG
+        return labels
+
+    def _exportSegment(self, segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
+        """A copy of one segment on the volume's grid: ``slicer.util.arrayFromSegmentBinaryLabelmap``
+        in this logic's scene (that one uses ``slicer.mrmlScene``), without leaving nodes behind."""
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DRSegUNet_export__")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            export = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode
+            if not export(segmentationNode, ids, labelmap, volumeNode):
+                raise RuntimeError(f"could not export segment '{segmentId}'")
+            return np.array(slicer.util.arrayFromVolume(labelmap))
+        finally:
+            # The export adds a display node and a colour table; removing the labelmap leaves them behind.
+            display = labelmap.GetDisplayNode()
+            if display is not None:
+                if display.GetColorNode() is not None:
+                    self.scene.RemoveNode(display.GetColorNode())
+                self.scene.RemoveNode(display)
+            self.scene.RemoveNode(labelmap)
+
+    def acceptCorrections(self, volumeNode, segmentationNode, sliceRange: Optional[Tuple[int, int]] = None) -> List[str]:
+        """Store corrected axial slices, with their CT, as training pairs; returns the new ids.
+
+        Args:
+            sliceRange: (first, last) axial slice indices, inclusive, counted from the most
+                inferior slice (0); None stores the slices that differ from what was last
+                predicted or accepted.
+        """
+        from DRSegUNetLib.lungs import axial_spacing
+
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError(_("Select the CT volume and its segmentation."))
+        image = sitkImageFromVolumeNode(volumeNode)
+        ct = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())[0]
+        labels = axial_view(self.labelsFromSegmentation(segmentationNode, volumeNode), image.GetDirection())[0]
+        hashes = [_sliceHash(s) for s in labels]
+        if sliceRange is not None:
+            first, last = max(0, int(sliceRange[0])), min(len(hashes) - 1, int(sliceRange[1]))
+            if first > last:
+                raise ValueError(_("Empty slice range."))
+            chosen = list(range(first, last + 1))
+        else:
+            stored = segmentationNode.GetAttribute(ATTR_SLICE_HASHES)
+            if not stored:
+                raise ValueError(_("This segmentation was not made by DRSegUNet in this scene: "
+                                   "choose a slice range to accept."))
+            before = json.loads(stored)
+            if len(before) != len(hashes):
+                raise ValueError(_("The segmentation does not match this volume's slices: choose a slice range."))
+            chosen = [n for n, (a, b) in enumerate(zip(before, hashes)) if a != b]
+        spacing = axial_spacing(image)
+        source = segmentationNode.GetAttribute(ATTR_SOURCE) or self.sourceIdentity(volumeNode, image)
+        ids = [self.correctionsStore.add(np.asarray(ct[n]), np.asarray(labels[n]), spacing, source, n) for n in chosen]
+        segmentationNode.SetAttribute(ATTR_SLICE_HASHES, json.dumps(hashes))  # accepted = the new baseline
+        return ids
+
+    # -- fine-tuning
+    @staticmethod
+    def pythonExecutable() -> str:
+        """PythonSlicer inside Slicer (torch lives in its site-packages), else this interpreter."""
+        if getattr(slicer, "app", None) is not None:
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+            candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+            if os.path.exists(candidate):
+                return candidate
+        return sys.executable
+
+    def fineTuneCommand(self, epochs: int, lr: float, device: str = "auto") -> List[str]:
+        """The level-2 command: from the active model, on the corrections store, into the model store."""
+        return [self.pythonExecutable(), "-m", "DRSegUNetLib", "finetune",
+                "--model", str(self.modelStore.active().path),
+                "--corrections", str(self.correctionsStore.root), "--store", str(self.modelStore.root),
+                "--epochs", str(int(epochs)), "--lr", repr(float(lr)), "--device", device, "--json-progress"]
+
+    def startFineTune(self, epochs: int, lr: float, device: str = "auto") -> FineTuneJob:
+        """Start fine-tuning (level 2) the active model on the accepted corrections; poll the returned job."""
+        if len(self.correctionsStore) == 0:
+            raise ValueError(_("No accepted corrections yet: accept corrected slices first."))
+        if epochs < 1 or lr <= 0:
+            raise ValueError(_("Epochs must be at least 1 and the learning rate positive."))
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        parent = self.modelStore.active()
+        env = dict(os.environ)
+        libParent = str(Path(DRSegUNetLib.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([libParent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONUNBUFFERED"] = "1"
+        process = self.processRunner.start(self.fineTuneCommand(epochs, lr, device), env)
+        return FineTuneJob(self, process, parent)
+
+    # -- files
+    def saveSegmentation(self, segmentationNode, path: str) -> None:
+        """Write a .seg.nrrd with the storage node (works inside and outside the application)."""
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        self.scene.AddNode(storage)
+        try:
+            storage.SetFileName(str(path))
+            if not storage.WriteData(segmentationNode):
+                raise RuntimeError(f"could not write {path}")
+        finally:
+            self.scene.RemoveNode(storage)
+
+
+def reportRows(report: Dict[str, Any]) -> List[Tuple[str, float, Optional[float]]]:
+    """(region, volume mL, % of lung) rows of a ``compute_report`` dict, whole lungs then each lung."""
+    names = (("ggo", "GGO"), ("consolidation", "Consolidation"), ("infection", "Total infection"), ("lung", "Lung field"))
+
+    def rows(stats: Dict[str, Any], prefix: str) -> List[Tuple[str, float, Optional[float]]]:
+        out = []
+        for key, name in names:
+            volume = stats["volume_ml"].get(key)
+            if volume is None:
+                continue
+            percent = 100.0 if key == "lung" else stats["percent_of_lung"].get(key)
+            out.append((prefix + name, float(volume), None if percent is None else float(percent)))
+        return out
+
+    result = rows(report, "")
+    for side, stats in (report.get("per_lung") or {}).items():
+        result += rows(stats, f"{side.capitalize()} lung: ")
+    return result
