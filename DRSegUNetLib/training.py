@@ -250,7 +250,9 @@ def train(
         mcfg = replace(mcfg, preprocess=estimate_normalisation(train_samples, mcfg.preprocess))
         model = DRSegUNet(mcfg.network)
     world, rank, dev = _init_distributed(dev)
-    model.to(dev)
+    # channels_last is faster (bench/README.md), but gloo DDP on CPU crashes with it.
+    channels_last = world == 1 or dev.type == "cuda"
+    model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     frozen = freeze_first_layers(model, config.frozen_layers)
     if frozen:
         log.info("frozen layers: %s", ", ".join(frozen))
@@ -266,7 +268,7 @@ def train(
         if rank != 0:
             progress = None
     sampler = PatchSampler(train_samples, config.crop, augment, config.seed + rank)
-    val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1))
+    val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1), channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     meta = {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),

@@ -1,0 +1,119 @@
+"""Faster inference paths give the plain path's labels on a real CT slice.
+
+"Plain" is the network called directly: NCHW float32, one slice at a time, numpy
+normalisation, softmax, decision. The faster paths (channels_last weights, batches,
+the pipelined device-side normalisation in bench/bench.py's ``fast_iter_slices``)
+change where and in which memory order the arithmetic happens, not the arithmetic, so
+the labels must agree wherever the plain path's decision is not a float-rounding tie.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DRSegUNetLib import default_model_path, sample_ct_path
+from DRSegUNetLib.config import InferenceConfig, ModelConfig
+from DRSegUNetLib.inference import Predictor, decide
+from DRSegUNetLib.network import DRSegUNet
+from DRSegUNetLib.preprocessing import normalize
+
+REPO = Path(__file__).resolve().parents[1]
+TIE = 1e-4  # top-2 probability gap under which either class is a correct decision
+SHIFT = (3, -2)  # second slice of the test volume: the real slice, shifted
+
+
+def _bench_module() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("drsegunet_bench", REPO / "bench" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def model_and_config() -> tuple[DRSegUNet, ModelConfig]:
+    path = default_model_path()
+    if path.exists():
+        from DRSegUNetLib.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        return ckpt.build_model(), ckpt.config
+    torch.manual_seed(0)
+    return DRSegUNet().eval(), ModelConfig()
+
+
+@pytest.fixture(scope="module")
+def real_slices() -> np.ndarray:
+    """(2, 512, 512) int16 HU: the bundled real CT slice and a shifted copy."""
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_ct_path())))[0].astype(np.int16)
+    return np.stack([hu, np.roll(hu, SHIFT, axis=(0, 1))])
+
+
+@pytest.fixture(scope="module")
+def plain_probabilities(model_and_config, real_slices) -> torch.Tensor:
+    """(2, C, H, W) softmax of the plain path, one slice at a time."""
+    model, cfg = model_and_config
+    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    out = []
+    with torch.inference_mode():
+        for hu in real_slices:
+            x = torch.from_numpy(normalize(hu[None], cfg.preprocess)).unsqueeze(1)
+            out.append(torch.softmax(model(x).float(), dim=1))
+    return torch.cat(out)
+
+
+def _volume(real_slices: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(real_slices)
+    image.SetSpacing((0.64, 0.64, 1.25))
+    return image
+
+
+def _assert_same_labels(labels: np.ndarray, prob: torch.Tensor) -> None:
+    ref = decide(prob, InferenceConfig()).numpy()
+    top2 = prob.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]).numpy() > TIE
+    assert labels.shape == ref.shape
+    differ = labels != ref
+    assert not (differ & decided).any(), f"{int((differ & decided).sum())} decided pixels changed label"
+    assert differ.mean() < 1e-4
+
+
+def test_device_normalisation_is_bitwise_the_numpy_one(model_and_config, real_slices):
+    pp = model_and_config[1].preprocess
+    x = torch.from_numpy(real_slices).float()
+    on_device = (x.clamp_(pp.hu_min, pp.hu_max) - pp.mean) / pp.std
+    np.testing.assert_array_equal(on_device.numpy(), normalize(real_slices, pp))
+
+
+@pytest.mark.slow
+def test_channels_last_on_cpu_gives_plain_labels(model_and_config, real_slices, plain_probabilities):
+    model, cfg = model_and_config
+    fast = Predictor(copy.deepcopy(model).to(memory_format=torch.channels_last), cfg, "cpu")
+    labels = fast.predict_slices([real_slices[0].astype(np.float32)])[0]
+    _assert_same_labels(labels[None], plain_probabilities[:1])
+
+
+@pytest.mark.slow
+def test_batched_volume_gives_slice_by_slice_labels(model_and_config, real_slices, plain_probabilities):
+    model, cfg = model_and_config
+    p = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2))
+    labels = sitk.GetArrayFromImage(p.predict(_volume(real_slices)))
+    _assert_same_labels(labels, plain_probabilities)
+
+
+@pytest.mark.slow
+def test_pipelined_device_normalised_path_gives_plain_labels(model_and_config, real_slices, plain_probabilities):
+    bench = _bench_module()
+    model, cfg = model_and_config
+    p = Predictor(copy.deepcopy(model).to(memory_format=torch.channels_last), cfg, "cpu", InferenceConfig(batch_size=2))
+    p.iter_slices = types.MethodType(bench.fast_iter_slices, p)
+    events = []
+    out = p.predict(_volume(real_slices), progress=lambda s, i, n, m="", **k: events.append((s, i, n)))
+    assert events[0] == ("segment", 0, 2) and events[-1] == ("segment", 2, 2)
+    _assert_same_labels(sitk.GetArrayFromImage(out), plain_probabilities)
