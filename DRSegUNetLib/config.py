@@ -115,10 +115,46 @@ class FineTuneConfig:
 
 
 @dataclass(frozen=True)
+class SelfTrainConfig:
+    """Weakly supervised self-learning (thesis §4.4.2, §5.5; selftrain.py).
+
+    Level 1 trains from scratch on the k-means pseudo-labels at ``level1_lr`` for
+    ``level1_epochs`` (thesis: 9.8e-4, 20 epochs). Each later level starts from the
+    previous one with its first ``frozen_layers`` layers frozen, at ``level2_lr``
+    (thesis: 9.8e-6) for ``level2_epochs`` (the thesis gives no number; we reuse 20),
+    on the labels the previous level predicts. ``steps_per_epoch=0`` makes an epoch
+    one pass over the training slices (ceil(slices / batch_size) steps).
+    """
+
+    levels: int = 2  # trained levels ("rounds"): 1 from scratch, 2.. fine-tuned
+    level1_lr: float = 9.8e-4
+    level1_epochs: int = 20
+    level2_lr: float = 9.8e-6
+    level2_epochs: int = 20
+    frozen_layers: int = 2
+    steps_per_epoch: int = 0
+    batch_size: int = 8
+    crop: int = 128
+    loss: str = "ce"
+    seed: int = 0
+    base_filters: int = 16
+    # Lung threshold for 8-bit COVID-19-CT-Seg slices mapped to approx. HU (EightBitConfig):
+    # they are min-max normalised and CLAHE-enhanced, which puts soft tissue near -500
+    # approx. HU, so the thesis's -170 HU finds no lung (see Testing/test_lungs.py).
+    eight_bit_lung_threshold_hu: float = -600.0
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     batch_size: int = 4
     decision: str = "argmax"  # "argmax" or "threshold" (thesis §4.5)
     threshold: float = 0.5
+    # Labels outside the patient's body (largest region at or above this HU, holes
+    # filled) are background: outside air is never lung.
+    restrict_to_body: bool = True
+    body_threshold_hu: float = -500.0
+    # Average the class probabilities of the slice and its left-right mirror (2x time).
+    flip_tta: bool = False
 
 
 @dataclass(frozen=True)

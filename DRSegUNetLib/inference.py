@@ -78,6 +78,26 @@ def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     return lab.to(torch.uint8)
 
 
+def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
+                     min_border_air: float = 0.5) -> np.ndarray:
+    """Set labels outside the body to background, slice by slice; (N, H, W) arrays.
+
+    Only where the whole body is in view (at least ``min_border_air`` of the slice's
+    border is air): on a slice cropped through the chest (MedSeg), the lungs reach
+    the border and cannot be told from outside air. Measured: full-field CT slices
+    have 0.75-1.0 of their border in air, MedSeg crops at most 0.33.
+    """
+    from .lungs import body_mask
+
+    out = labels.copy()
+    for k in range(labels.shape[0]):
+        air = hu[k] < threshold_hu
+        border = np.concatenate([air[0], air[-1], air[:, 0], air[:, -1]])
+        if border.mean() >= min_border_air:
+            out[k][~body_mask(air)] = 0
+    return out
+
+
 class Predictor:
     """Applies a trained DRSegUNet to CT slices and volumes."""
 
@@ -112,7 +132,18 @@ class Predictor:
         x = x.to(self.device, non_blocking=True)
         x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), self._autocast():
-            return torch.softmax(self.model(x).float(), dim=1)
+            prob = torch.softmax(self.model(x).float(), dim=1)
+            if self.inference.flip_tta:
+                prob = 0.5 * (prob + torch.softmax(self.model(x.flip(-1)).float(), dim=1).flip(-1))
+            return prob
+
+    def labels(self, hu: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """(labels (N, H, W) uint8 as numpy, probabilities on the device) for HU slices (N, H, W)."""
+        prob = self.probabilities(hu)
+        labels = decide(prob, self.inference).cpu().numpy()
+        if self.inference.restrict_to_body:
+            labels = restrict_to_body(labels, hu, self.inference.body_threshold_hu)
+        return labels, prob
 
     def predict_slices(self, slices: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Labels for 2D HU slices of any sizes (same-size neighbours are batched)."""
@@ -122,8 +153,7 @@ class Predictor:
             j = i + 1
             while j < len(slices) and j - i < self.inference.batch_size and slices[j].shape == slices[i].shape:
                 j += 1
-            prob = self.probabilities(np.stack(slices[i:j]))
-            out.extend(decide(prob, self.inference).cpu().numpy())
+            out.extend(self.labels(np.stack(slices[i:j]))[0])
             i = j
         return out
 
@@ -138,8 +168,7 @@ class Predictor:
         for start in range(0, n, bs):
             check_cancel(cancel)
             batch = np.ascontiguousarray(view[start:start + bs], dtype=np.float32)
-            prob = self.probabilities(batch)
-            labels = decide(prob, self.inference).cpu().numpy()
+            labels, prob = self.labels(batch)
             probs = prob.half().cpu().numpy() if with_probabilities else None
             for k in range(labels.shape[0]):
                 yield SliceResult(start + k, n, labels[k], image.GetDirection(),

@@ -87,3 +87,24 @@ def test_bad_volumes_are_refused(tiny_checkpoint, make, message):
     p = Predictor.from_checkpoint(tiny_checkpoint, "cpu")
     with pytest.raises(InputError, match=message):
         p.predict(make())
+
+
+def test_labels_outside_the_body_are_background():
+    from DRSegUNetLib.inference import restrict_to_body
+
+    hu = np.full((1, 20, 20), -1000.0)
+    hu[0, 5:15, 5:15] = 40.0  # body
+    hu[0, 8:12, 8:12] = -850.0  # lung inside it
+    labels = np.full((1, 20, 20), 3, np.uint8)
+    out = restrict_to_body(labels, hu, -500.0)
+    assert out[0, 5:15, 5:15].tolist() == labels[0, 5:15, 5:15].tolist()  # inside kept, lung hole included
+    assert int(out.sum()) == 3 * 100
+
+
+def test_cropped_slices_are_not_restricted():
+    from DRSegUNetLib.inference import restrict_to_body
+
+    hu = np.full((1, 20, 20), 40.0)
+    hu[0, :6, :] = -850.0  # a lung cut by the crop reaches the border (0.4 of it)
+    labels = np.full((1, 20, 20), 3, np.uint8)
+    np.testing.assert_array_equal(restrict_to_body(labels, hu, -500.0), labels)

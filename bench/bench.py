@@ -225,7 +225,7 @@ def fast_iter_slices(self, image, progress=None, cancel=None, with_probabilities
     import numpy as np
     import torch
 
-    from DRSegUNetLib.inference import SliceResult, decide, validate_ct_image
+    from DRSegUNetLib.inference import SliceResult, decide, restrict_to_body, validate_ct_image
     from DRSegUNetLib.orientation import axial_view
     from DRSegUNetLib.progress import check_cancel, report
 
@@ -259,6 +259,8 @@ def fast_iter_slices(self, image, progress=None, cancel=None, with_probabilities
         if done is not None:
             done.synchronize()
         labels = out.numpy()
+        if self.inference.restrict_to_body:
+            labels = restrict_to_body(labels, view[start:start + bs], self.inference.body_threshold_hu)
         for k in range(labels.shape[0]):
             yield SliceResult(start + k, n, labels[k], direction)
         report(progress, "segment", min(start + bs, n), n, f"slice {min(start + bs, n)}/{n}")
