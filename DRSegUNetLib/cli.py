@@ -1,4 +1,4 @@
-"""``python -m DRSegUNetLib``: segment, train, evaluate, info (and the work built on them).
+"""``python -m DRSegUNetLib``: segment, train, evaluate, info, lungs, pseudolabel, selftrain (and more).
 
 Errors the user can fix (bad input, bad checkpoint) print one line and exit 2;
 nothing half-written is left at an output path.
@@ -21,6 +21,8 @@ log = logging.getLogger("DRSegUNetLib")
 class ProgressPrinter:
     """Turns progress callbacks into a one-line bar on stderr, or JSON lines on stdout."""
 
+    line_open = False  # a bar is on stderr without its newline (an error message starts a new line)
+
     def __init__(self, json_lines: bool = False, quiet: bool = False) -> None:
         self.json_lines, self.quiet = json_lines, quiet
         self._last = 0.0
@@ -40,6 +42,13 @@ class ProgressPrinter:
         end = "\n" if step >= total or stage == "epoch" else ""
         sys.stderr.write(f"\r{stage:>8} [{'#' * done}{'.' * (width - done)}] {step}/{total} {message}\033[K{end}")
         sys.stderr.flush()
+        ProgressPrinter.line_open = not end
+
+    @staticmethod
+    def end_line() -> None:
+        if ProgressPrinter.line_open:
+            sys.stderr.write("\n")
+            ProgressPrinter.line_open = False
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -96,9 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
 
-    p = sub.add_parser("evaluate", help="score a model on annotated slices", description="Per-class Dice, IoU, precision, recall and F1 (mean over slices and pooled over pixels) of a model on a MedSeg-style folder or a COVID-19-CT-Seg-style .npz.")
+    p = sub.add_parser("evaluate", help="score a model (or saved label maps) on annotated slices",
+                       description="Per-class Dice, IoU, precision, recall and F1 (mean over slices and pooled over pixels) of a model on a MedSeg-style folder or a COVID-19-CT-Seg-style .npz. "
+                                   "With --predictions, score saved label maps instead of a model: an .npz with 'labels' (N, H, W) uint8 in our vocabulary (0 background, 1 GGO, 2 consolidation, 3 lung), one map per slice of DATA in the order DATA is read, "
+                                   "such as the outputs of lungs, pseudolabel or selftrain (OUT/levelK/labels.npz) on DATA.")
     p.add_argument("data", help="MedSeg-style folder (images/*.jpg, masks/*.png) or .npz like zenodo20_dev.npz")
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--predictions", default=None, help="score the label maps in this .npz instead of a model")
+    p.add_argument("--by-group", action="store_true", help="also summarise per case group (the 'group' of the .npz)")
+    p.add_argument("--regions", default=None,
+                   help="comma list of regions to score (ggo, consolidation, infection, lung; default: all the data decides)")
     p.add_argument("--json", required=True, help="where to write the metrics JSON")
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax")
     p.add_argument("--split-part", choices=("all", "train", "val", "test"), default="all",
@@ -106,7 +122,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=str(Path(__file__).parent / "splits" / "default.json"))
     _add_common(p)
 
-    from .config import FineTuneConfig
+    from .config import FineTuneConfig, SelfTrainConfig
+
+    st = SelfTrainConfig()
+    p = sub.add_parser("lungs", help="lung mask of a CT volume (thesis §4.4.1 steps 1-3)",
+                       description="Extract the lungs of a CT volume in HU (NIfTI, NRRD, MHA, DICOM) and write a label map with the input's geometry (lung = --value, default 3, the vocabulary's lung label). "
+                                   "INPUT may also be an .npz of 8-bit slices (ct_uint8, like zenodo20_dev.npz), mapped to approximate HU; OUTPUT is then an .npz with 'labels' (N, H, W) for evaluate --predictions.")
+    p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
+    p.add_argument("output", help="label map (volume format, or .npz)")
+    p.add_argument("--threshold-hu", type=float, default=None,
+                   help=f"air/tissue threshold (default: -170 HU for CT in HU, as in the thesis; {st.eight_bit_lung_threshold_hu:g} approx. HU for 8-bit .npz slices)")
+    p.add_argument("--value", type=int, default=3, help="label value of lung pixels (default 3 = lung; 1 for a 0/1 mask)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("pseudolabel", help="k-means pseudo-labels of a CT volume (thesis §4.4.1)",
+                       description="Lung extraction, k-means (K=3) inside the lungs and morphological clean-up: a label map 0 background, 1 GGO, 3 lung with the input's geometry. "
+                                   "INPUT may also be an .npz of 8-bit slices (ct_uint8); OUTPUT is then an .npz with 'labels' (N, H, W) for evaluate --predictions.")
+    p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
+    p.add_argument("output", help="label map (volume format, or .npz)")
+    p.add_argument("--lung-mask", default=None, help="use this lung mask (nonzero = lung) of a volume instead of extracting one")
+    p.add_argument("--threshold-hu", type=float, default=None,
+                   help=f"lung-extraction threshold (default: -170 HU for CT in HU; {st.eight_bit_lung_threshold_hu:g} approx. HU for 8-bit .npz slices)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("selftrain", help="weakly supervised self-learning: pseudo-labels, level 1, level 2 (thesis §4.4)",
+                       description="Recursive learning without annotations (thesis §4.4.2, §5.5): k-means pseudo-labels (OUT/level0); level 1 trained from scratch on them, then predicting labels for the inputs and --extra slices (OUT/level1); "
+                                   "level 2 fine-tuned from level 1 with its first layers frozen at a lower learning rate on those labels (OUT/level2); and so on for --levels. "
+                                   "Each level keeps best.pt, labels.npz and metrics.json; OUT/state.json lets a rerun skip finished levels (an interrupted level starts again).")
+    p.add_argument("inputs", nargs="+", help="CT volumes in HU (files, folders, DICOM series folders) and/or .npz files of 8-bit slices (ct_uint8)")
+    p.add_argument("--out", required=True, help="output folder (level0, level1, ..., state.json)")
+    p.add_argument("--extra", nargs="*", default=[], help="more unlabelled inputs, labelled first by level 1's predictions")
+    p.add_argument("--levels", "--rounds", dest="levels", type=int, default=st.levels,
+                   help=f"trained levels: 1 from scratch, 2.. fine-tuned (default {st.levels})")
+    p.add_argument("--level1-lr", type=float, default=st.level1_lr, help=f"default {st.level1_lr:g} (thesis §5.5)")
+    p.add_argument("--level1-epochs", type=int, default=st.level1_epochs, help=f"default {st.level1_epochs} (thesis §5.5)")
+    p.add_argument("--level2-lr", type=float, default=st.level2_lr, help=f"levels >= 2; default {st.level2_lr:g} (thesis §5.5)")
+    p.add_argument("--level2-epochs", type=int, default=st.level2_epochs, help=f"levels >= 2; default {st.level2_epochs}")
+    p.add_argument("--frozen-layers", type=int, default=st.frozen_layers, help=f"levels >= 2; default {st.frozen_layers} (stem conv1, bn1)")
+    p.add_argument("--steps-per-epoch", type=int, default=st.steps_per_epoch, help="0 (default): one pass over the training slices")
+    p.add_argument("--batch-size", type=int, default=st.batch_size)
+    p.add_argument("--crop", type=int, default=st.crop, help="square training crop in pixels")
+    p.add_argument("--loss", choices=("ce", "ce+dice"), default=st.loss)
+    p.add_argument("--base-filters", type=int, default=st.base_filters, help="network width (16 = the thesis's network)")
+    p.add_argument("--seed", type=int, default=st.seed)
+    p.add_argument("--eight-bit-threshold-hu", type=float, default=st.eight_bit_lung_threshold_hu,
+                   help=f"lung threshold for 8-bit .npz slices in approx. HU (default {st.eight_bit_lung_threshold_hu:g})")
+    p.add_argument("--threshold-hu", type=float, default=None, help="lung threshold for CT in HU (default -170, thesis)")
+    p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
+    _add_common(p)
 
     ft = FineTuneConfig()
     p = sub.add_parser("finetune", help="fine-tune level 2 on accepted corrections",
@@ -297,21 +360,148 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_bytes
     from .data import apply_split, load_split, read_dataset
-    from .inference import Predictor
-    from .training import evaluate_samples
+    from .errors import InputError
+    from .selftrain import GroupedMetrics, labels_for_dataset
+    from .vocabulary import REGIONS
 
-    predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1)
-    samples = read_dataset(args.data, predictor.config.eight_bit)
+    regions = tuple(REGIONS)
+    if args.regions:
+        regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
+        unknown = sorted(set(regions) - set(REGIONS))
+        if unknown or not regions:
+            raise InputError(f"unknown --regions {unknown}; choose from {', '.join(REGIONS)}")
+    if args.predictions:
+        if args.model:
+            raise InputError("give --model or --predictions, not both")
+        samples = read_dataset(args.data)
+        maps = labels_for_dataset(args.predictions, args.data, len(samples))
+        preds = dict(zip(map(id, samples), maps))
+        for s in samples:
+            if preds[id(s)].shape != s.hu.shape:
+                raise InputError(f"{args.predictions}: label map {preds[id(s)].shape} of slice {s.name} "
+                                 f"differs from the slice's size {s.hu.shape}")
+        predict = lambda s: preds[id(s)]  # noqa: E731
+    else:
+        from .inference import Predictor
+
+        predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1)
+        samples = read_dataset(args.data, predictor.config.eight_bit)
+        predict = lambda s: predictor.predict_slices([s.hu])[0]  # noqa: E731
     if args.split_part != "all":
         parts = dict(zip(("train", "val", "test"), apply_split(samples, load_split(args.split))))
         samples = parts[args.split_part]
-    summary = evaluate_samples(predictor, samples)
-    out = {"data": str(args.data), "model": str(args.model or default_model_path()), "decision": args.decision,
+    gm = GroupedMetrics(regions)
+    for s in samples:
+        gm.add(s.group, s.name, predict(s), {r: s.region_truth(r) for r in regions})
+    summary = gm.summary()
+    out = {"data": str(args.data), "model": None if args.predictions else str(args.model or default_model_path()),
+           "decision": None if args.predictions else args.decision,
            "n_slices": len(samples), "split_part": args.split_part, "metrics": summary}
+    if args.predictions:
+        out["predictions"] = str(args.predictions)
+    if args.by_group:
+        out["by_group"] = gm.by_group()
     atomic_write_bytes(args.json, (json.dumps(out, indent=1) + "\n").encode())
     for region, m in summary.items():
         log.info("%-14s Dice mean %.4f  pooled %.4f  (%d slices)", region, m["mean"]["dice"] or 0.0,
                  (m["pooled"] or {}).get("dice", 0.0), m["n_slices"])
+    return 0
+
+
+def _read_for_labels(path: str, threshold_hu: Optional[float]):
+    """(SliceInput, LungConfig) of a CT volume in HU or an .npz of 8-bit slices."""
+    from .selftrain import lung_config_for, read_slices
+
+    inp = read_slices(path)
+    return inp, lung_config_for(inp, threshold_hu=threshold_hu)
+
+
+def _write_labels(inp, labels, output: str) -> None:
+    """Write (n, H, W) labels in the axial display frame: .npz, or a volume with the input's geometry."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .errors import InputError
+    from .imageio import write_image
+    from .orientation import axial_view
+    from .selftrain import save_label_maps
+
+    if output.lower().endswith(".npz"):
+        save_label_maps(output, [inp.path], [labels])
+        return
+    if inp.image is None:
+        raise InputError(f"{inp.path} holds 8-bit slices without CT geometry: write an .npz, not {Path(output).name}")
+    _, inverse = axial_view(sitk.GetArrayViewFromImage(inp.image), inp.image.GetDirection())
+    image = sitk.GetImageFromArray(np.ascontiguousarray(inverse(labels.astype(np.uint8))))
+    image.CopyInformation(inp.image)
+    write_image(image, output)
+
+
+def cmd_lungs(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .selftrain import lung_masks
+
+    if not 0 < args.value < 256:
+        raise InputError(f"--value must be 1..255, not {args.value}")
+    inp, cfg = _read_for_labels(args.input, args.threshold_hu)
+    masks = lung_masks(inp, cfg, progress=ProgressPrinter())
+    _write_labels(inp, masks.astype("uint8") * args.value, args.output)
+    log.info("lungs in %d of %d slices (threshold %g HU): wrote %s", int(masks.any(axis=(1, 2)).sum()), len(inp),
+             cfg.threshold_hu, args.output)
+    return 0
+
+
+def cmd_pseudolabel(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .errors import InputError
+    from .selftrain import lung_masks, pseudo_labels
+
+    printer = ProgressPrinter()
+    inp, cfg = _read_for_labels(args.input, args.threshold_hu)
+    if args.lung_mask:
+        import SimpleITK as sitk
+
+        from .imageio import read_ct
+        from .orientation import axial_view
+
+        if inp.image is None:
+            raise InputError("--lung-mask works with CT volumes, not with 8-bit .npz slices")
+        mask = read_ct(args.lung_mask)
+        if mask.GetSize() != inp.image.GetSize():
+            raise InputError(f"lung mask size {mask.GetSize()} differs from the CT's {inp.image.GetSize()}")
+        view, _ = axial_view(sitk.GetArrayViewFromImage(mask), inp.image.GetDirection())
+        lungs = np.ascontiguousarray(view) != 0
+    else:
+        lungs = lung_masks(inp, cfg, progress=printer)
+    labels = pseudo_labels(inp, lungs, progress=printer)
+    _write_labels(inp, labels, args.output)
+    log.info("pseudo-labels: %d GGO and %d lung pixels in %d slices: wrote %s", int((labels == 1).sum()),
+             int((labels == 3).sum()), len(inp), args.output)
+    return 0
+
+
+def cmd_selftrain(args: argparse.Namespace) -> int:
+    from .config import LungConfig, SelfTrainConfig
+    from .errors import InputError
+    from .selftrain import run_selftrain
+
+    inputs = expand_inputs(args.inputs, None)
+    extras = expand_inputs(args.extra, None) if args.extra else []
+    if not inputs:
+        raise InputError("no inputs found")
+    cfg = SelfTrainConfig(levels=args.levels, level1_lr=args.level1_lr, level1_epochs=args.level1_epochs,
+                          level2_lr=args.level2_lr, level2_epochs=args.level2_epochs, frozen_layers=args.frozen_layers,
+                          steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, crop=args.crop,
+                          loss=args.loss, seed=args.seed, base_filters=args.base_filters,
+                          eight_bit_lung_threshold_hu=args.eight_bit_threshold_hu)
+    lung = LungConfig() if args.threshold_hu is None else LungConfig(threshold_hu=args.threshold_hu)
+    printer = ProgressPrinter(json_lines=args.json_progress)
+    t0 = time.time()
+    result = run_selftrain(inputs, args.out, cfg, extras=extras, lung=lung, device=args.device, progress=printer)
+    printer("done", 1, 1, f"{len(result.checkpoints)} level(s) in {args.out} ({time.time() - t0:.0f} s; "
+                          f"skipped as finished: {', '.join(result.skipped) or 'none'})",
+            checkpoints=[str(p) for p in result.checkpoints])
     return 0
 
 
@@ -394,7 +584,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune,
-            "export": cmd_export, "info": cmd_info}
+            "export": cmd_export, "info": cmd_info, "lungs": cmd_lungs, "pseudolabel": cmd_pseudolabel,
+            "selftrain": cmd_selftrain}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -405,11 +596,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (InputError, CheckpointError) as e:
+        ProgressPrinter.end_line()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Cancelled:
+        ProgressPrinter.end_line()
         print("cancelled", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
+        ProgressPrinter.end_line()
         print("interrupted", file=sys.stderr)
         return 130

@@ -250,8 +250,10 @@ def train(
         mcfg = replace(mcfg, preprocess=estimate_normalisation(train_samples, mcfg.preprocess))
         model = DRSegUNet(mcfg.network)
     world, rank, dev = _init_distributed(dev)
-    # channels_last is faster (bench/README.md), but gloo DDP on CPU crashes with it.
-    channels_last = world == 1 or dev.type == "cuda"
+    # channels_last only on CUDA: on CPU (torch 2.13.0+cpu, oneDNN) its backward pass
+    # corrupts memory for narrow networks (4 or 8 start filters: a 1x1 stride-2 shortcut
+    # conv), and gloo DDP crashes with it. Inference on CPU still uses it.
+    channels_last = dev.type == "cuda"
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     frozen = freeze_first_layers(model, config.frozen_layers)
     if frozen:

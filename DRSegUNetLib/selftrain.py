@@ -1,0 +1,534 @@
+"""Weakly supervised self-learning, thesis §4.4 and §5.5: pseudo-labels → level 1 → level 2 …
+
+No manual annotation is used. The stages, each a folder of the output folder:
+
+- ``level0``: lung extraction (lungs.py) and k-means pseudo-labels (pseudolabels.py)
+  for every slice of the (labelled-by-pseudo-labels) inputs.
+- ``level1``: :func:`training.train` from scratch on the level-0 labels
+  (SelfTrainConfig.level1_*); then level 1 predicts labels for the same slices and
+  for the ``extra`` (unlabelled) slices.
+- ``levelK`` (K >= 2): ``train`` from level K-1's checkpoint with the first
+  ``frozen_layers`` layers frozen, at ``level2_lr``, on the labels level K-1
+  predicted (inputs and extras); then it predicts labels for all slices.
+
+Every level folder holds ``labels.npz`` (see :func:`save_label_maps`) and
+``metrics.json``; levels >= 1 also hold ``best.pt`` (= ``last.pt``: there is no
+validation set, so the last epoch is kept and nothing is selected on annotations).
+``metrics.json`` scores each level's labels against the labels it was trained on
+and against the level-0 pseudo-labels (the thesis's Table 15 kind of score); scores
+against expert masks are ``evaluate --predictions``'s job.
+
+Training targets are exclusive labels, every pixel decided
+(``data.labels_to_allowed``); only slices whose labels contain some lung are
+trained on (a slice without lung gives no information about the lesions).
+
+Resuming: ``state.json`` records, per finished stage, a key of every setting and
+input it depends on (and of the previous stage's key). A rerun skips finished stages
+with the same key and redoes a stage whose settings changed, and every stage after
+it; a stage interrupted mid-way starts again from its beginning. Every file is
+written atomically, ``state.json`` last.
+
+Inputs: CT volumes in HU (any format ``imageio.read_ct`` reads), sliced axially in
+radiological display orientation, or ``.npz`` files of 8-bit slices (``ct_uint8``
+(N, H, W), like COVID-19-CT-Seg) mapped to approximate HU with EightBitConfig and
+lung-extracted at ``SelfTrainConfig.eight_bit_lung_threshold_hu``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .checkpoint import atomic_write_bytes
+from .config import (EightBitConfig, LungConfig, ModelConfig, NetworkConfig, PseudoLabelConfig,
+                     SelfTrainConfig, TrainConfig, to_dict)
+from .data import Sample, labels_to_allowed
+from .errors import InputError
+from .metrics import MetricAccumulator, region_mask
+from .progress import CancelCheck, ProgressCallback, check_cancel, report
+from .vocabulary import NUM_CLASSES, REGIONS
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "drsegunet-selftrain/1"
+
+
+# ---------------------------------------------------------------- inputs
+@dataclass
+class SliceInput:
+    """One input's axial slices in HU (or approximate HU for 8-bit slices).
+
+    ``hu`` is (n, H, W) float32 in the axial display frame (``orientation.axial_view``);
+    ``names``/``groups`` name each slice and the case it belongs to.
+    """
+
+    path: str
+    hu: np.ndarray
+    names: list[str]
+    groups: list[str]
+    eight_bit: bool
+    spacing: Optional[tuple[float, float]] = None  # (row, col) mm; None: unknown
+    image: Optional[sitk.Image] = None  # the CT volume (HU inputs), for 3D lung clean-up
+    extra: bool = False
+
+    def __len__(self) -> int:
+        return int(self.hu.shape[0])
+
+
+def read_slices(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) -> SliceInput:
+    """Read a CT volume in HU, or an ``.npz`` with ``ct_uint8`` (N, H, W) 8-bit slices.
+
+    The npz may also hold ``group`` (N,) (the case of each slice; default 0) and
+    ``source_index`` (N,) (slice names). Raises InputError with one line otherwise.
+    """
+    from .imageio import read_ct
+    from .inference import validate_ct_image
+    from .lungs import axial_spacing
+    from .orientation import axial_view
+    from .preprocessing import eight_bit_to_hu
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p} does not exist")
+    if p.suffix.lower() == ".npz":
+        try:
+            d = np.load(p)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {p} as .npz ({e})") from None
+        with d:
+            if "ct_uint8" not in d.files:
+                raise InputError(f"{p} has no 'ct_uint8' array (N, H, W) uint8 of 8-bit slices; it has {sorted(d.files)}")
+            ct = d["ct_uint8"]
+            if ct.dtype != np.uint8 or ct.ndim != 3 or 0 in ct.shape:
+                raise InputError(f"{p}: 'ct_uint8' must be a non-empty (N, H, W) uint8 array, not {ct.dtype} {ct.shape}")
+            group = d["group"] if "group" in d.files else np.zeros(len(ct), dtype=int)
+            src = d["source_index"] if "source_index" in d.files else np.arange(len(ct))
+        if len(group) != len(ct) or len(src) != len(ct):
+            raise InputError(f"{p}: 'group'/'source_index' have {len(group)}/{len(src)} entries for {len(ct)} slices")
+        hu = np.stack([eight_bit_to_hu(s, eight_bit) for s in ct]).astype(np.float32, copy=False)
+        # Names and groups as data.read_zenodo_npz gives them, so that scores line up.
+        return SliceInput(str(p), hu, [f"z{int(s)}" for s in src], [f"zenodo{int(g)}" for g in group], True)
+    image = read_ct(p)
+    array = validate_ct_image(image, p.name)
+    view, _ = axial_view(array, image.GetDirection())
+    name = _volume_name(p)
+    n = view.shape[0]
+    return SliceInput(str(p), np.ascontiguousarray(view, dtype=np.float32), [f"{name}:{z}" for z in range(n)],
+                      [name] * n, False, axial_spacing(image), image)
+
+
+def _volume_name(p: Path) -> str:
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def lung_config_for(inp: SliceInput, cfg: SelfTrainConfig = SelfTrainConfig(),
+                    lung: LungConfig = LungConfig(), threshold_hu: Optional[float] = None) -> LungConfig:
+    """The lung-extraction constants for an input: ``lung``, with the 8-bit threshold for 8-bit slices.
+
+    ``threshold_hu`` overrides the threshold for every input.
+    """
+    if threshold_hu is not None:
+        return dataclasses.replace(lung, threshold_hu=float(threshold_hu))
+    if inp.eight_bit:
+        return dataclasses.replace(lung, threshold_hu=cfg.eight_bit_lung_threshold_hu)
+    return lung
+
+
+def lung_masks(inp: SliceInput, cfg: LungConfig, progress: Optional[ProgressCallback] = None,
+               cancel: Optional[CancelCheck] = None) -> np.ndarray:
+    """(n, H, W) bool lung masks of an input's slices (volumes: with the 3D clean-up)."""
+    from .lungs import extract_lungs, extract_lungs_slice
+    from .orientation import axial_view
+
+    if inp.image is not None:
+        check_cancel(cancel)
+        mask = extract_lungs(inp.image, cfg)
+        view, _ = axial_view(sitk.GetArrayViewFromImage(mask), inp.image.GetDirection())
+        report(progress, "lungs", len(inp), len(inp), Path(inp.path).name)
+        return np.ascontiguousarray(view) > 0
+    out = np.zeros(inp.hu.shape, dtype=bool)
+    for i in range(len(inp)):
+        check_cancel(cancel)
+        try:
+            out[i] = extract_lungs_slice(inp.hu[i], cfg, spacing=inp.spacing)
+        except InputError as e:
+            raise InputError(f"{inp.path}, slice {i}: {e}") from None
+        report(progress, "lungs", i + 1, len(inp), Path(inp.path).name)
+    return out
+
+
+def pseudo_labels(inp: SliceInput, lungs: np.ndarray, cfg: PseudoLabelConfig = PseudoLabelConfig(),
+                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCheck] = None) -> np.ndarray:
+    """(n, H, W) uint8 pseudo-labels (0 background, 1 GGO, 3 lung) of an input's slices."""
+    from .pseudolabels import pseudolabel_slice
+
+    out = np.zeros(inp.hu.shape, dtype=np.uint8)
+    for i in range(len(inp)):
+        check_cancel(cancel)
+        if lungs[i].any():
+            out[i] = pseudolabel_slice(inp.hu[i], lungs[i], cfg)
+        report(progress, "pseudolabels", i + 1, len(inp), Path(inp.path).name)
+    return out
+
+
+# ---------------------------------------------------------------- label files
+def save_label_maps(path: str | Path, inputs: Sequence[str], maps: Sequence[np.ndarray]) -> None:
+    """Write label maps atomically as ``.npz``.
+
+    Layout: ``inputs`` (k,) str, the input each array belongs to; ``input_<i>``
+    (n_i, H_i, W_i) uint8 per input, slices in the input's order (volumes: axial
+    display frame, inferior to superior); and ``labels`` (N, H, W) uint8, all slices
+    stacked, when they share one size. Values are in vocabulary.py's labels.
+    """
+    if len(inputs) != len(maps):
+        raise ValueError("one label array per input")
+    arrays: dict[str, np.ndarray] = {"inputs": np.array([str(s) for s in inputs], dtype=str)}
+    for i, m in enumerate(maps):
+        arrays[f"input_{i}"] = np.asarray(m, dtype=np.uint8)
+    if maps and len({m.shape[1:] for m in maps}) == 1:
+        arrays["labels"] = np.concatenate([np.asarray(m, dtype=np.uint8) for m in maps])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_label_maps(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
+    """Inverse of :func:`save_label_maps`: (inputs, per-input label arrays)."""
+    with np.load(path) as d:
+        inputs = [str(s) for s in d["inputs"]]
+        return inputs, [d[f"input_{i}"] for i in range(len(inputs))]
+
+
+def labels_for_dataset(path: str | Path, data: str | Path, n: int) -> np.ndarray:
+    """Label maps in ``path`` aligned with the ``n`` slices of dataset ``data``.
+
+    ``path`` holds ``labels`` (N, H, W); or it was written by :func:`save_label_maps`
+    for several inputs, one of which is ``data`` (then that input's array is used).
+    """
+    p = Path(path)
+    try:
+        d = np.load(p)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read predictions {p} as .npz ({e})") from None
+    with d:
+        chosen = None
+        if "inputs" in d.files:
+            want = Path(data).resolve()
+            for i, s in enumerate(d["inputs"]):
+                if Path(str(s)).resolve() == want and f"input_{i}" in d.files:
+                    chosen = d[f"input_{i}"]
+        if chosen is None:
+            if "labels" not in d.files:
+                raise InputError(f"{p} has no 'labels' array (N, H, W) uint8 of label maps; it has {sorted(d.files)}")
+            chosen = d["labels"]
+    if chosen.ndim != 3 or len(chosen) != n:
+        raise InputError(f"{p}: 'labels' {chosen.shape} does not match {data} ({n} slices): expected ({n}, H, W)")
+    if chosen.size and int(chosen.max()) >= NUM_CLASSES:
+        raise InputError(f"{p}: label value {int(chosen.max())} is not in the vocabulary (0-3)")
+    return chosen.astype(np.uint8, copy=False)
+
+
+# ---------------------------------------------------------------- scores
+def _group_key(g: str) -> tuple[str, int]:
+    m = re.match(r"^(.*?)(\d+)$", g)
+    return (m.group(1), int(m.group(2))) if m else (g, -1)
+
+
+class GroupedMetrics:
+    """MetricAccumulator over all slices and per group (case)."""
+
+    def __init__(self, regions: Iterable[str] = tuple(REGIONS)) -> None:
+        self.regions = tuple(regions)
+        self.all = MetricAccumulator(self.regions)
+        self.groups: dict[str, MetricAccumulator] = {}
+
+    def add(self, group: str, name: str, pred: np.ndarray, truths: dict[str, Optional[np.ndarray]]) -> None:
+        self.all.add(name, pred, truths)
+        self.groups.setdefault(group, MetricAccumulator(self.regions)).add(name, pred, truths)
+
+    def summary(self) -> dict[str, dict]:
+        return self.all.summary()
+
+    def by_group(self) -> dict[str, dict]:
+        return {g: self.groups[g].summary() for g in sorted(self.groups, key=_group_key)}
+
+
+def label_agreement(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], inputs: Sequence[SliceInput],
+                    regions: Iterable[str] = tuple(REGIONS)) -> dict[str, Any]:
+    """Scores of label maps against other label maps (e.g. a level vs its pseudo-labels)."""
+    gm = GroupedMetrics(regions)
+    for pred, ref, inp in zip(preds, refs, inputs):
+        for j in range(len(inp)):
+            gm.add(inp.groups[j], inp.names[j], pred[j], {r: region_mask(ref[j], r) for r in gm.regions})
+    return {"all": gm.summary(), "by_group": gm.by_group()}
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class SelfTrainResult:
+    out_dir: Path
+    checkpoints: list[Path] = field(default_factory=list)  # best.pt of levels 1..n
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.json of levels 0..n
+    skipped: list[str] = field(default_factory=list)  # stages found finished
+
+
+def check_config(cfg: SelfTrainConfig) -> None:
+    """Raise InputError for settings that cannot work."""
+    problems = []
+    if cfg.levels < 1:
+        problems.append(f"levels must be >= 1 (got {cfg.levels})")
+    for name in ("level1_lr", "level2_lr"):
+        v = getattr(cfg, name)
+        if not (v > 0 and math.isfinite(v)):
+            problems.append(f"{name} must be a positive number (got {v})")
+    for name in ("level1_epochs", "level2_epochs", "batch_size", "base_filters"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.steps_per_epoch < 0:
+        problems.append(f"steps_per_epoch must be >= 0 (0: one pass over the slices; got {cfg.steps_per_epoch})")
+    if cfg.crop < 16:
+        problems.append(f"crop must be at least 16 pixels (got {cfg.crop})")
+    if cfg.frozen_layers < 0:
+        problems.append(f"frozen_layers must be >= 0 (got {cfg.frozen_layers})")
+    if cfg.loss not in ("ce", "ce+dice"):
+        problems.append(f"loss must be 'ce' or 'ce+dice' (got {cfg.loss!r})")
+    if problems:
+        raise InputError("bad self-training settings: " + "; ".join(problems))
+
+
+def _input_identity(path: str) -> dict[str, Any]:
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return {"path": str(p.resolve()), "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+            "mtime_ns": max((f.stat().st_mtime_ns for f in files), default=0)}
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _prefixed(progress: Optional[ProgressCallback], level: int) -> Optional[ProgressCallback]:
+    if progress is None:
+        return None
+
+    def cb(stage: str, step: int, total: int, message: str = "", **info: Any) -> None:
+        progress(stage, step, total, f"level {level}: {message}" if message else f"level {level}", level=level, **info)
+
+    return cb
+
+
+def level_train_config(cfg: SelfTrainConfig, level: int, n_slices: int) -> TrainConfig:
+    """The TrainConfig of a level (1: from scratch; >= 2: fine-tuning, frozen layers)."""
+    first = level == 1
+    steps = cfg.steps_per_epoch or max(1, math.ceil(n_slices / cfg.batch_size))
+    return TrainConfig(epochs=cfg.level1_epochs if first else cfg.level2_epochs, steps_per_epoch=steps,
+                       batch_size=cfg.batch_size, crop=cfg.crop, lr=cfg.level1_lr if first else cfg.level2_lr,
+                       loss=cfg.loss, seed=cfg.seed + level - 1, frozen_layers=0 if first else cfg.frozen_layers,
+                       lr_schedule="constant", val_every=1)
+
+
+def predict_labels(checkpoint: Path, inputs: Sequence[SliceInput], device: str = "auto", batch_size: int = 8,
+                   progress: Optional[ProgressCallback] = None, cancel: Optional[CancelCheck] = None) -> list[np.ndarray]:
+    """Argmax labels (n_i, H, W) uint8 of a checkpoint on every slice of every input."""
+    from .inference import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device, batch_size=batch_size)
+    total, done = sum(len(i) for i in inputs), 0
+    out = []
+    for inp in inputs:
+        labels = np.zeros(inp.hu.shape, dtype=np.uint8)
+        for start in range(0, len(inp), 4 * batch_size):
+            check_cancel(cancel)
+            stop = min(start + 4 * batch_size, len(inp))
+            labels[start:stop] = np.stack(predictor.predict_slices(list(inp.hu[start:stop])))
+            done += stop - start
+            report(progress, "predict", done, total, f"{done}/{total} slices")
+        out.append(labels)
+    return out
+
+
+def run_selftrain(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    config: SelfTrainConfig = SelfTrainConfig(),
+    *,
+    extras: Sequence[str | Path] = (),
+    eight_bit: EightBitConfig = EightBitConfig(),
+    lung: LungConfig = LungConfig(),
+    pseudo: PseudoLabelConfig = PseudoLabelConfig(),
+    device: str = "auto",
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCheck] = None,
+) -> SelfTrainResult:
+    """Pseudo-labels, then ``config.levels`` levels of recursive training (module docstring).
+
+    Args:
+        inputs: CT volumes in HU and/or ``.npz`` files of 8-bit slices (pseudo-labelled at level 0).
+        out_dir: folder for ``state.json`` and ``level0``, ``level1``, ...
+        config: levels, learning rates, epochs, crops (SelfTrainConfig).
+        extras: more unlabelled inputs, first labelled by level 1's predictions.
+        eight_bit: the 8-bit → approx. HU rule for ``.npz`` slices.
+        lung: lung-extraction constants for HU volumes (8-bit slices use
+            ``config.eight_bit_lung_threshold_hu`` as threshold).
+        pseudo: k-means and morphology constants.
+        device: torch device for training and prediction.
+        progress: called as ``progress(stage, step, total, message, level=K, ...)``.
+        cancel: returns True to stop (raises Cancelled; a rerun resumes).
+
+    Returns:
+        SelfTrainResult with each level's checkpoint and metrics.
+    """
+    from .checkpoint import load_checkpoint
+    from .network import DRSegUNet
+    from .training import freeze_first_layers, train
+
+    check_config(config)
+    if not inputs:
+        raise InputError("no inputs: give CT volumes in HU or .npz files of 8-bit slices")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
+    paths = [str(p) for p in inputs] + [str(p) for p in extras]
+    resolved = [str(Path(p).resolve()) for p in paths]
+    dupes = sorted({p for p in resolved if resolved.count(p) > 1})
+    if dupes:
+        raise InputError(f"an input is given twice (inputs and --extra must differ): {dupes[0]}")
+    data = [read_slices(p, eight_bit) for p in paths]
+    for d in data[len(inputs):]:
+        d.extra = True
+    main = data[: len(inputs)]
+    log.info("self-training on %d slices (%d inputs) plus %d extra slices", sum(map(len, main)), len(main),
+             sum(len(d) for d in data if d.extra))
+
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state: dict[str, Any] = {"format": STATE_FORMAT, "stages": {}}
+    if state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text())
+            assert state.get("format") == STATE_FORMAT and isinstance(state.get("stages"), dict)
+        except (ValueError, AssertionError):
+            raise InputError(f"{state_path} is not a self-training state file; use an empty output folder") from None
+
+    identities = [_input_identity(p) for p in paths]
+    lung_cfgs = [to_dict(lung_config_for(d, config, lung)) for d in data]
+    keys = [_key("level0", identities[: len(inputs)], to_dict(eight_bit), lung_cfgs[: len(inputs)], to_dict(pseudo))]
+    for level in range(1, config.levels + 1):
+        first = level == 1
+        settings = {"lr": config.level1_lr if first else config.level2_lr,
+                    "epochs": config.level1_epochs if first else config.level2_epochs,
+                    "frozen_layers": 0 if first else config.frozen_layers,
+                    **{k: getattr(config, k) for k in ("steps_per_epoch", "batch_size", "crop", "loss", "seed",
+                                                       "base_filters")}}
+        keys.append(_key(f"level{level}", keys[-1], settings, identities[len(inputs):] if first else None))
+
+    def finished(stage: str, key: str, files: Sequence[str]) -> bool:
+        rec = state["stages"].get(stage)
+        return bool(rec and rec.get("key") == key and all((out / stage / f).is_file() for f in files))
+
+    def mark(stage: str, key: str, seconds: float) -> None:
+        state["stages"][stage] = {"key": key, "seconds": round(seconds, 1),
+                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        state["inputs"], state["extras"] = [str(p) for p in inputs], [str(p) for p in extras]
+        state["config"] = to_dict(config)
+        _write_json(state_path, state)
+
+    result = SelfTrainResult(out)
+    total_stages = config.levels + 1
+
+    # ---- level 0: pseudo-labels of the inputs
+    stage = "level0"
+    if finished(stage, keys[0], ("labels.npz", "metrics.json")):
+        log.info("level 0: finished earlier, skipped")
+        result.skipped.append(stage)
+        _, prev = load_label_maps(out / stage / "labels.npz")
+        result.metrics.append(json.loads((out / stage / "metrics.json").read_text()))
+    else:
+        report(progress, "level", 0, total_stages, "level 0: lung extraction and k-means pseudo-labels")
+        t0 = time.time()
+        prev = []
+        for d, lcfg in zip(main, lung_cfgs):
+            lungs = lung_masks(d, LungConfig(**lcfg), _prefixed(progress, 0), cancel)
+            prev.append(pseudo_labels(d, lungs, pseudo, _prefixed(progress, 0), cancel))
+        save_label_maps(out / stage / "labels.npz", [d.path for d in main], prev)
+        all0 = np.concatenate([p.reshape(len(p), -1) for p in prev])
+        lung_px = int(np.isin(all0, REGIONS["lung"]).sum())
+        metrics = {"level": 0, "what": "lung extraction + k-means pseudo-labels (thesis §4.4.1)",
+                   "n_slices": int(len(all0)), "n_slices_with_lung": int((all0 != 0).any(axis=1).sum()),
+                   "ggo_fraction_of_lung": float((all0 == 1).sum() / max(1, lung_px)),
+                   "lung_configs": lung_cfgs[: len(inputs)], "pseudolabel_config": to_dict(pseudo),
+                   "eight_bit": to_dict(eight_bit), "seconds": round(time.time() - t0, 1)}
+        _write_json(out / stage / "metrics.json", metrics)
+        result.metrics.append(metrics)
+        mark(stage, keys[0], time.time() - t0)
+    level0 = prev
+
+    # ---- levels 1..n
+    for level in range(1, config.levels + 1):
+        stage = f"level{level}"
+        folder = out / stage
+        trained_on = main if level == 1 else data  # extras have labels from level 1 on
+        if finished(stage, keys[level], ("best.pt", "labels.npz", "metrics.json")):
+            log.info("level %d: finished earlier, skipped", level)
+            result.skipped.append(stage)
+            _, prev = load_label_maps(folder / "labels.npz")
+            result.checkpoints.append(folder / "best.pt")
+            result.metrics.append(json.loads((folder / "metrics.json").read_text()))
+            continue
+        report(progress, "level", level, total_stages, f"level {level}: training")
+        t0 = time.time()
+        samples = [Sample(d.hu[j], labels_to_allowed(lab[j]), d.names[j], d.groups[j])
+                   for d, lab in zip(trained_on, prev) for j in range(len(d)) if lab[j].any()]
+        if not samples:
+            raise InputError(f"level {level}: no slice has lung in the level-{level - 1} labels; nothing to train on "
+                             "(is the lung threshold right for these images?)")
+        tcfg = level_train_config(config, level, len(samples))
+        init = None if level == 1 else load_checkpoint(out / f"level{level - 1}" / "best.pt")
+        mcfg = ModelConfig(network=NetworkConfig(base_filters=config.base_filters), eight_bit=eight_bit)
+        frozen = freeze_first_layers(DRSegUNet(init.config.network if init else mcfg.network), tcfg.frozen_layers)
+        res = train(samples, [], folder, tcfg, mcfg, init=init, device=device, progress=_prefixed(progress, level),
+                    cancel=cancel, fingerprint={"inputs": identities[: len(trained_on)], "selftrain_key": keys[level]},
+                    extra={"name": f"selftrain level {level}", "level": level, "frozen": frozen})
+        t_train = time.time() - t0
+        report(progress, "level", level, total_stages, f"level {level}: predicting labels")
+        t1 = time.time()
+        labels = predict_labels(res.best_path, data, device, progress=_prefixed(progress, level), cancel=cancel)
+        save_label_maps(folder / "labels.npz", [d.path for d in data], labels)
+        metrics = {"level": level, "init": None if level == 1 else f"level{level - 1}/best.pt",
+                   "train_config": to_dict(tcfg), "frozen_layers": frozen, "n_train_slices": len(samples),
+                   "n_predicted_slices": sum(map(len, data)), "history": res.history,
+                   "seconds_train": round(t_train, 1), "seconds_predict": round(time.time() - t1, 1),
+                   "vs_training_labels": label_agreement(labels[: len(trained_on)], prev, trained_on),
+                   "vs_pseudolabels": label_agreement(labels[: len(main)], level0, main)}
+        _write_json(folder / "metrics.json", metrics)
+        result.metrics.append(metrics)
+        result.checkpoints.append(res.best_path)
+        mark(stage, keys[level], time.time() - t0)
+        log.info("level %d: trained on %d slices in %.0f s; labels agree with its training labels: infection Dice %s",
+                 level, len(samples), t_train,
+                 _fmt(metrics["vs_training_labels"]["all"].get("infection", {}).get("mean", {}).get("dice")))
+        prev = labels
+    return result
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -1,0 +1,264 @@
+"""Self-learning (thesis §4.4.2): levels, frozen layers, resuming; the lungs/pseudolabel/selftrain
+commands and evaluate --predictions on their outputs. Tiny networks on real slices, seconds each."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TESTDATA
+
+from DRSegUNetLib.cli import main
+from DRSegUNetLib.config import SelfTrainConfig
+from DRSegUNetLib.errors import Cancelled, InputError
+from DRSegUNetLib.selftrain import labels_for_dataset, load_label_maps, run_selftrain, save_label_maps
+
+MINI = TESTDATA / "zenodo_mini.npz"  # 4 COVID-19-CT-Seg slices with expert lung and infection masks
+CT64 = TESTDATA / "cip_ct64" / "ct-64.nrrd"  # a chest CT in HU (64x64x79)
+FROZEN = ("stem.conv1.", "stem.bn1.")
+
+
+def tiny(**kw) -> SelfTrainConfig:
+    # 16 filters, not fewer: with torch 2.13+cpu, training channels_last (training.py) corrupts the
+    # heap in the backward pass of the first encoder's 1x1 stride-2 shortcut when it has 4 or 8 input
+    # channels (crashes at crop >= 64, silent below). Small crops and few steps keep this fast.
+    base = dict(levels=2, level1_epochs=1, level2_epochs=1, steps_per_epoch=2, batch_size=2, crop=32,
+                base_filters=16, level2_lr=1e-3)
+    return SelfTrainConfig(**{**base, **kw})
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def extra_npz(tmp_path_factory):
+    """Two more real 8-bit slices (COVID-19-CT-Seg, groups 0 and 1) without masks: unlabelled input."""
+    with np.load(TESTDATA / "zenodo_lungs.npz") as d:
+        ct, group = d["ct_uint8"][:2], d["group"][:2]
+    path = tmp_path_factory.mktemp("extra") / "extra.npz"
+    np.savez(path, ct_uint8=ct, group=group)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, extra_npz):
+    out = tmp_path_factory.mktemp("selftrain") / "out"
+    events = []
+    result = run_selftrain([MINI], out, tiny(), extras=[extra_npz], device="cpu",
+                           progress=lambda *a, **k: events.append((a, k)))
+    return out, result, events
+
+
+def test_levels_write_checkpoints_labels_metrics_and_state(run):
+    out, result, events = run
+    for level in (0, 1, 2):
+        assert (out / f"level{level}" / "labels.npz").is_file() and (out / f"level{level}" / "metrics.json").is_file()
+    assert result.checkpoints == [out / "level1" / "best.pt", out / "level2" / "best.pt"]
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["stages"]) == {"level0", "level1", "level2"}
+    # Level 0 pseudo-labels only the inputs; levels 1 and 2 label the extra slices too.
+    inputs0, maps0 = load_label_maps(out / "level0" / "labels.npz")
+    inputs1, maps1 = load_label_maps(out / "level1" / "labels.npz")
+    assert len(inputs0) == 1 and len(inputs1) == 2 and maps1[1].shape == (2, 256, 256)
+    assert set(np.unique(maps0[0])) <= {0, 1, 3} and maps0[0].dtype == np.uint8
+    m1 = json.loads((out / "level1" / "metrics.json").read_text())
+    m2 = json.loads((out / "level2" / "metrics.json").read_text())
+    assert m1["n_train_slices"] == 4 and m2["n_train_slices"] > 4  # level 2 also trains on the extra slices
+    assert m1["train_config"]["lr"] == pytest.approx(SelfTrainConfig().level1_lr)
+    assert m2["frozen_layers"] == ["stem.conv1", "stem.bn1"] and m2["init"] == "level1/best.pt"
+    assert set(m1["vs_pseudolabels"]["by_group"]) == {"zenodo3", "zenodo5", "zenodo6"}
+    stages = {a[0] for a, _ in events}
+    assert {"level", "pseudolabels", "train", "epoch", "predict"} <= stages
+    assert {k.get("level") for _, k in events if k} >= {0, 1, 2}
+
+
+def test_level2_starts_from_level1_with_first_two_layers_unchanged(run):
+    out, _, _ = run
+    w1, w2 = weights(out / "level1" / "best.pt"), weights(out / "level2" / "best.pt")
+    frozen = [k for k in w1 if k.startswith(FROZEN)]
+    assert len(frozen) == 7  # conv weight, bias; BN weight, bias, running mean, var, count
+    for k in frozen:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0, msg=k)
+    assert not torch.equal(w1["stem.conv2.weight"], w2["stem.conv2.weight"])
+    assert not torch.equal(w1["head.weight"], w2["head.weight"])
+
+
+def test_rerun_skips_finished_levels_and_redoes_changed_ones(run, extra_npz):
+    out, _, _ = run
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = run_selftrain([MINI], out, tiny(), extras=[extra_npz], device="cpu")
+    assert again.skipped == ["level0", "level1", "level2"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    # A third level continues from level 2 without redoing anything before it.
+    more = run_selftrain([MINI], out, tiny(levels=3), extras=[extra_npz], device="cpu")
+    assert more.skipped == ["level0", "level1", "level2"] and (out / "level3" / "best.pt").is_file()
+    w2, w3 = weights(out / "level2" / "best.pt"), weights(out / "level3" / "best.pt")
+    assert all(torch.equal(w2[k], w3[k]) for k in w2 if k.startswith(FROZEN))
+
+
+def test_changed_setting_redoes_that_level_and_later_ones(tmp_path):
+    out = tmp_path / "out"
+    run_selftrain([MINI], out, tiny(), device="cpu")
+    before = (out / "level1" / "best.pt").stat().st_mtime_ns
+    result = run_selftrain([MINI], out, tiny(level2_lr=5e-4), device="cpu")
+    assert result.skipped == ["level0", "level1"]
+    assert (out / "level1" / "best.pt").stat().st_mtime_ns == before
+    assert json.loads((out / "level2" / "metrics.json").read_text())["train_config"]["lr"] == 5e-4
+
+
+def test_interrupted_level_restarts_from_its_beginning(tmp_path):
+    out = tmp_path / "out"
+    stop = {"now": False}
+
+    def progress(stage, step, total, message="", **info):
+        if stage == "train" and info.get("level") == 2:
+            stop["now"] = True
+
+    with pytest.raises(Cancelled):
+        run_selftrain([MINI], out, tiny(), device="cpu", progress=progress, cancel=lambda: stop["now"])
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["stages"]) == {"level0", "level1"}
+    assert not (out / "level2" / "labels.npz").exists()
+    result = run_selftrain([MINI], out, tiny(), device="cpu")
+    assert result.skipped == ["level0", "level1"] and (out / "level2" / "labels.npz").is_file()
+
+
+def test_ct_volume_in_hu_is_sliced_axially(tmp_path):
+    out = tmp_path / "out"
+    result = run_selftrain([CT64], out, tiny(levels=1), device="cpu")
+    inputs, (labels,) = load_label_maps(out / "level0" / "labels.npz")
+    assert labels.shape == (79, 64, 64) and (labels == 3).sum() > 1000  # real lungs: pseudo-labelled lung
+    assert result.metrics[1]["n_train_slices"] == int(labels.any(axis=(1, 2)).sum())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"), ("no_ct", "no 'ct_uint8'"), ("float_ct", "uint8"), ("png", "2D picture"),
+    ("twice", "given twice"), ("levels", "levels must be >= 1"), ("lr", "level2_lr must be a positive"),
+    ("out_file", "not a folder"), ("no_lung", "no slice has lung"),
+])
+def test_bad_input_gives_one_clear_error(tmp_path, capsys, case, message):
+    from PIL import Image
+
+    no_ct = tmp_path / "no_ct.npz"
+    np.savez(no_ct, images=np.zeros((2, 8, 8), np.uint8))
+    float_ct = tmp_path / "float_ct.npz"
+    np.savez(float_ct, ct_uint8=np.zeros((2, 8, 8), np.float32))
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(png)
+    blank = tmp_path / "blank.npz"  # a uniform body in air: no lung anywhere
+    body = np.zeros((2, 64, 64), np.uint8)
+    body[:, 8:56, 8:56] = 200
+    np.savez(blank, ct_uint8=body)
+    (tmp_path / "afile").write_text("x")
+    args = {"missing": [str(tmp_path / "nope.npz")], "no_ct": [str(no_ct)], "float_ct": [str(float_ct)],
+            "png": [str(png)], "twice": [str(MINI), "--extra", str(MINI)], "levels": [str(MINI), "--levels", "0"],
+            "lr": [str(MINI), "--level2-lr", "-1"], "out_file": [str(MINI)], "no_lung": [str(blank)]}[case]
+    out = tmp_path / ("afile" if case == "out_file" else "out")
+    code = main(["selftrain", *args, "--out", str(out), "--base-filters", "16", "--device", "cpu",
+                 "--level1-epochs", "1", "--steps-per-epoch", "1", "--crop", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_selftrain_command_runs_and_reports_json_progress(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["selftrain", str(MINI), "--out", str(out), "--levels", "2", "--level1-epochs", "1",
+                 "--level2-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "32",
+                 "--base-filters", "16", "--device", "cpu", "--json-progress"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-1]["stage"] == "done" and len(lines[-1]["checkpoints"]) == 2
+    assert {line.get("level") for line in lines if line["stage"] == "train"} == {1, 2}
+
+
+# ---- lungs, pseudolabel, evaluate --predictions --------------------------------------------
+
+def test_lungs_and_pseudolabel_of_a_ct_volume_keep_its_geometry(tmp_path):
+    ct = sitk.ReadImage(str(CT64))
+    for command, values in (("lungs", {0, 3}), ("pseudolabel", {0, 1, 3})):
+        out = tmp_path / f"{command}.nrrd"
+        assert main([command, str(CT64), str(out)]) == 0
+        lab = sitk.ReadImage(str(out))
+        assert lab.GetSize() == ct.GetSize() and lab.GetDirection() == ct.GetDirection()
+        np.testing.assert_allclose(lab.GetSpacing(), ct.GetSpacing())
+        a = sitk.GetArrayFromImage(lab)
+        assert set(np.unique(a)) <= values and (a == 3).sum() > 1000
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(TESTDATA / "cip_lungs" / "wholeLung-64.nrrd"))) > 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "lungs.nrrd"))) > 0
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
+    # The expert lung mask instead of the extracted one: GGO only inside it.
+    expert = TESTDATA / "cip_lungs" / "wholeLung-64.nrrd"
+    assert main(["pseudolabel", str(CT64), str(tmp_path / "pe.nrrd"), "--lung-mask", str(expert)]) == 0
+    pe = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pe.nrrd")))
+    np.testing.assert_array_equal(pe > 0, truth)
+    assert main(["lungs", str(CT64), str(tmp_path / "m.nrrd"), "--value", "1"]) == 0
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m.nrrd"))))) == {0, 1}
+
+
+def test_evaluate_scores_lungs_and_pseudolabels_of_an_npz_against_expert_masks(tmp_path):
+    lungs, pl = tmp_path / "lungs.npz", tmp_path / "pl.npz"
+    assert main(["lungs", str(MINI), str(lungs)]) == 0
+    assert main(["pseudolabel", str(MINI), str(pl)]) == 0
+    with np.load(pl) as d:
+        assert d["labels"].shape == (4, 256, 256) and set(np.unique(d["labels"])) <= {0, 1, 3}
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(MINI), "--predictions", str(lungs), "--regions", "lung", "--by-group",
+                 "--json", str(out)]) == 0
+    e = json.loads(out.read_text())
+    assert set(e["metrics"]) == {"lung"} and e["predictions"] == str(lungs) and e["model"] is None
+    assert e["metrics"]["lung"]["mean"]["dice"] > 0.9  # the -600 approx. HU threshold on these 8-bit slices
+    assert set(e["by_group"]) == {"zenodo3", "zenodo5", "zenodo6"}
+    assert e["by_group"]["zenodo5"]["lung"]["n_slices"] == 2
+    # Pseudo-labels: the lung field is the same mask; their GGO is scored as infection.
+    assert main(["evaluate", str(MINI), "--predictions", str(pl), "--json", str(out)]) == 0
+    e2 = json.loads(out.read_text())
+    assert e2["metrics"]["lung"]["pooled"] == e["metrics"]["lung"]["pooled"]
+    assert set(e2["metrics"]) == {"infection", "lung"}
+
+
+def test_evaluate_by_group_with_a_model_keeps_the_plain_metrics(tmp_path, tiny_checkpoint):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["evaluate", str(MINI), "--model", str(tiny_checkpoint), "--json", str(a), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(MINI), "--model", str(tiny_checkpoint), "--json", str(b), "--device", "cpu",
+                 "--by-group"]) == 0
+    ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert "by_group" not in ja and ja["metrics"] == jb["metrics"]
+    assert set(ja) == {"data", "model", "decision", "n_slices", "split_part", "metrics"}
+    assert sum(g["lung"]["n_slices"] for g in jb["by_group"].values()) == 4
+
+
+@pytest.mark.parametrize("case,message", [("count", "does not match"), ("both", "not both"),
+                                          ("nolabels", "no 'labels'"), ("value", "not in the vocabulary")])
+def test_evaluate_predictions_bad_input(tmp_path, capsys, tiny_checkpoint, case, message):
+    bad = tmp_path / "p.npz"
+    if case == "nolabels":
+        np.savez(bad, masks=np.zeros((4, 256, 256), np.uint8))
+    else:
+        np.savez(bad, labels=np.full((3 if case == "count" else 4, 256, 256), 7 if case == "value" else 0, np.uint8))
+    extra = ["--model", str(tiny_checkpoint)] if case == "both" else []
+    code = main(["evaluate", str(MINI), "--predictions", str(bad), *extra, "--json", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_labels_for_dataset_picks_the_dataset_among_several_inputs(tmp_path):
+    a, b = np.zeros((4, 8, 8), np.uint8), np.full((2, 8, 8), 3, np.uint8)
+    path = tmp_path / "l.npz"
+    save_label_maps(path, [str(tmp_path / "other.npz"), str(MINI)], [b, a + 1])
+    np.testing.assert_array_equal(labels_for_dataset(path, MINI, 4), a + 1)
+    with pytest.raises(InputError, match="does not match"):
+        labels_for_dataset(path, tmp_path / "unknown.npz", 4)  # falls back to the stacked 'labels' (6 slices)
+
+
+@pytest.mark.parametrize("command", ["lungs", "pseudolabel", "selftrain"])
+def test_new_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and command in capsys.readouterr().out
