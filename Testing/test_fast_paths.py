@@ -20,7 +20,7 @@ import torch
 
 from DRSegUNetLib import default_model_path, sample_ct_path
 from DRSegUNetLib.config import InferenceConfig, ModelConfig
-from DRSegUNetLib.inference import Predictor, decide
+from DRSegUNetLib.inference import Predictor, decide, restrict_to_body
 from DRSegUNetLib.network import DRSegUNet
 from DRSegUNetLib.preprocessing import normalize
 
@@ -74,8 +74,9 @@ def _volume(real_slices: np.ndarray) -> sitk.Image:
     return image
 
 
-def _assert_same_labels(labels: np.ndarray, prob: torch.Tensor) -> None:
-    ref = decide(prob, InferenceConfig()).numpy()
+def _assert_same_labels(labels: np.ndarray, prob: torch.Tensor, hu: np.ndarray) -> None:
+    cfg = InferenceConfig()
+    ref = restrict_to_body(decide(prob, cfg).numpy(), hu, cfg.body_threshold_hu)
     top2 = prob.topk(2, dim=1).values
     decided = (top2[:, 0] - top2[:, 1]).numpy() > TIE
     assert labels.shape == ref.shape
@@ -96,7 +97,7 @@ def test_channels_last_on_cpu_gives_plain_labels(model_and_config, real_slices, 
     model, cfg = model_and_config
     fast = Predictor(copy.deepcopy(model).to(memory_format=torch.channels_last), cfg, "cpu")
     labels = fast.predict_slices([real_slices[0].astype(np.float32)])[0]
-    _assert_same_labels(labels[None], plain_probabilities[:1])
+    _assert_same_labels(labels[None], plain_probabilities[:1], real_slices[:1])
 
 
 @pytest.mark.slow
@@ -104,7 +105,7 @@ def test_batched_volume_gives_slice_by_slice_labels(model_and_config, real_slice
     model, cfg = model_and_config
     p = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2))
     labels = sitk.GetArrayFromImage(p.predict(_volume(real_slices)))
-    _assert_same_labels(labels, plain_probabilities)
+    _assert_same_labels(labels, plain_probabilities, real_slices)
 
 
 @pytest.mark.slow
@@ -116,4 +117,4 @@ def test_pipelined_device_normalised_path_gives_plain_labels(model_and_config, r
     events = []
     out = p.predict(_volume(real_slices), progress=lambda s, i, n, m="", **k: events.append((s, i, n)))
     assert events[0] == ("segment", 0, 2) and events[-1] == ("segment", 2, 2)
-    _assert_same_labels(sitk.GetArrayFromImage(out), plain_probabilities)
+    _assert_same_labels(sitk.GetArrayFromImage(out), plain_probabilities, real_slices)
