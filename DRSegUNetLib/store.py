@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 import logging
 import os
@@ -357,20 +358,9 @@ class CorrectionsStore:
             source=np.array(meta["source"]), slice_index=np.array(meta["slice_index"]), time=np.array(stamp),
             known=np.array(json.dumps(meta["known"])),
         )
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=self.SUFFIX, dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / f"{cid}{self.SUFFIX}")
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(self.root)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        _write_file_atomic(self.root / f"{cid}{self.SUFFIX}", buf.getvalue())
         self._append_index(meta)
         return cid
 
