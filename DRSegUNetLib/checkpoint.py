@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .atomic import atomic_write_bytes
 from .config import ModelConfig
 from .errors import CheckpointError
 from .network import DRSegUNet
@@ -65,30 +65,6 @@ class Checkpoint:
         if half:
             sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
         return cls(config=config, state_dict=sd, **kw)
-
-
-def default_file_mode() -> int:
-    """The mode ``open()`` would give a new file (0o666 less the umask); mkstemp gives 0o600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:

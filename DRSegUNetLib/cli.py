@@ -358,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_bytes
+    from .atomic import atomic_write_bytes
     from .data import apply_split, load_split, read_dataset
     from .errors import InputError
     from .selftrain import GroupedMetrics, labels_for_dataset

@@ -75,7 +75,7 @@ def atomic_output(path: str | os.PathLike) -> tuple[Path, Path]:
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
     os.close(fd)
-    from .checkpoint import default_file_mode
+    from .atomic import default_file_mode
 
     os.chmod(tmp, default_file_mode())
     return Path(tmp), path

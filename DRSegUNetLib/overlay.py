@@ -7,7 +7,7 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .orientation import axial_view
 from .vocabulary import CONSOLIDATION, GGO, LUNG, REGIONS, SEGMENTS
 

@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .orientation import axial_view
 from .vocabulary import REGIONS
 

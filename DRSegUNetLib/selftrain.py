@@ -50,7 +50,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .config import (EightBitConfig, LungConfig, ModelConfig, NetworkConfig, PseudoLabelConfig,
                      SelfTrainConfig, TrainConfig, to_dict)
 from .data import Sample, labels_to_allowed

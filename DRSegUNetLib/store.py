@@ -31,6 +31,8 @@ from typing import Any, BinaryIO, Iterator, Sequence, Union
 
 import numpy as np
 
+from .atomic import atomic_write_bytes, fsync_dir as _fsync_dir
+
 log = logging.getLogger(__name__)
 
 HOME_ENV = "DRSEGUNET_HOME"
@@ -57,36 +59,10 @@ def _now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    """Atomic write whose temporary name :meth:`ModelStore.clean_temporary` recognises."""
+    atomic_write_bytes(path, data, prefix=_TMP_PREFIX + path.name + ".")
+
 
 
 # --------------------------------------------------------------------------- models

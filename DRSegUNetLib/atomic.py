@@ -1,0 +1,49 @@
+"""Atomic file writes (temporary file in the same folder, fsync, rename); no torch here."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask); mkstemp gives 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, prefix: str | None = None) -> None:
+    """Write ``data`` to ``path``: nothing half-written is ever visible at ``path``.
+
+    ``prefix`` names the temporary file (default ``.<name>.``), so that a store can
+    recognise and clean up leftovers of a writer that died.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
