@@ -20,7 +20,7 @@ from . import __version__
 from .atomic import atomic_write_bytes
 from .config import ModelConfig
 from .errors import CheckpointError
-from .network import DRSegUNet
+from .network import build_network
 from .vocabulary import CLASS_NAMES
 
 FORMAT = "drsegunet-checkpoint/1"
@@ -36,9 +36,12 @@ class Checkpoint:
     code_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def build_model(self) -> DRSegUNet:
-        """A network in eval mode with these weights (float32)."""
-        model = DRSegUNet(self.config.network)
+    def build_model(self) -> torch.nn.Module:
+        """A network (the config's arch; DRSegUNet by default) in eval mode with these weights (float32)."""
+        try:
+            model = build_network(self.config.network)
+        except (ValueError, ImportError) as e:
+            raise CheckpointError(f"cannot build this checkpoint's network: {e}") from None
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in self.state_dict.items()}
         try:
             model.load_state_dict(sd, strict=True)
@@ -60,7 +63,7 @@ class Checkpoint:
         }
 
     @classmethod
-    def from_model(cls, model: DRSegUNet, config: ModelConfig, half: bool = False, **kw: Any) -> "Checkpoint":
+    def from_model(cls, model: torch.nn.Module, config: ModelConfig, half: bool = False, **kw: Any) -> "Checkpoint":
         sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if half:
             sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}

@@ -1,4 +1,4 @@
-"""``python -m DRSegUNetLib``: segment, train, evaluate, info, lungs, pseudolabel, selftrain (and more).
+"""``python -m DRSegUNetLib``: segment, train, evaluate, info, lungs, pseudolabel, selftrain, crossval (and more).
 
 Errors the user can fix (bad input, bad checkpoint) print one line and exit 2;
 nothing half-written is left at an output path.
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
                    help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model", description="Train DRSegUNet (Adam + marginal categorical cross-entropy) on annotated slices; writes best.pt (best validation Dice) and last.pt atomically.")
@@ -101,8 +103,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-filters", type=int, default=16)
     p.add_argument("--upsampling", choices=("transpose", "upsample"), default="transpose")
     p.add_argument("--val-every", type=int, default=1)
+    p.add_argument("--source-weights", default="", metavar="SRC=W,...",
+                   help="relative frequency of crops per source, e.g. medseg=3,zenodo=1 (default: equal)")
+    p.add_argument("--select-regions", default="", metavar="R,...",
+                   help="regions whose mean validation Dice picks best.pt, e.g. ggo,lung (default: all)")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 autocast for training steps; auto = on CUDA and on CPUs with native bf16 "
+                        "(off reproduces float32 runs exactly)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
+    _add_common(p)
+
+    from .crossval import MODELS
+
+    p = sub.add_parser("crossval", help="5-fold cross-validation of DRSegUNet and baselines (docs/crossval.md)",
+                       description="Train each model on 4 folds and score it on the 5th, for every fold of DRSegUNetLib/splits/folds.json (MedSeg slices by a seeded permutation, COVID-19-CT-Seg by CT volume). "
+                                   "Every model gets the same fixed budget and no validation set: the last step's network is scored (nothing is selected on the test fold), with argmax labels (as evaluate) and the threshold-averaged Dice of the probabilities. "
+                                   "Writes OUT/<model>/fold<k>/{last.pt,result.json} (a rerun skips folds whose result.json exists) and the tables OUT/summary.md and OUT/summary.json.")
+    p.add_argument("medseg", metavar="MEDSEG_DIR", help="MedSeg train50 folder (images/, masks/)")
+    p.add_argument("zenodo", metavar="ZENODO_NPZ", help="COVID-19-CT-Seg .npz (zenodo20_dev.npz)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {', '.join(MODELS)} (default: all)")
+    p.add_argument("--folds", default="0,1,2,3,4", help="comma list of folds to run (default 0,1,2,3,4)")
+    p.add_argument("--folds-file", default=None, help="folds JSON (default: the bundled splits/folds.json)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128, help="square crop size in pixels (native resolution)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
+    # For tests and smoke runs only: every model at this width; the first N slices per source.
+    p.add_argument("--base-filters", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--limit-slices", type=int, default=None, help=argparse.SUPPRESS)
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="score a model (or saved label maps) on annotated slices",
@@ -117,8 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of regions to score (ggo, consolidation, infection, lung; default: all the data decides)")
     p.add_argument("--json", required=True, help="where to write the metrics JSON")
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax")
+    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
     p.add_argument("--split-part", choices=("all", "train", "val", "test"), default="all",
                    help="score only this part of --split (default: every slice in DATA)")
+    p.add_argument("--threshold-averaged", action="store_true",
+                   help="also write the Inf-Net-style Dice averaged over 256 probability thresholds per slice "
+                        "(docs/crossval.md; needs --model, not --predictions; doubles the time)")
     p.add_argument("--split", default=str(Path(__file__).parent / "splits" / "default.json"))
     _add_common(p)
 
@@ -130,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "INPUT may also be an .npz of 8-bit slices (ct_uint8, like zenodo20_dev.npz), mapped to approximate HU; OUTPUT is then an .npz with 'labels' (N, H, W) for evaluate --predictions.")
     p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
     p.add_argument("output", help="label map (volume format, or .npz)")
-    p.add_argument("--threshold-hu", type=float, default=None,
-                   help=f"air/tissue threshold (default: -170 HU for CT in HU, as in the thesis; {st.eight_bit_lung_threshold_hu:g} approx. HU for 8-bit .npz slices)")
+    _add_lung_threshold(p, st)
     p.add_argument("--value", type=int, default=3, help="label value of lung pixels (default 3 = lung; 1 for a 0/1 mask)")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -141,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
     p.add_argument("output", help="label map (volume format, or .npz)")
     p.add_argument("--lung-mask", default=None, help="use this lung mask (nonzero = lung) of a volume instead of extracting one")
-    p.add_argument("--threshold-hu", type=float, default=None,
-                   help=f"lung-extraction threshold (default: -170 HU for CT in HU; {st.eight_bit_lung_threshold_hu:g} approx. HU for 8-bit .npz slices)")
+    _add_lung_threshold(p, st)
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("selftrain", help="weakly supervised self-learning: pseudo-labels, level 1, level 2 (thesis §4.4)",
@@ -165,9 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("ce", "ce+dice"), default=st.loss)
     p.add_argument("--base-filters", type=int, default=st.base_filters, help="network width (16 = the thesis's network)")
     p.add_argument("--seed", type=int, default=st.seed)
+    p.add_argument("--threshold", choices=("auto", "thesis", "otsu"), default="auto",
+                   help="lung threshold rule: auto (default) = Otsu per slice for 8-bit .npz slices, the thesis's fixed -170 HU for CT in HU; "
+                        "thesis = fixed levels (--threshold-hu, --eight-bit-threshold-hu); otsu = Otsu per slice for every input")
     p.add_argument("--eight-bit-threshold-hu", type=float, default=st.eight_bit_lung_threshold_hu,
-                   help=f"lung threshold for 8-bit .npz slices in approx. HU (default {st.eight_bit_lung_threshold_hu:g})")
-    p.add_argument("--threshold-hu", type=float, default=None, help="lung threshold for CT in HU (default -170, thesis)")
+                   help=f"with --threshold thesis: lung threshold for 8-bit .npz slices in approx. HU (default {st.eight_bit_lung_threshold_hu:g})")
+    p.add_argument("--threshold-hu", type=float, default=None, help="lung threshold for CT in HU (default -170, thesis; not with --threshold otsu)")
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
 
@@ -276,7 +317,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if len(args.paths) != 2 or args.list or args.shard:
             raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
         predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
-                                              decision=args.decision, batch_size=args.batch_size)
+                                              decision=args.decision, batch_size=args.batch_size,
+                                              cpu_bf16=args.cpu_bf16)
         written = _segment_one(predictor, args.paths[0], Path(args.paths[1]), args.seg_nrrd, args.report,
                                args.overlay, progress=ProgressPrinter())
         log.info("wrote %s", ", ".join(written))
@@ -316,7 +358,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
-                                          decision=args.decision, batch_size=args.batch_size)
+                                          decision=args.decision, batch_size=args.batch_size,
+                                              cpu_bf16=args.cpu_bf16)
     failed = []
     printer = ProgressPrinter()
     for i, (path, name) in enumerate(todo, 1):
@@ -333,6 +376,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_weights(text: str) -> tuple[tuple[str, float], ...]:
+    from .errors import InputError
+
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if not sep or not name or not w >= 0:
+            raise InputError(f"--source-weights wants SOURCE=WEIGHT pairs with weights >= 0, got {item!r}")
+        out.append((name, w))
+    return tuple(out)
+
+
+def _parse_regions(text: str) -> tuple[str, ...]:
+    from .errors import InputError
+    from .vocabulary import REGIONS
+
+    names = tuple(filter(None, (t.strip() for t in text.split(","))))
+    bad = [n for n in names if n not in REGIONS]
+    if bad:
+        raise InputError(f"--select-regions: unknown region(s) {', '.join(bad)}; known: {', '.join(REGIONS)}")
+    return names
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import ModelConfig, NetworkConfig, TrainConfig
@@ -345,7 +415,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     log.info("training on %d slices, validating on %d, holding out %d", len(tr), len(val), len(test))
     cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                       crop=args.crop, lr=args.lr, lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
-                      frozen_layers=args.frozen_layers, val_every=args.val_every)
+                      frozen_layers=args.frozen_layers, val_every=args.val_every,
+                      source_weights=_parse_weights(args.source_weights),
+                      select_regions=_parse_regions(args.select_regions), bf16=args.bf16)
     init = load_checkpoint(args.init) if args.init else None
     mcfg = ModelConfig(network=NetworkConfig(base_filters=args.base_filters, upsampling=args.upsampling))
     result = train(tr, val, args.out, cfg, mcfg, init=init, device=args.device,
@@ -373,6 +445,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.predictions:
         if args.model:
             raise InputError("give --model or --predictions, not both")
+        if args.threshold_averaged:
+            raise InputError("--threshold-averaged needs the model's probabilities: use --model, not --predictions")
         samples = read_dataset(args.data)
         maps = labels_for_dataset(args.predictions, args.data, len(samples))
         preds = dict(zip(map(id, samples), maps))
@@ -384,7 +458,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from .inference import Predictor
 
-        predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1)
+        predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1,
+                                              cpu_bf16=args.cpu_bf16)
         samples = read_dataset(args.data, predictor.config.eight_bit)
         predict = lambda s: predictor.predict_slices([s.hu])[0]  # noqa: E731
     if args.split_part != "all":
@@ -396,11 +471,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = gm.summary()
     out = {"data": str(args.data), "model": None if args.predictions else str(args.model or default_model_path()),
            "decision": None if args.predictions else args.decision,
+           "bf16": None if args.predictions else predictor.uses_bf16,
            "n_slices": len(samples), "split_part": args.split_part, "metrics": summary}
     if args.predictions:
         out["predictions"] = str(args.predictions)
     if args.by_group:
         out["by_group"] = gm.by_group()
+    if args.threshold_averaged:
+        from .crossval import evaluate_fold
+
+        tad = evaluate_fold(predictor, samples)["threshold_averaged_dice"]
+        out["threshold_averaged_dice"] = {src: {r: {k: v for k, v in m.items() if k != "per_slice"} for r, m in regs.items()}
+                                          for src, regs in tad.items()}
     atomic_write_bytes(args.json, (json.dumps(out, indent=1) + "\n").encode())
     for region, m in summary.items():
         log.info("%-14s Dice mean %.4f  pooled %.4f  (%d slices)", region, m["mean"]["dice"] or 0.0,
@@ -408,12 +490,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_for_labels(path: str, threshold_hu: Optional[float]):
+def cmd_crossval(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .crossval import FOLDS_PATH, run_crossval
+    from .errors import InputError
+
+    try:
+        folds = [int(f) for f in args.folds.split(",") if f.strip()]
+    except ValueError:
+        raise InputError(f"--folds wants a comma list of fold numbers, not {args.folds!r}") from None
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                      crop=args.crop, lr=args.lr, lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed)
+    out = run_crossval(args.medseg, args.zenodo, args.out, models, folds, cfg, device=args.device,
+                       folds_path=args.folds_file or FOLDS_PATH, base_filters=args.base_filters,
+                       limit_slices=args.limit_slices, progress=ProgressPrinter(json_lines=args.json_progress))
+    ProgressPrinter.end_line()
+    if args.json_progress:
+        print(json.dumps({"stage": "done", "summary": str(Path(args.out, "summary.json"))}), flush=True)
+    else:
+        print(out["markdown"])
+    return 0
+
+
+def _add_lung_threshold(p: argparse.ArgumentParser, st) -> None:
+    p.add_argument("--threshold", choices=("auto", "thesis", "otsu"), default="auto",
+                   help="air/tissue threshold rule (lungs.py): auto (default) = otsu for 8-bit .npz slices, thesis for CT in HU; "
+                        f"thesis = a fixed level, -170 HU for CT in HU as in the thesis ({st.eight_bit_lung_threshold_hu:g} approx. HU for 8-bit slices), or --threshold-hu; "
+                        "otsu = Otsu's level of each slice after Gaussian smoothing (for intensities that are not calibrated HU)")
+    p.add_argument("--threshold-hu", type=float, default=None,
+                   help="a fixed air/tissue level in (approx.) HU for every input; implies --threshold thesis")
+
+
+def _read_for_labels(path: str, threshold_hu: Optional[float], method: str = "auto"):
     """(SliceInput, LungConfig) of a CT volume in HU or an .npz of 8-bit slices."""
     from .selftrain import lung_config_for, read_slices
 
     inp = read_slices(path)
-    return inp, lung_config_for(inp, threshold_hu=threshold_hu)
+    return inp, lung_config_for(inp, threshold_hu=threshold_hu, method=method)
+
+
+def _threshold_text(cfg) -> str:
+    if cfg.threshold_method == "otsu":
+        return f"Otsu per slice, sigma {cfg.otsu_sigma_px:g} px"
+    return f"{cfg.threshold_hu:g} HU"
 
 
 def _write_labels(inp, labels, output: str) -> None:
@@ -443,11 +563,11 @@ def cmd_lungs(args: argparse.Namespace) -> int:
 
     if not 0 < args.value < 256:
         raise InputError(f"--value must be 1..255, not {args.value}")
-    inp, cfg = _read_for_labels(args.input, args.threshold_hu)
+    inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold)
     masks = lung_masks(inp, cfg, progress=ProgressPrinter())
     _write_labels(inp, masks.astype("uint8") * args.value, args.output)
-    log.info("lungs in %d of %d slices (threshold %g HU): wrote %s", int(masks.any(axis=(1, 2)).sum()), len(inp),
-             cfg.threshold_hu, args.output)
+    log.info("lungs in %d of %d slices (threshold: %s): wrote %s", int(masks.any(axis=(1, 2)).sum()), len(inp),
+             _threshold_text(cfg), args.output)
     return 0
 
 
@@ -458,7 +578,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
     from .selftrain import lung_masks, pseudo_labels
 
     printer = ProgressPrinter()
-    inp, cfg = _read_for_labels(args.input, args.threshold_hu)
+    inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold)
     if args.lung_mask:
         import SimpleITK as sitk
 
@@ -495,7 +615,11 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
                           steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, crop=args.crop,
                           loss=args.loss, seed=args.seed, base_filters=args.base_filters,
                           eight_bit_lung_threshold_hu=args.eight_bit_threshold_hu)
-    lung = LungConfig() if args.threshold_hu is None else LungConfig(threshold_hu=args.threshold_hu)
+    if args.threshold == "otsu" and args.threshold_hu is not None:
+        raise InputError("--threshold-hu is a fixed level: not with --threshold otsu")
+    lung = LungConfig(threshold_method=args.threshold)
+    if args.threshold_hu is not None:
+        lung = LungConfig(threshold_method=args.threshold, threshold_hu=args.threshold_hu)
     printer = ProgressPrinter(json_lines=args.json_progress)
     t0 = time.time()
     result = run_selftrain(inputs, args.out, cfg, extras=extras, lung=lung, device=args.device, progress=printer)
@@ -526,7 +650,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     samples = []
     for cid in ids:
         c = corrections.load(cid)
-        samples.append(Sample(c.ct_hu, labels_to_allowed(c.labels), cid, "corrections"))
+        samples.append(Sample(c.ct_hu, labels_to_allowed(c.labels, c.known), cid, "corrections"))
     printer = ProgressPrinter(json_lines=args.json_progress)
     cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=max(1, math.ceil(len(samples) / args.batch_size)),
                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, frozen_layers=args.frozen_layers)
@@ -585,7 +709,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune,
             "export": cmd_export, "info": cmd_info, "lungs": cmd_lungs, "pseudolabel": cmd_pseudolabel,
-            "selftrain": cmd_selftrain}
+            "selftrain": cmd_selftrain, "crossval": cmd_crossval}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -40,11 +40,22 @@ class EightBitConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    """Which network a checkpoint holds (network.build_network builds it).
+
+    ``arch``: "drsegunet" (the thesis's network) or "monai_unet" (MONAI's residual
+    U-Net, the comparison baseline of crossval.py; needs the ``monai`` package).
+    For "monai_unet" the channels are ``base_filters * 2**i`` (i = 0..depth) with
+    ``res_units`` residual units per level; ``upsampling`` applies to DRSegUNet only.
+    Checkpoints written before ``arch`` existed load as "drsegunet".
+    """
+
     in_channels: int = 1
     num_classes: int = 4
     base_filters: int = 16
     depth: int = 4
     upsampling: str = "transpose"  # "transpose" (thesis default) or "upsample" (Table 13)
+    arch: str = "drsegunet"  # "drsegunet" or "monai_unet"
+    res_units: int = 2  # monai_unet only: residual units per level (MONAI's num_res_units)
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,14 @@ class LungConfig:
     window_low: float = -1000.0  # HU of air
     window_high: float = 400.0  # HU of bone
     threshold_hu: float = -170.0
+    # How the air/tissue level is chosen (lungs.py, "Threshold"): "thesis" = threshold_hu;
+    # "otsu" = Otsu's level of each slice's window-normalised image, smoothed first;
+    # "auto" = "otsu" for 8-bit sources (not HU), "thesis" for CT in HU. The lungs.py
+    # functions take CT in HU, so there "auto" is "thesis"; the readers of 8-bit
+    # slices (selftrain.lung_config_for) resolve it to "otsu".
+    threshold_method: str = "auto"
+    otsu_sigma_px: float = 1.0  # Gaussian smoothing (pixels) before Otsu; chosen on zenodo20 groups 0-4 (lungs.py)
+    otsu_bins: int = 256  # histogram bins on the normalised [0, 1] scale
     n_components: int = 2  # bwareafilt(bw, 2)
     # Additions to the thesis (see lungs.py): what is not lung although it is air.
     min_air_hu: float = -500.0  # a CT in HU has air below this; otherwise not HU
@@ -97,6 +116,14 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" (thesis) or "cosine"
     val_every: int = 1
     frozen_layers: int = 0  # level 2 freezes the first two layers (stem conv1, bn1)
+    # Relative frequency of crops per source ("medseg", "zenodo", ...; a source not named
+    # weighs 1). Empty: every source equally often.
+    source_weights: tuple[tuple[str, float], ...] = ()
+    # Regions whose mean validation Dice picks best.pt (empty: all regions).
+    select_regions: tuple[str, ...] = ()
+    # bfloat16 autocast for the forward pass and loss (weights and Adam stay float32):
+    # "auto" = on CUDA and on CPUs with native bf16 (1.8x faster steps here), "on", "off".
+    bf16: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -141,6 +168,8 @@ class SelfTrainConfig:
     # Lung threshold for 8-bit COVID-19-CT-Seg slices mapped to approx. HU (EightBitConfig):
     # they are min-max normalised and CLAHE-enhanced, which puts soft tissue near -500
     # approx. HU, so the thesis's -170 HU finds no lung (see Testing/test_lungs.py).
+    # Used only with LungConfig.threshold_method "thesis"; "auto" (default) gives 8-bit
+    # slices Otsu's level per slice (selftrain.lung_config_for, docs/weak_supervision.md).
     eight_bit_lung_threshold_hu: float = -600.0
 
 
@@ -155,6 +184,9 @@ class InferenceConfig:
     body_threshold_hu: float = -500.0
     # Average the class probabilities of the slice and its left-right mirror (2x time).
     flip_tta: bool = False
+    # bfloat16 autocast on CPU: "auto" uses it where the CPU has native bf16 arithmetic
+    # (avx512_bf16 or AMX; 2.3x faster here, bench/README.md), "on", or "off".
+    cpu_bf16: str = "auto"
 
 
 @dataclass(frozen=True)

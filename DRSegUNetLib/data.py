@@ -16,14 +16,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from .config import EightBitConfig
 from .errors import InputError
 from .preprocessing import eight_bit_to_hu
-from .vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS
+from .vocabulary import BACKGROUND, CLASS_NAMES, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS
 
 ALL_CLASSES = np.uint8((1 << NUM_CLASSES) - 1)
 
@@ -51,9 +51,25 @@ class Sample:
         return inside
 
 
-def labels_to_allowed(labels: np.ndarray) -> np.ndarray:
-    """Exclusive label map in our vocabulary → allowed bitmask (every class decided)."""
-    return (np.uint8(1) << labels.astype(np.uint8)).astype(np.uint8)
+def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Exclusive label map in our vocabulary → allowed bitmask.
+
+    ``known``: the class names (``vocabulary.CLASS_NAMES``) whose labels were checked,
+    when only some were (None: all). A pixel labelled with a known class is that class;
+    any other pixel is known only *not* to be a known class, so it allows every class
+    outside ``known`` and the marginal loss leaves the choice among them open.
+    """
+    decided = (np.uint8(1) << labels.astype(np.uint8)).astype(np.uint8)
+    if known is None:
+        return decided
+    unknown_names = sorted(set(known) - set(CLASS_NAMES))
+    if unknown_names:
+        raise ValueError(f"unknown class names {unknown_names}; known ones are {', '.join(CLASS_NAMES)}")
+    known_bits = bit(*(CLASS_NAMES.index(n) for n in known)) if known else np.uint8(0)
+    rest = np.uint8(bit(*range(NUM_CLASSES)) & ~known_bits)
+    if rest == 0:
+        return decided
+    return np.where(decided & known_bits, decided, rest).astype(np.uint8)
 
 
 def medseg_allowed(mask: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ time, so memory does not grow with the number of slices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,23 @@ def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes in bfloat16 natively (x86 avx512_bf16 or AMX).
+
+    Elsewhere bf16 is emulated and slower than float32, so "auto" keeps float32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 class Predictor:
     """Applies a trained DRSegUNet to CT slices and volumes."""
 
@@ -121,9 +139,21 @@ class Predictor:
         predictor.source = str(path)
         return predictor
 
-    def _autocast(self):
+    @property
+    def uses_bf16(self) -> bool:
+        """Whether the forward pass runs under bfloat16 autocast on this device."""
         if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return True
+        if self.device.type == "cpu":
+            mode = self.inference.cpu_bf16
+            if mode not in ("auto", "on", "off"):
+                raise ValueError(f"cpu_bf16 must be auto, on or off, not {mode!r}")
+            return mode == "on" or (mode == "auto" and cpu_has_native_bf16())
+        return False
+
+    def _autocast(self):
+        if self.uses_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def probabilities(self, hu: np.ndarray) -> torch.Tensor:

@@ -9,6 +9,9 @@ prediction and truth on a slice, that slice's scores for the region are ``None``
 and the slice is left out of the per-slice mean (it is counted in
 ``n_empty_both``); pooled scores sum counts over all pixels of all slices. A ratio
 whose denominator is zero otherwise (e.g. precision with no predicted pixel) is 0.
+
+:func:`threshold_averaged_dice` scores a probability map instead of labels: Dice
+averaged over 256 thresholds, as Inf-Net's evaluation does (crossval.py).
 """
 from __future__ import annotations
 
@@ -101,3 +104,35 @@ def mean_dice(summary: dict[str, dict], regions: Iterable[str] = tuple(REGIONS))
     """Mean over regions of the per-slice mean Dice (regions absent from the summary skipped)."""
     vals = [summary[r]["mean"]["dice"] for r in regions if r in summary and summary[r]["mean"]["dice"] is not None]
     return float(np.mean(vals)) if vals else 0.0
+
+
+def threshold_averaged_dice(prob: np.ndarray, truth: np.ndarray, n_thresholds: int = 256,
+                            both_empty: float = 1.0) -> float:
+    """Dice averaged over binarisation thresholds of a probability map (Inf-Net style).
+
+    Thresholds ``t = linspace(0, 1, n_thresholds)`` (256: 0, 1/255, ..., 1, the values
+    of Inf-Net's MATLAB ``Thresholds = 1:-1/255:0``); at each one the prediction is
+    ``prob >= t`` and Dice = 2|P ∩ T| / (|P| + |T|). The result is the mean over the
+    thresholds. Empty case: at a threshold where both the prediction and ``truth`` are
+    empty, that threshold's Dice is ``both_empty`` (default 1: nothing to find, nothing
+    found). Inf-Net's tool scores any threshold without a true positive as 0, both
+    empty included: ``both_empty=0`` reproduces that. (t = 0 selects every pixel, so
+    a slice with empty truth can never reach 1.)
+
+    ``prob`` and ``truth`` have the same shape; ``prob`` is in [0, 1] (no per-map
+    min-max rescaling is done).
+    """
+    prob = np.asarray(prob, dtype=np.float64).ravel()
+    truth = np.asarray(truth).astype(bool).ravel()
+    if prob.shape != truth.shape:
+        raise ValueError(f"prob and truth differ in size: {prob.size} vs {truth.size}")
+    if n_thresholds < 2:
+        raise ValueError("n_thresholds must be at least 2")
+    t = np.linspace(0.0, 1.0, n_thresholds)
+    # Counts of prob >= t: all pixels minus those strictly below t (exact, no binning).
+    all_sorted, true_sorted = np.sort(prob), np.sort(prob[truth])
+    n_pred = prob.size - np.searchsorted(all_sorted, t, side="left")
+    tp = true_sorted.size - np.searchsorted(true_sorted, t, side="left")
+    denom = n_pred + true_sorted.size
+    dice = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), both_empty)
+    return float(dice.mean())

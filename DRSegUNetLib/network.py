@@ -8,6 +8,9 @@ Interpretation of the tables: the residual shortcuts are written "3x3" in the
 tables, but the thesis's parameter count (5,484,276 with Keras counting BatchNorm
 running statistics, 4 output classes) is reproduced exactly only with 1x1 shortcut
 convolutions, as in ResUNet (Zhang et al. 2018); we use 1x1.
+
+``build_network(config)`` builds the network a config names (``config.arch``):
+DRSegUNet, or MONAI's U-Net as the comparison baseline (crossval.py).
 """
 from __future__ import annotations
 
@@ -111,6 +114,8 @@ class DRSegUNet(nn.Module):
     def __init__(self, config: NetworkConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or NetworkConfig()
+        if config.arch != "drsegunet":
+            raise ValueError(f"DRSegUNet built from a config for arch {config.arch!r}; use build_network")
         f = [config.base_filters * 2**i for i in range(config.depth + 1)]
         self.stem = Stem(config.in_channels, f[0])
         self.encoders = nn.ModuleList(Encoder(f[i], f[i + 1]) for i in range(config.depth))
@@ -146,6 +151,62 @@ class DRSegUNet(nn.Module):
         for dec in self.decoders:
             y = dec(y, skips.pop())
         return self.head(y)[..., :h, :w]
+
+
+ARCHS = ("drsegunet", "monai_unet")
+
+
+class MonaiUNet(nn.Module):
+    """MONAI's residual U-Net (``monai.networks.nets.UNet``), the comparison baseline.
+
+    Channels ``base_filters * 2**i`` for i = 0..depth, stride 2 at every level,
+    ``res_units`` residual units per level, MONAI's defaults otherwise (instance norm,
+    PReLU). Like DRSegUNet it takes any H, W (padded to a multiple of 2**depth,
+    logits cropped back) and returns logits (N, num_classes, H, W).
+    """
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        try:
+            from monai.networks.nets import UNet
+        except ImportError:
+            raise ImportError("arch 'monai_unet' needs the monai package (pip install monai==1.6.1, "
+                              "see requirements-dev.txt); arch 'drsegunet' does not") from None
+        self.config = config
+        self.net = UNet(spatial_dims=2, in_channels=config.in_channels, out_channels=config.num_classes,
+                        channels=tuple(config.base_filters * 2**i for i in range(config.depth + 1)),
+                        strides=(2,) * config.depth, num_res_units=config.res_units)
+
+    @property
+    def multiple(self) -> int:
+        return 2**self.config.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"MonaiUNet expects input of shape (N, {self.config.in_channels}, H, W); got {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return self.net(x)[..., :h, :w]
+
+
+def build_network(config: NetworkConfig | None = None) -> nn.Module:
+    """The network ``config.arch`` names: DRSegUNet or MonaiUNet (monai imported only then)."""
+    config = config or NetworkConfig()
+    if config.arch == "drsegunet":
+        return DRSegUNet(config)
+    if config.arch == "monai_unet":
+        return MonaiUNet(config)
+    raise ValueError(f"unknown network arch {config.arch!r}; use one of {', '.join(ARCHS)}")
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as torch counts them (BatchNorm running statistics not included)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def keras_parameter_count(model: nn.Module) -> int:

@@ -31,7 +31,8 @@ written atomically, ``state.json`` last.
 Inputs: CT volumes in HU (any format ``imageio.read_ct`` reads), sliced axially in
 radiological display orientation, or ``.npz`` files of 8-bit slices (``ct_uint8``
 (N, H, W), like COVID-19-CT-Seg) mapped to approximate HU with EightBitConfig and
-lung-extracted at ``SelfTrainConfig.eight_bit_lung_threshold_hu``.
+lung-extracted with Otsu's threshold per slice (``LungConfig.threshold_method`` "auto";
+with "thesis", at ``SelfTrainConfig.eight_bit_lung_threshold_hu``).
 """
 from __future__ import annotations
 
@@ -137,16 +138,30 @@ def _volume_name(p: Path) -> str:
 
 
 def lung_config_for(inp: SliceInput, cfg: SelfTrainConfig = SelfTrainConfig(),
-                    lung: LungConfig = LungConfig(), threshold_hu: Optional[float] = None) -> LungConfig:
-    """The lung-extraction constants for an input: ``lung``, with the 8-bit threshold for 8-bit slices.
+                    lung: LungConfig = LungConfig(), threshold_hu: Optional[float] = None,
+                    method: Optional[str] = None) -> LungConfig:
+    """The lung-extraction constants for an input, with the threshold rule resolved.
 
-    ``threshold_hu`` overrides the threshold for every input.
+    ``method`` (default ``lung.threshold_method``): "auto" is "otsu" for 8-bit slices
+    and "thesis" for CT in HU; "thesis" is a fixed level, ``lung.threshold_hu`` for CT
+    in HU and ``cfg.eight_bit_lung_threshold_hu`` for 8-bit slices; "otsu" is Otsu's
+    level per slice (lungs.py). ``threshold_hu`` is a fixed level for every input
+    ("thesis"; not with "otsu"). The result never says "auto".
     """
+    from .lungs import THRESHOLD_METHODS
+
+    method = lung.threshold_method if method is None else method
+    if method not in THRESHOLD_METHODS:
+        raise InputError(f"lung threshold must be one of {', '.join(THRESHOLD_METHODS)}, not {method!r}")
     if threshold_hu is not None:
-        return dataclasses.replace(lung, threshold_hu=float(threshold_hu))
-    if inp.eight_bit:
-        return dataclasses.replace(lung, threshold_hu=cfg.eight_bit_lung_threshold_hu)
-    return lung
+        if method == "otsu":
+            raise InputError("a fixed lung threshold (threshold_hu) and the Otsu threshold exclude each other")
+        return dataclasses.replace(lung, threshold_method="thesis", threshold_hu=float(threshold_hu))
+    if method == "auto":
+        method = "otsu" if inp.eight_bit else "thesis"
+    if method == "thesis" and inp.eight_bit:
+        return dataclasses.replace(lung, threshold_method="thesis", threshold_hu=cfg.eight_bit_lung_threshold_hu)
+    return dataclasses.replace(lung, threshold_method=method)
 
 
 def lung_masks(inp: SliceInput, cfg: LungConfig, progress: Optional[ProgressCallback] = None,
@@ -387,8 +402,10 @@ def run_selftrain(
         config: levels, learning rates, epochs, crops (SelfTrainConfig).
         extras: more unlabelled inputs, first labelled by level 1's predictions.
         eight_bit: the 8-bit → approx. HU rule for ``.npz`` slices.
-        lung: lung-extraction constants for HU volumes (8-bit slices use
-            ``config.eight_bit_lung_threshold_hu`` as threshold).
+        lung: lung-extraction constants; ``lung.threshold_method`` "auto" (default)
+            uses Otsu's threshold for 8-bit slices and ``lung.threshold_hu`` for HU
+            volumes; "thesis" uses ``config.eight_bit_lung_threshold_hu`` for 8-bit
+            slices (``lung_config_for``).
         pseudo: k-means and morphology constants.
         device: torch device for training and prediction.
         progress: called as ``progress(stage, step, total, message, level=K, ...)``.

@@ -320,6 +320,12 @@ class CorrectionsStore:
             raise ValueError("labels must be 0 background, 1 GGO, 2 consolidation or 3 lung")
         if len(spacing) != 2:
             raise ValueError(f"spacing must be (row, column), got {tuple(spacing)}")
+        if known is not None:
+            from .vocabulary import CLASS_NAMES
+
+            bad = sorted(set(known) - set(CLASS_NAMES))
+            if bad:
+                raise ValueError(f"known names unknown classes {bad}; use {', '.join(CLASS_NAMES)}")
         ct_stored = _compact_hu(ct)
         self.root.mkdir(parents=True, exist_ok=True)
         cid = f"{time.time_ns() // 1000:017d}-{uuid.uuid4().hex[:8]}"

@@ -28,7 +28,7 @@ from .config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig,
 from .data import Sample, bit
 from .inference import Predictor, resolve_device
 from .metrics import MetricAccumulator, mean_dice
-from .network import DRSegUNet
+from .network import DRSegUNet, build_network
 from .preprocessing import normalize
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 from .vocabulary import BACKGROUND, CONSOLIDATION, GGO, NUM_CLASSES, REGIONS
@@ -96,16 +96,21 @@ class AugmentConfig:
 
 
 class PatchSampler:
-    """Random augmented crops (HU, allowed) from samples; sources drawn equally often."""
+    """Random augmented crops (HU, allowed) from samples; sources drawn equally often
+    unless ``source_weights`` (source name -> relative frequency) says otherwise."""
 
-    def __init__(self, samples: Sequence[Sample], crop: int, aug: AugmentConfig, seed: int) -> None:
+    def __init__(self, samples: Sequence[Sample], crop: int, aug: AugmentConfig, seed: int,
+                 source_weights: Optional[dict[str, float]] = None) -> None:
         self.samples = list(samples)
         self.crop = crop
         self.aug = aug
         self.rng = np.random.default_rng(seed)
         sources = [s.group.rstrip("0123456789") for s in self.samples]
         counts = {k: sources.count(k) for k in set(sources)}
-        w = np.array([1.0 / counts[k] for k in sources])
+        sw = source_weights or {}
+        w = np.array([sw.get(k, 1.0) / counts[k] for k in sources])
+        if not w.sum() > 0:
+            raise ValueError(f"source weights {sw} leave nothing to sample from sources {sorted(counts)}")
         self.weights = w / w.sum()
         # Pixels that can only be infection: centres for foreground-biased crops.
         self.fg = [np.argwhere(((s.allowed & INFECTION_BITS) != 0) & ((s.allowed & bit(BACKGROUND)) == 0))
@@ -181,12 +186,26 @@ def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_world_size(), dist.get_rank(), device
 
 
+def training_autocast(device: torch.device, mode: str):
+    """bf16 autocast context for training steps (see TrainConfig.bf16)."""
+    from .inference import cpu_has_native_bf16
+
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be auto, on or off, not {mode!r}")
+    on = mode == "on" or (mode == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on and device.type in ("cpu", "cuda"))
+
+
 def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:
     """Freeze the first ``n`` weight-bearing layers in forward order (Keras' layer order).
 
     For DRSegUNet these are stem.conv1, stem.bn1, stem.conv2, stem.shortcut, ...
     Frozen BatchNorm layers also keep their running statistics (eval mode).
+    Only for DRSegUNet: the thesis's layer order means nothing for other networks.
     """
+    if n and not isinstance(model, DRSegUNet):
+        raise ValueError(f"freezing layers is defined for DRSegUNet only, not {type(model).__name__} "
+                         f"(arch {getattr(getattr(model, 'config', None), 'arch', '?')!r}); use frozen_layers=0")
     layers = [(name, m) for name, m in model.named_modules()
               if len(list(m.children())) == 0 and any(True for _ in m.parameters(recurse=False))]
     frozen = []
@@ -248,7 +267,7 @@ def train(
     else:
         mcfg = model_config or ModelConfig()
         mcfg = replace(mcfg, preprocess=estimate_normalisation(train_samples, mcfg.preprocess))
-        model = DRSegUNet(mcfg.network)
+        model = build_network(mcfg.network)
     world, rank, dev = _init_distributed(dev)
     # channels_last only on CUDA: on CPU (torch 2.13.0+cpu, oneDNN) its backward pass
     # corrupts memory for narrow networks (4 or 8 start filters: a 1x1 stride-2 shortcut
@@ -269,7 +288,8 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if rank != 0:
             progress = None
-    sampler = PatchSampler(train_samples, config.crop, augment, config.seed + rank)
+    training_autocast(dev, config.bf16)  # check the mode before the first step
+    sampler = PatchSampler(train_samples, config.crop, augment, config.seed + rank, dict(config.source_weights))
     val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1), channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -285,7 +305,8 @@ def train(
             hu, allowed = sampler.batch(config.batch_size)
             x = torch.from_numpy(normalize(hu, mcfg.preprocess)).unsqueeze(1).to(dev)
             y = torch.from_numpy(allowed).to(dev)
-            loss = compute_loss(net(x), y, config.loss)
+            with training_autocast(dev, config.bf16):
+                loss = compute_loss(net(x).float(), y, config.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -301,7 +322,7 @@ def train(
         if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
             model.eval()
             summary = evaluate_samples(val_predictor, val_samples)
-            entry["val_dice"] = mean_dice(summary)
+            entry["val_dice"] = mean_dice(summary, config.select_regions or tuple(summary))
             entry["val"] = {r: v["mean"]["dice"] for r, v in summary.items()}
         history.append(entry)
         score = entry.get("val_dice", -1.0 if val_samples else float(epoch))

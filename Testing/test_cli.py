@@ -127,6 +127,23 @@ def test_evaluate_on_medseg_folder_and_npz(tmp_path, tiny_checkpoint):
             assert set(region["mean"]) == {"dice", "iou", "precision", "recall", "f1"}
 
 
+def test_evaluate_threshold_averaged_dice_and_precision_switch(tmp_path, tiny_checkpoint):
+    data = TESTDATA / "medseg_mini"
+    out = tmp_path / "t.json"
+    assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
+                 "--threshold-averaged", "--cpu-bf16", "off"]) == 0
+    e = json.loads(out.read_text())
+    assert e["bf16"] is False
+    tad = e["threshold_averaged_dice"]["medseg"]
+    assert set(tad) == {"ggo", "consolidation", "infection"}
+    for r in tad.values():
+        assert 0.0 <= r["mean"] <= 1.0 and r["n_slices"] == e["metrics"]["ggo"]["n_slices"]
+    # It scores probabilities, so it needs a model.
+    lungs = tmp_path / "l.npz"
+    np.savez(lungs, labels=np.zeros((1, 4, 4), np.uint8))
+    assert main(["evaluate", str(data), "--predictions", str(lungs), "--threshold-averaged", "--json", str(out)]) == 2
+
+
 def test_info_prints_config_and_parameter_count(capsys, tiny_checkpoint):
     assert main(["info", str(tiny_checkpoint)]) == 0
     info = json.loads(capsys.readouterr().out)

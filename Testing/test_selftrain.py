@@ -212,7 +212,7 @@ def test_evaluate_scores_lungs_and_pseudolabels_of_an_npz_against_expert_masks(t
                  "--json", str(out)]) == 0
     e = json.loads(out.read_text())
     assert set(e["metrics"]) == {"lung"} and e["predictions"] == str(lungs) and e["model"] is None
-    assert e["metrics"]["lung"]["mean"]["dice"] > 0.9  # the -600 approx. HU threshold on these 8-bit slices
+    assert e["metrics"]["lung"]["mean"]["dice"] > 0.9  # Otsu's level (the default for 8-bit slices)
     assert set(e["by_group"]) == {"zenodo3", "zenodo5", "zenodo6"}
     assert e["by_group"]["zenodo5"]["lung"]["n_slices"] == 2
     # Pseudo-labels: the lung field is the same mask; their GGO is scored as infection.
@@ -229,7 +229,7 @@ def test_evaluate_by_group_with_a_model_keeps_the_plain_metrics(tmp_path, tiny_c
                  "--by-group"]) == 0
     ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
     assert "by_group" not in ja and ja["metrics"] == jb["metrics"]
-    assert set(ja) == {"data", "model", "decision", "n_slices", "split_part", "metrics"}
+    assert set(ja) == {"data", "model", "decision", "bf16", "n_slices", "split_part", "metrics"}
     assert sum(g["lung"]["n_slices"] for g in jb["by_group"].values()) == 4
 
 

@@ -242,3 +242,22 @@ def test_temporary_file_of_a_killed_writer_is_not_an_item(tmp_path: Path) -> Non
     s.add(*_slice(1), (1, 1), "vol", 1)
     (s.root / ".tmp-abc.npz").write_bytes(b"PK half")
     assert len(s) == 1 and len(list(s.items())) == 1
+
+
+def test_partially_known_corrections_become_partial_labels(tmp_path) -> None:
+    """finetune trains on what the user checked: a slice whose lung alone was corrected
+    says 'lung' for lung pixels and 'not lung' (any of the other three) elsewhere."""
+    from DRSegUNetLib.data import bit, labels_to_allowed
+
+    labels = np.array([[0, 1, 2, 3]], np.uint8)
+    assert labels_to_allowed(labels).tolist() == [[1, 2, 4, 8]]
+    assert labels_to_allowed(labels, ("lung",)).tolist() == [[7, 7, 7, 8]]
+    assert labels_to_allowed(labels, ("ggo", "consolidation")).tolist() == [[bit(0, 3), 2, 4, bit(0, 3)]]
+    assert labels_to_allowed(labels, ("background", "ggo", "consolidation", "lung")).tolist() == [[1, 2, 4, 8]]
+    assert labels_to_allowed(labels, ()).tolist() == [[15, 15, 15, 15]]
+    with pytest.raises(ValueError, match="unknown class"):
+        labels_to_allowed(labels, ("Lung",))
+    s = CorrectionsStore(tmp_path / "c")
+    with pytest.raises(ValueError, match="unknown classes"):
+        s.add(np.zeros((1, 4), np.float32), labels, (1, 1), "v", 0, known=("GGO",))
+    assert s.ids() == []
