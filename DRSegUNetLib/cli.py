@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast for training steps; auto = on CUDA and on CPUs with native bf16 "
                         "(off reproduces float32 runs exactly)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing augmented crops ahead of the step (default 0: in this process, "
+                        "reproducible; use several on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing augmented crops ahead of the step (default 0; use several on a GPU)")
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     # For tests and smoke runs only: every model at this width; the first N slices per source.
     p.add_argument("--base-filters", type=int, default=None, help=argparse.SUPPRESS)
@@ -417,7 +422,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       crop=args.crop, lr=args.lr, lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
                       frozen_layers=args.frozen_layers, val_every=args.val_every,
                       source_weights=_parse_weights(args.source_weights),
-                      select_regions=_parse_regions(args.select_regions), bf16=args.bf16)
+                      select_regions=_parse_regions(args.select_regions), bf16=args.bf16,
+                      workers=args.workers)
     init = load_checkpoint(args.init) if args.init else None
     mcfg = ModelConfig(network=NetworkConfig(base_filters=args.base_filters, upsampling=args.upsampling))
     result = train(tr, val, args.out, cfg, mcfg, init=init, device=args.device,
@@ -501,7 +507,8 @@ def cmd_crossval(args: argparse.Namespace) -> int:
         raise InputError(f"--folds wants a comma list of fold numbers, not {args.folds!r}") from None
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                      crop=args.crop, lr=args.lr, lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed)
+                      crop=args.crop, lr=args.lr, lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
+                      workers=args.workers)
     out = run_crossval(args.medseg, args.zenodo, args.out, models, folds, cfg, device=args.device,
                        folds_path=args.folds_file or FOLDS_PATH, base_filters=args.base_filters,
                        limit_slices=args.limit_slices, progress=ProgressPrinter(json_lines=args.json_progress))

@@ -124,6 +124,9 @@ class TrainConfig:
     # bfloat16 autocast for the forward pass and loss (weights and Adam stay float32):
     # "auto" = on CUDA and on CPUs with native bf16 (1.8x faster steps here), "on", "off".
     bf16: str = "auto"
+    # Processes that draw augmented crops ahead of the training step (0: in this process,
+    # the reproducible default; a GPU wants several, its CPU crops are the bottleneck).
+    workers: int = 0
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,36 @@ def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_world_size(), dist.get_rank(), device
 
 
+class _CropStream(torch.utils.data.IterableDataset):
+    """Endless (normalised crops, allowed) batches drawn by a PatchSampler per worker."""
+
+    def __init__(self, samples: Sequence[Sample], config: TrainConfig, augment: AugmentConfig, seed: int,
+                 preprocess: PreprocessConfig) -> None:
+        self.samples, self.config, self.augment, self.seed, self.preprocess = samples, config, augment, seed, preprocess
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        seed = self.seed + (7919 * (info.id + 1) if info is not None else 0)
+        sampler = PatchSampler(self.samples, self.config.crop, self.augment, seed, dict(self.config.source_weights))
+        while True:
+            hu, allowed = sampler.batch(self.config.batch_size)
+            yield torch.from_numpy(normalize(hu, self.preprocess)), torch.from_numpy(allowed)
+
+
+def _batch_stream(samples: Sequence[Sample], config: TrainConfig, augment: AugmentConfig, rank: int,
+                  preprocess: PreprocessConfig, device: torch.device):
+    """Iterator of training batches. ``config.workers`` = 0 draws them in this process
+    (the reproducible default); N > 0 draws them in N worker processes ahead of the GPU
+    (other random streams: worker k is seeded seed + rank + 7919 (k + 1))."""
+    stream = _CropStream(samples, config, augment, config.seed + rank, preprocess)
+    if config.workers <= 0:
+        return iter(stream)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4,
+                                         persistent_workers=False)
+    return iter(loader)
+
+
 def training_autocast(device: torch.device, mode: str):
     """bf16 autocast context for training steps (see TrainConfig.bf16)."""
     from .inference import cpu_has_native_bf16
@@ -289,7 +319,7 @@ def train(
         if rank != 0:
             progress = None
     training_autocast(dev, config.bf16)  # check the mode before the first step
-    sampler = PatchSampler(train_samples, config.crop, augment, config.seed + rank, dict(config.source_weights))
+    batches = _batch_stream(train_samples, config, augment, rank, mcfg.preprocess, dev)
     val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1), channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -302,9 +332,9 @@ def train(
         losses = []
         for _ in range(config.steps_per_epoch):
             check_cancel(cancel)
-            hu, allowed = sampler.batch(config.batch_size)
-            x = torch.from_numpy(normalize(hu, mcfg.preprocess)).unsqueeze(1).to(dev)
-            y = torch.from_numpy(allowed).to(dev)
+            x, y = next(batches)
+            x = x.unsqueeze(1).to(dev, non_blocking=True)
+            y = y.to(dev, non_blocking=True)
             with training_autocast(dev, config.bf16):
                 loss = compute_loss(net(x).float(), y, config.loss)
             opt.zero_grad(set_to_none=True)

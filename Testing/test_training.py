@@ -89,3 +89,24 @@ def test_short_training_on_real_slices_lowers_loss_and_writes_checkpoints(tmp_pa
     for k in ("stem.conv1.weight", "stem.bn1.running_mean", "stem.bn1.weight"):
         assert torch.equal(l2.state_dict[k], best.state_dict[k])
     assert not torch.equal(l2.state_dict["stem.conv2.weight"], best.state_dict["stem.conv2.weight"])
+
+
+def test_crop_workers_are_seeded_and_the_default_draws_in_process(tmp_path):
+    """--workers N draws crops in N processes (for GPUs): runs repeat exactly for a seed; the
+    default (0) draws the same crops as a PatchSampler seeded with the run's seed."""
+    from DRSegUNetLib.training import AugmentConfig, PatchSampler, _batch_stream
+    from DRSegUNetLib.preprocessing import normalize
+
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    pp = ModelConfig().preprocess
+    cfg = TrainConfig(batch_size=2, crop=32, seed=5)
+    x, y = next(_batch_stream(ms, cfg, AugmentConfig(), 0, pp, torch.device("cpu")))
+    hu, allowed = PatchSampler(ms, 32, AugmentConfig(), 5).batch(2)
+    assert torch.equal(x, torch.from_numpy(normalize(hu, pp))) and torch.equal(y, torch.from_numpy(allowed))
+
+    def run(name):
+        c = TrainConfig(epochs=1, steps_per_epoch=3, batch_size=2, crop=32, seed=1, workers=2)
+        return train(ms, [], tmp_path / name, c, ModelConfig(network=NetworkConfig(base_filters=4)), device="cpu")
+
+    a, b = run("a"), run("b")
+    assert a.history[0]["loss"] == b.history[0]["loss"]

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The prepared GPU accuracy run (issue 5):  bash bench/gpu_crossval.sh OUTDIR
+#
+# 1. 5-fold cross-validation (docs/crossval.md) of DRSegUNet (transposed-conv and up-sampling
+#    decoders) and the MONAI U-Net at a GPU budget: STEPS steps of BATCH crops of CROP px each,
+#    bf16, WORKERS crop processes; OUTDIR/crossval/summary.md is the table.
+# 2. The final model: the same recipe on all the data (splits/all.json), OUTDIR/final/last.pt,
+#    exported as OUTDIR/final/drsegunet_level1.pt (fp16), with a copy of its settings.
+# Everything stops at LIMIT_S seconds (default 560, under a 10-minute device call); the
+# cross-validation resumes where it stopped when run again with the same OUTDIR.
+#
+# Env: PYTHON (a Python whose torch sees CUDA; default .venv/bin/python, then python3),
+#      MEDSEG (default ../shared/data/medseg/train50), ZENODO (default
+#      ../shared/data/zenodo20/zenodo20_dev.npz), STEPS (800), BATCH (16), CROP (256),
+#      WORKERS (8), MODELS (drsegunet,monai-unet,drsegunet-upsample), LIMIT_S (560),
+#      DEVICE (cuda; "cpu" with tiny STEPS is a smoke test of this script).
+# Timing on a GPU has never been measured: no GPU was available when this was written.
+set -u -o pipefail
+
+OUT=${1:?usage: bash bench/gpu_crossval.sh OUTDIR}
+cd "$(dirname "$0")/.." || exit 2
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+LIMIT=${LIMIT_S:-560}
+DEVICE=${DEVICE:-cuda}
+MEDSEG=${MEDSEG:-../shared/data/medseg/train50}
+ZENODO=${ZENODO:-../shared/data/zenodo20/zenodo20_dev.npz}
+STEPS=${STEPS:-800}
+BATCH=${BATCH:-16}
+CROP=${CROP:-256}
+WORKERS=${WORKERS:-8}
+MODELS=${MODELS:-drsegunet,monai-unet,drsegunet-upsample}
+LOG="$OUT/run.log"
+START=$(date +%s)
+say() { echo "[gpu_crossval] $*" | tee -a "$LOG" >&2; }
+left() { echo $((LIMIT - ($(date +%s) - START))); }
+
+PY=""
+for cand in "${PYTHON:-}" .venv/bin/python python3; do
+    [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 || continue
+    if "$cand" -c "import sys, torch; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null; then
+        PY=$cand
+        break
+    fi
+done
+[ -n "$PY" ] || { say "no Python with a torch that sees CUDA (set PYTHON)"; exit 2; }
+for f in "$MEDSEG" "$ZENODO"; do [ -e "$f" ] || { say "missing data: $f (set MEDSEG / ZENODO)"; exit 2; }; done
+say "python $(command -v "$PY"); device $DEVICE; steps $STEPS x batch $BATCH x crop $CROP; models $MODELS; limit ${LIMIT}s"
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+
+EPOCHS=$(( (STEPS + 99) / 100 ))
+SPE=$(( STEPS / EPOCHS ))
+COMMON=(--epochs "$EPOCHS" --steps-per-epoch "$SPE" --batch-size "$BATCH" --crop "$CROP" --loss ce+dice
+        --lr 1e-3 --lr-schedule cosine --workers "$WORKERS" --device "$DEVICE")
+export PYTHONUNBUFFERED=1
+
+# Leave time for the final model: the cross-validation gets 70 % of what is left.
+CV_LIMIT=$(( $(left) * 70 / 100 ))
+say "cross-validation, at most ${CV_LIMIT}s"
+timeout -k 10 "$CV_LIMIT" "$PY" -m DRSegUNetLib crossval "$MEDSEG" "$ZENODO" --out "$OUT/crossval" \
+    --models "$MODELS" "${COMMON[@]}" >>"$LOG" 2>&1
+rc=$?
+[ "$rc" -eq 124 ] && say "cross-validation stopped at its limit; finished folds are in $OUT/crossval (rerun to resume)"
+[ -f "$OUT/crossval/summary.md" ] && cp "$OUT/crossval/summary.md" "$OUT/crossval_summary.md"
+
+FINAL_LIMIT=$(( $(left) - 20 ))
+if [ "$FINAL_LIMIT" -lt 30 ]; then
+    say "no time left for the final model"
+    exit "$rc"
+fi
+say "final model on all the data, at most ${FINAL_LIMIT}s"
+timeout -k 10 "$FINAL_LIMIT" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" --out "$OUT/final" \
+    --split DRSegUNetLib/splits/all.json "${COMMON[@]}" >>"$LOG" 2>&1 &&
+    "$PY" -m DRSegUNetLib export "$OUT/final/last.pt" "$OUT/final/drsegunet_level1.pt" >>"$LOG" 2>&1
+rc2=$?
+echo "{\"steps\": $STEPS, \"batch\": $BATCH, \"crop\": $CROP, \"workers\": $WORKERS, \"models\": \"$MODELS\", \"device\": \"$DEVICE\", \"seconds\": $(( $(date +%s) - START ))}" >"$OUT/settings.json"
+say "done in $(( $(date +%s) - START ))s (crossval rc $rc, final rc $rc2)"
+[ "$rc" -eq 0 ] && exit "$rc2"
+exit "$rc"
