@@ -149,8 +149,12 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget):
             sliceRange = None
             if self.ui.acceptRangeRadioButton.checked:
                 sliceRange = (self.ui.rangeFirstSpinBox.value - 1, self.ui.rangeLastSpinBox.value - 1)
+            checked = [name for name, box in (("ggo", self.ui.checkedGgoCheckBox),
+                                              ("consolidation", self.ui.checkedConsolidationCheckBox),
+                                              ("lung", self.ui.checkedLungCheckBox)) if box.checked]
             ids = self.logic.acceptCorrections(
-                self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(), sliceRange)
+                self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(), sliceRange,
+                checkedClasses=checked)
             self.ui.statusLabel.text = _("Stored {n} corrected slices.").format(n=len(ids))
             self.refreshModels()
         self.updateButtons()

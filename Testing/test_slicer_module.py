@@ -357,6 +357,26 @@ def test_accept_without_a_prediction_needs_a_range(logic, scene, ct_image):
     assert len(ids) == 2 and logic.correctionsStore.load(ids[0]).labels.max() == 0
 
 
+def test_accept_records_which_segments_were_checked(logic, scene, ct_image):
+    """Unticking segments in the panel stores the slices as partially checked; fine-tuning
+    then trains only on the checked classes (data.labels_to_allowed)."""
+    from DRSegUNetLib.data import labels_to_allowed
+
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    manual = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    ids = logic.acceptCorrections(volume, manual, sliceRange=(0, 0), checkedClasses=["lung"])
+    c = logic.correctionsStore.load(ids[0])
+    assert c.known == ("lung",)
+    assert set(np.unique(labels_to_allowed(c.labels, c.known))) == {0b0111}  # no lung here: not lung
+    every = logic.acceptCorrections(volume, manual, sliceRange=(1, 1), checkedClasses=["lung", "ggo", "consolidation"])
+    assert logic.correctionsStore.load(every[0]).known is None
+    with pytest.raises(ValueError, match="Unknown segment classes"):
+        logic.acceptCorrections(volume, manual, sliceRange=(2, 2), checkedClasses=["Lung"])
+    with pytest.raises(ValueError, match="at least one"):
+        logic.acceptCorrections(volume, manual, sliceRange=(2, 2), checkedClasses=[])
+    assert len(logic.correctionsStore) == 2
+
+
 # ----------------------------------------------------------------- fine-tune
 
 

@@ -280,18 +280,34 @@ class DRSegUNetLogic:
                 self.scene.RemoveNode(display)
             self.scene.RemoveNode(labelmap)
 
-    def acceptCorrections(self, volumeNode, segmentationNode, sliceRange: Optional[Tuple[int, int]] = None) -> List[str]:
+    def acceptCorrections(self, volumeNode, segmentationNode, sliceRange: Optional[Tuple[int, int]] = None,
+                          checkedClasses: Optional[Sequence[str]] = None) -> List[str]:
         """Store corrected axial slices, with their CT, as training pairs; returns the new ids.
 
         Args:
             sliceRange: (first, last) axial slice indices, inclusive, counted from the most
                 inferior slice (0); None stores the slices that differ from what was last
                 predicted or accepted.
+            checkedClasses: the segments the user checked on these slices, as class names
+                ("ggo", "consolidation", "lung"); None or all three: every label is checked.
+                Fine-tuning then trains only on what was checked (a pixel outside the
+                checked segments is known only not to be one of them).
         """
         from DRSegUNetLib.lungs import axial_spacing
+        from DRSegUNetLib.vocabulary import CLASS_NAMES
 
         if volumeNode is None or segmentationNode is None:
             raise ValueError(_("Select the CT volume and its segmentation."))
+        known = None
+        if checkedClasses is not None:
+            segmentClasses = [c for c in CLASS_NAMES if c != "background"]
+            unknown = sorted(set(checkedClasses) - set(segmentClasses))
+            if unknown:
+                raise ValueError(_("Unknown segment classes: {names}.").format(names=", ".join(unknown)))
+            if not checkedClasses:
+                raise ValueError(_("Check at least one segment you corrected."))
+            if set(checkedClasses) != set(segmentClasses):
+                known = tuple(c for c in segmentClasses if c in set(checkedClasses))
         image = sitkImageFromVolumeNode(volumeNode)
         ct = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())[0]
         labels = axial_view(self.labelsFromSegmentation(segmentationNode, volumeNode), image.GetDirection())[0]
@@ -312,7 +328,8 @@ class DRSegUNetLogic:
             chosen = [n for n, (a, b) in enumerate(zip(before, hashes)) if a != b]
         spacing = axial_spacing(image)
         source = segmentationNode.GetAttribute(ATTR_SOURCE) or self.sourceIdentity(volumeNode, image)
-        ids = [self.correctionsStore.add(np.asarray(ct[n]), np.asarray(labels[n]), spacing, source, n) for n in chosen]
+        ids = [self.correctionsStore.add(np.asarray(ct[n]), np.asarray(labels[n]), spacing, source, n, known=known)
+               for n in chosen]
         segmentationNode.SetAttribute(ATTR_SLICE_HASHES, json.dumps(hashes))  # accepted = the new baseline
         return ids
 
