@@ -382,16 +382,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _parse_weights(text: str) -> tuple[tuple[str, float], ...]:
+    import math
+
     from .errors import InputError
 
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        name, sep, value = item.partition("=")
+        name, sep, value = (t.strip() for t in item.partition("="))
         try:
             w = float(value)
         except ValueError:
             w = -1.0
-        if not sep or not name or not w >= 0:
+        if not sep or not name or not (w >= 0 and math.isfinite(w)):
             raise InputError(f"--source-weights wants SOURCE=WEIGHT pairs with weights >= 0, got {item!r}")
         out.append((name, w))
     return tuple(out)
@@ -431,7 +433,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                    progress=ProgressPrinter(json_lines=args.json_progress),
                    extra={"command": " ".join(sys.argv)})
     Path(args.out, "history.json").write_text(json.dumps(result.history, indent=1))
-    log.info("best validation Dice %.4f at epoch %d: %s", result.best_score, result.best_epoch, result.best_path)
+    if val:
+        log.info("best validation Dice %.4f at epoch %d: %s", result.best_score, result.best_epoch, result.best_path)
+    else:
+        log.info("no validation slices: best.pt is the last epoch (%d): %s", result.best_epoch, result.best_path)
     return 0
 
 
@@ -487,7 +492,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .crossval import evaluate_fold
 
         tad = evaluate_fold(predictor, samples)["threshold_averaged_dice"]
-        out["threshold_averaged_dice"] = {src: {r: {k: v for k, v in m.items() if k != "per_slice"} for r, m in regs.items()}
+        out["threshold_averaged_dice"] = {src: {r: {k: v for k, v in m.items() if k != "per_slice"}
+                                                for r, m in regs.items() if r in regions}
                                           for src, regs in tad.items()}
     atomic_write_bytes(args.json, (json.dumps(out, indent=1) + "\n").encode())
     for region, m in summary.items():

@@ -122,7 +122,7 @@ class TrainConfig:
     # Regions whose mean validation Dice picks best.pt (empty: all regions).
     select_regions: tuple[str, ...] = ()
     # bfloat16 autocast for the forward pass and loss (weights and Adam stay float32):
-    # "auto" = on CUDA and on CPUs with native bf16 (1.8x faster steps here), "on", "off".
+    # "auto" = on CUDA and on CPUs with native bf16 (1.7-2x faster steps here: bench/README.md), "on", "off".
     bf16: str = "auto"
     # Processes that draw augmented crops ahead of the training step (0: in this process,
     # the reproducible default; a GPU wants several, its CPU crops are the bottleneck).
@@ -188,7 +188,8 @@ class InferenceConfig:
     # Average the class probabilities of the slice and its left-right mirror (2x time).
     flip_tta: bool = False
     # bfloat16 autocast on CPU: "auto" uses it where the CPU has native bf16 arithmetic
-    # (avx512_bf16 or AMX; 2.3x faster here, bench/README.md), "on", or "off".
+    # (x86 avx512_bf16 or AMX, read from /proc/cpuinfo on Linux; elsewhere "auto" is float32;
+    # 2.1x faster end to end here, docs/bench_cpu_bf16_2026-11-27.md), "on", or "off".
     cpu_bf16: str = "auto"
 
 

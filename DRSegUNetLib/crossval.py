@@ -211,7 +211,7 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     result_path = fold_dir / "result.json"
     if result_path.is_file():
         prev = json.loads(result_path.read_text())
-        if prev.get("protocol") != protocol:
+        if not same_protocol(prev.get("protocol"), protocol):
             raise InputError(f"{result_path} was made with other settings (training, network, folds or data); "
                              "use another --out or delete it")
         log.info("%s fold %d: done already (%s)", name, k, result_path)
@@ -226,7 +226,7 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     if res.best_path != res.last_path and res.best_path.exists():
         res.best_path.unlink()
     t0 = time.time()
-    predictor = Predictor.from_checkpoint(res.last_path, device, batch_size=1)
+    predictor = Predictor.from_checkpoint(res.last_path, device, batch_size=1, cpu_bf16=tcfg.bf16)
     scores = evaluate_fold(predictor, test_s)
     model = predictor.model
     count = lambda part: {src: sum(source_of(s) == src for s in part) for src in sorted({source_of(s) for s in part})}  # noqa: E731
@@ -236,9 +236,36 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
         "n_train": count(train_s), "n_test": count(test_s),
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
         "loss_history": [h["loss"] for h in res.history], **scores,
+        # What "auto" became on this machine (the protocol records only the setting).
+        "device": str(predictor.device), "bf16_train": _bf16_used(predictor.device, tcfg.bf16),
+        "bf16_eval": predictor.uses_bf16,
     }
     atomic_write_bytes(result_path, (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def _bf16_used(device, mode: str) -> bool:
+    from .training import training_autocast
+
+    ac = training_autocast(device, mode)
+    return bool(getattr(ac, "_enabled", False))
+
+
+def same_protocol(prev: Optional[dict[str, Any]], now: dict[str, Any]) -> bool:
+    """Whether a stored fold result was made under ``now``'s protocol.
+
+    Settings added to TrainConfig, NetworkConfig or InferenceConfig after a result was
+    written are missing from it; they count as equal when ``now`` has their default
+    (the code then behaved as the default does)."""
+    if not isinstance(prev, dict):
+        return False
+    defaults = {"train": to_dict(TrainConfig()), "network": to_dict(NetworkConfig()),
+                "decision": to_dict(InferenceConfig(batch_size=1))}
+    filled = dict(prev)
+    for part, dflt in defaults.items():
+        if isinstance(prev.get(part), dict):
+            filled[part] = {**{k: v for k, v in json.loads(json.dumps(dflt)).items() if k not in prev[part]}, **prev[part]}
+    return filled == now
 
 
 # ---------------------------------------------------------------- the table
@@ -343,17 +370,31 @@ def run_crossval(medseg_dir: str | Path, zenodo_npz: str | Path, out: str | Path
     samples = read_medseg_folder(medseg_dir) + read_zenodo_npz(zenodo_npz)
     data_fp = fingerprint([medseg_dir, zenodo_npz])
     folds_sha = hashlib.sha256(json.dumps(fold_defs, sort_keys=True).encode()).hexdigest()
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+    models = list(dict.fromkeys(models))  # a repeated model or fold would count twice
+    folds = list(dict.fromkeys(folds))
+    results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in models}
     protocol: dict[str, Any] = {}
     for k in folds:
         train_s, test_s = split_fold(samples, fold_defs, k, limit_slices)
         for name in models:
             ncfg = MODELS[name] if base_filters is None else replace(MODELS[name], base_filters=base_filters)
             protocol = _protocol(train_config, ncfg, limit_slices, folds_sha, data_fp)
-            results[name].append(run_fold(name, ncfg, k, train_s, test_s, out, train_config, protocol,
-                                          device, data_fp, progress))
-    summary = summarise(results)
-    doc = {"protocol": {k: v for k, v in protocol.items() if k != "network"}, "folds": list(folds),
+            results[name][k] = run_fold(name, ncfg, k, train_s, test_s, out, train_config, protocol,
+                                        device, data_fp, progress)
+    # The table covers every fold finished under this protocol, also by another process
+    # (e.g. one started with --folds 4 beside this one).
+    for name in models:
+        ncfg = MODELS[name] if base_filters is None else replace(MODELS[name], base_filters=base_filters)
+        proto = _protocol(train_config, ncfg, limit_slices, folds_sha, data_fp)
+        for k in range(len(fold_defs)):
+            path = out / name / f"fold{k}" / "result.json"
+            if k not in results[name] and path.is_file():
+                prev = json.loads(path.read_text())
+                if same_protocol(prev.get("protocol"), proto):
+                    results[name][k] = prev
+    done_folds = sorted({k for r in results.values() for k in r})
+    summary = summarise({m: [r[k] for k in sorted(r)] for m, r in results.items()})
+    doc = {"protocol": {k: v for k, v in protocol.items() if k != "network"}, "folds": done_folds,
            "models": summary}
     md = summary_markdown(summary, protocol)
     atomic_write_bytes(out / "summary.json", (json.dumps(doc, indent=1) + "\n").encode())

@@ -54,22 +54,31 @@ class Sample:
 def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None) -> np.ndarray:
     """Exclusive label map in our vocabulary → allowed bitmask.
 
-    ``known``: the class names (``vocabulary.CLASS_NAMES``) whose labels were checked,
-    when only some were (None: all). A pixel labelled with a known class is that class;
-    any other pixel is known only *not* to be a known class, so it allows every class
-    outside ``known`` and the marginal loss leaves the choice among them open.
+    ``known``: the segments that were checked, when only some were (None: every label is
+    right). Names as in ``vocabulary.CLASS_NAMES``, meaning the *segments* a user sees:
+    "lung" is the whole lung field (labels 1-3, the Lung segment), "ggo" and
+    "consolidation" the lesions; "background" says the same as "lung" (everything
+    outside the lung field is right). Each checked segment constrains every pixel: the
+    lung field puts labels 1-3 in {GGO, consolidation, lung} and label 0 in {background};
+    a lesion class c puts label c in {c} and every other pixel in "not c". The allowed
+    set is the intersection, so an unchecked distinction stays open for the marginal loss.
+    All three segments checked is the same as None.
     """
-    decided = (np.uint8(1) << labels.astype(np.uint8)).astype(np.uint8)
+    lab = labels.astype(np.uint8)
     if known is None:
-        return decided
+        return (np.uint8(1) << lab).astype(np.uint8)
     unknown_names = sorted(set(known) - set(CLASS_NAMES))
     if unknown_names:
         raise ValueError(f"unknown class names {unknown_names}; known ones are {', '.join(CLASS_NAMES)}")
-    known_bits = bit(*(CLASS_NAMES.index(n) for n in known)) if known else np.uint8(0)
-    rest = np.uint8(bit(*range(NUM_CLASSES)) & ~known_bits)
-    if rest == 0:
-        return decided
-    return np.where(decided & known_bits, decided, rest).astype(np.uint8)
+    every = bit(*range(NUM_CLASSES))
+    allowed = np.full(lab.shape, every, dtype=np.uint8)
+    for name in set(known):
+        if name in ("lung", "background"):
+            allowed &= np.where(lab != BACKGROUND, bit(GGO, CONSOLIDATION, LUNG), bit(BACKGROUND)).astype(np.uint8)
+        else:
+            c = CLASS_NAMES.index(name)
+            allowed &= np.where(lab == c, bit(c), np.uint8(every & ~bit(c))).astype(np.uint8)
+    return allowed
 
 
 def medseg_allowed(mask: np.ndarray) -> np.ndarray:

@@ -268,7 +268,7 @@ class CorrectionInfo:
     time: str
     shape: tuple[int, int]
     spacing: tuple[float, float]
-    known: tuple[str, ...] | None  # class names the labels are known for; None = all
+    known: tuple[str, ...] | None  # segments checked (data.labels_to_allowed); None = all
     path: Path
 
 
@@ -310,7 +310,7 @@ class CorrectionsStore:
             spacing: (row, column) pixel spacing in mm.
             source: identity of the source volume (name and content fingerprint).
             slice_index: index of the slice in the source's axial view.
-            known: class names the labels are known for, when only some are (None = all).
+            known: the segments checked on this slice, when only some were (None = all; see data.labels_to_allowed).
         """
         ct = np.asarray(ct_slice)
         labels = np.asarray(label_slice)

@@ -26,6 +26,7 @@ from scipy import ndimage
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig, to_dict
 from .data import Sample, bit
+from .errors import InputError
 from .inference import Predictor, resolve_device
 from .metrics import MetricAccumulator, mean_dice
 from .network import DRSegUNet, build_network
@@ -95,6 +96,23 @@ class AugmentConfig:
     foreground_fraction: float = 0.5  # crops centred on infection
 
 
+def sample_probabilities(samples: Sequence[Sample], source_weights: Optional[dict[str, float]] = None) -> np.ndarray:
+    """Probability of drawing each sample: sources ("medseg", "zenodo", ...) equally often,
+    or in the ratio ``source_weights`` gives (a source it does not name weighs 1)."""
+    sources = [s.group.rstrip("0123456789") for s in samples]
+    counts = {k: sources.count(k) for k in set(sources)}
+    sw = source_weights or {}
+    strangers = sorted(set(sw) - set(counts))
+    if strangers:
+        raise InputError(f"source weights name {strangers}, but the training slices come from {sorted(counts)}")
+    if not all(math.isfinite(v) and v >= 0 for v in sw.values()):
+        raise InputError(f"source weights must be finite and >= 0, got {sw}")
+    w = np.array([sw.get(k, 1.0) / counts[k] for k in sources])
+    if not w.sum() > 0:
+        raise InputError(f"source weights {sw} leave nothing to sample from sources {sorted(counts)}")
+    return w / w.sum()
+
+
 class PatchSampler:
     """Random augmented crops (HU, allowed) from samples; sources drawn equally often
     unless ``source_weights`` (source name -> relative frequency) says otherwise."""
@@ -105,13 +123,7 @@ class PatchSampler:
         self.crop = crop
         self.aug = aug
         self.rng = np.random.default_rng(seed)
-        sources = [s.group.rstrip("0123456789") for s in self.samples]
-        counts = {k: sources.count(k) for k in set(sources)}
-        sw = source_weights or {}
-        w = np.array([sw.get(k, 1.0) / counts[k] for k in sources])
-        if not w.sum() > 0:
-            raise ValueError(f"source weights {sw} leave nothing to sample from sources {sorted(counts)}")
-        self.weights = w / w.sum()
+        self.weights = sample_probabilities(self.samples, source_weights)
         # Pixels that can only be infection: centres for foreground-biased crops.
         self.fg = [np.argwhere(((s.allowed & INFECTION_BITS) != 0) & ((s.allowed & bit(BACKGROUND)) == 0))
                    for s in self.samples]
@@ -222,7 +234,9 @@ def training_autocast(device: torch.device, mode: str):
 
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"bf16 must be auto, on or off, not {mode!r}")
-    on = mode == "on" or (mode == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())))
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else device.type == "cpu" and cpu_has_native_bf16())
+    on = mode == "on" or (mode == "auto" and native)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on and device.type in ("cpu", "cuda"))
 
 
@@ -319,53 +333,68 @@ def train(
         if rank != 0:
             progress = None
     training_autocast(dev, config.bf16)  # check the mode before the first step
+    sample_probabilities(train_samples, dict(config.source_weights))  # and the weights
+    if config.select_regions and not val_samples:
+        log.warning("no validation slices: select_regions %s has nothing to select on", ",".join(config.select_regions))
+    elif config.select_regions:
+        undecided = [r for r in config.select_regions if all(s.region_truth(r) is None for s in val_samples)]
+        if undecided:
+            raise InputError(f"no validation slice is annotated for {', '.join(undecided)}: "
+                             "best.pt could never be chosen on it (see --select-regions)")
     batches = _batch_stream(train_samples, config, augment, rank, mcfg.preprocess, dev)
-    val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1), channels_last=channels_last)
+    # Validation uses the training run's precision (bf16="off" reproduces float32 runs).
+    val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1, cpu_bf16=config.bf16),
+                              channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     meta = {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),
             "init": (init.extra.get("name") if init else None), **(extra or {})}
     step = 0
     t0 = time.time()
-    for epoch in range(1, config.epochs + 1):
-        _set_train_mode(model, frozen)
-        losses = []
-        for _ in range(config.steps_per_epoch):
-            check_cancel(cancel)
-            x, y = next(batches)
-            x = x.unsqueeze(1).to(dev, non_blocking=True)
-            y = y.to(dev, non_blocking=True)
-            with training_autocast(dev, config.bf16):
-                loss = compute_loss(net(x).float(), y, config.loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            step += 1
-            losses.append(loss.item())
-            report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
-                   epoch=epoch, loss=losses[-1])
-        entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
-        if rank != 0:
-            continue  # rank 0 validates and writes checkpoints
-        if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
-            model.eval()
-            summary = evaluate_samples(val_predictor, val_samples)
-            entry["val_dice"] = mean_dice(summary, config.select_regions or tuple(summary))
-            entry["val"] = {r: v["mean"]["dice"] for r, v in summary.items()}
-        history.append(entry)
-        score = entry.get("val_dice", -1.0 if val_samples else float(epoch))
-        ckpt = Checkpoint.from_model(model, mcfg, half=False, fingerprint=fingerprint or {},
-                                     metrics={"epoch": epoch, **{k: v for k, v in entry.items() if k != "epoch"}},
-                                     extra={**meta, "history": history})
-        save_checkpoint(ckpt, last_path)
-        if "val_dice" in entry and score > best_score or not val_samples:
-            best_score, best_epoch = score, epoch
-            save_checkpoint(ckpt, best_path)
-        report(progress, "epoch", epoch, config.epochs,
-               f"epoch {epoch}: loss {entry['loss']:.4f}" + (f" val Dice {entry['val_dice']:.3f}" if "val_dice" in entry else ""),
-               **{k: v for k, v in entry.items() if k in ("loss", "val_dice")})
+    try:
+        for epoch in range(1, config.epochs + 1):
+            _set_train_mode(model, frozen)
+            losses = []
+            for _ in range(config.steps_per_epoch):
+                check_cancel(cancel)
+                x, y = next(batches)
+                x = x.unsqueeze(1).to(dev, non_blocking=True)
+                y = y.to(dev, non_blocking=True)
+                with training_autocast(dev, config.bf16):
+                    loss = compute_loss(net(x).float(), y, config.loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                step += 1
+                losses.append(loss.item())
+                report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
+                       epoch=epoch, loss=losses[-1])
+            entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
+            if rank != 0:
+                continue  # rank 0 validates and writes checkpoints
+            if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
+                model.eval()
+                summary = evaluate_samples(val_predictor, val_samples)
+                entry["val_dice"] = mean_dice(summary, config.select_regions or tuple(summary))
+                entry["val"] = {r: v["mean"]["dice"] for r, v in summary.items()}
+            history.append(entry)
+            score = entry.get("val_dice", -1.0 if val_samples else float(epoch))
+            ckpt = Checkpoint.from_model(model, mcfg, half=False, fingerprint=fingerprint or {},
+                                         metrics={"epoch": epoch, **{k: v for k, v in entry.items() if k != "epoch"}},
+                                         extra={**meta, "history": history})
+            save_checkpoint(ckpt, last_path)
+            if "val_dice" in entry and score > best_score or not val_samples:
+                best_score, best_epoch = score, epoch
+                save_checkpoint(ckpt, best_path)
+            report(progress, "epoch", epoch, config.epochs,
+                   f"epoch {epoch}: loss {entry['loss']:.4f}" + (f" val Dice {entry['val_dice']:.3f}" if "val_dice" in entry else ""),
+                   **{k: v for k, v in entry.items() if k in ("loss", "val_dice")})
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader workers (config.workers > 0)
+        if shutdown is not None:
+            shutdown()
     if world > 1:
         import torch.distributed as dist
 

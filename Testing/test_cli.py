@@ -127,7 +127,7 @@ def test_evaluate_on_medseg_folder_and_npz(tmp_path, tiny_checkpoint):
             assert set(region["mean"]) == {"dice", "iou", "precision", "recall", "f1"}
 
 
-def test_evaluate_threshold_averaged_dice_and_precision_switch(tmp_path, tiny_checkpoint):
+def test_evaluate_threshold_averaged_dice_and_precision_switch(tmp_path, tiny_checkpoint, capsys):
     data = TESTDATA / "medseg_mini"
     out = tmp_path / "t.json"
     assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
@@ -142,6 +142,7 @@ def test_evaluate_threshold_averaged_dice_and_precision_switch(tmp_path, tiny_ch
     lungs = tmp_path / "l.npz"
     np.savez(lungs, labels=np.zeros((1, 4, 4), np.uint8))
     assert main(["evaluate", str(data), "--predictions", str(lungs), "--threshold-averaged", "--json", str(out)]) == 2
+    assert "--threshold-averaged needs the model's probabilities" in capsys.readouterr().err
 
 
 def test_info_prints_config_and_parameter_count(capsys, tiny_checkpoint):

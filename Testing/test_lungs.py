@@ -22,7 +22,7 @@ ONE_MM = (1.0, 1.0)
 # COVID-19-CT-Seg pixels are per-slice min-max normalised and CLAHE-enhanced, so the
 # 8-bit→HU rule puts fat and muscle near -500 approx. HU: with the thesis's -170 HU
 # threshold the lungs merge with the body wall (Dice 0 on every slice). Where soft
-# tissue lands varies from slice to slice (Otsu's level runs from about -650 to -400
+# tissue lands varies from slice to slice (Otsu's level runs from about -750 to -390
 # approx. HU), so these slices get Otsu's level per slice ("auto" for 8-bit input).
 OTSU = LungConfig(threshold_method="otsu")
 FIXED_600 = LungConfig(threshold_method="thesis", threshold_hu=-600.0)  # the previous 8-bit default

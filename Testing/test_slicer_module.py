@@ -367,7 +367,7 @@ def test_accept_records_which_segments_were_checked(logic, scene, ct_image):
     ids = logic.acceptCorrections(volume, manual, sliceRange=(0, 0), checkedClasses=["lung"])
     c = logic.correctionsStore.load(ids[0])
     assert c.known == ("lung",)
-    assert set(np.unique(labels_to_allowed(c.labels, c.known))) == {0b0111}  # no lung here: not lung
+    assert set(np.unique(labels_to_allowed(c.labels, c.known))) == {0b0001}  # lung checked, none here
     every = logic.acceptCorrections(volume, manual, sliceRange=(1, 1), checkedClasses=["lung", "ggo", "consolidation"])
     assert logic.correctionsStore.load(every[0]).known is None
     with pytest.raises(ValueError, match="Unknown segment classes"):

@@ -245,14 +245,19 @@ def test_temporary_file_of_a_killed_writer_is_not_an_item(tmp_path: Path) -> Non
 
 
 def test_partially_known_corrections_become_partial_labels(tmp_path) -> None:
-    """finetune trains on what the user checked: a slice whose lung alone was corrected
-    says 'lung' for lung pixels and 'not lung' (any of the other three) elsewhere."""
+    """finetune trains on what the user checked. "lung" is the Lung *segment* (the whole lung
+    field): checked alone, it decides lung field vs outside and leaves the lesion classes
+    inside the field open; a checked lesion class decides "this class or not"."""
     from DRSegUNetLib.data import bit, labels_to_allowed
 
     labels = np.array([[0, 1, 2, 3]], np.uint8)
+    field = bit(1, 2, 3)
     assert labels_to_allowed(labels).tolist() == [[1, 2, 4, 8]]
-    assert labels_to_allowed(labels, ("lung",)).tolist() == [[7, 7, 7, 8]]
+    assert labels_to_allowed(labels, ("lung",)).tolist() == [[1, field, field, field]]
     assert labels_to_allowed(labels, ("ggo", "consolidation")).tolist() == [[bit(0, 3), 2, 4, bit(0, 3)]]
+    assert labels_to_allowed(labels, ("ggo",)).tolist() == [[bit(0, 2, 3), 2, bit(0, 2, 3), bit(0, 2, 3)]]
+    assert labels_to_allowed(labels, ("lung", "ggo")).tolist() == [[1, 2, bit(2, 3), bit(2, 3)]]
+    assert labels_to_allowed(labels, ("ggo", "consolidation", "lung")).tolist() == [[1, 2, 4, 8]]
     assert labels_to_allowed(labels, ("background", "ggo", "consolidation", "lung")).tolist() == [[1, 2, 4, 8]]
     assert labels_to_allowed(labels, ()).tolist() == [[15, 15, 15, 15]]
     with pytest.raises(ValueError, match="unknown class"):

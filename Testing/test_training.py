@@ -108,5 +108,8 @@ def test_crop_workers_are_seeded_and_the_default_draws_in_process(tmp_path):
         c = TrainConfig(epochs=1, steps_per_epoch=3, batch_size=2, crop=32, seed=1, workers=2)
         return train(ms, [], tmp_path / name, c, ModelConfig(network=NetworkConfig(base_filters=4)), device="cpu")
 
+    import multiprocessing
+
     a, b = run("a"), run("b")
     assert a.history[0]["loss"] == b.history[0]["loss"]
+    assert not multiprocessing.active_children()  # the crop workers are gone when train() returns

@@ -5,7 +5,7 @@
 #    decoders) and the MONAI U-Net at a GPU budget: STEPS steps of BATCH crops of CROP px each,
 #    bf16, WORKERS crop processes; OUTDIR/crossval/summary.md is the table.
 # 2. The final model: the same recipe on all the data (splits/all.json), OUTDIR/final/last.pt,
-#    exported as OUTDIR/final/drsegunet_level1.pt (fp16), with a copy of its settings.
+#    exported as OUTDIR/final/drsegunet_level1.pt (fp16); OUTDIR/settings.json records the run.
 # Everything stops at LIMIT_S seconds (default 560, under a 10-minute device call); the
 # cross-validation resumes where it stopped when run again with the same OUTDIR.
 #
@@ -48,8 +48,11 @@ for f in "$MEDSEG" "$ZENODO"; do [ -e "$f" ] || { say "missing data: $f (set MED
 say "python $(command -v "$PY"); device $DEVICE; steps $STEPS x batch $BATCH x crop $CROP; models $MODELS; limit ${LIMIT}s"
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 
-EPOCHS=$(( (STEPS + 99) / 100 ))
-SPE=$(( STEPS / EPOCHS ))
+if [ $((STEPS % 100)) -eq 0 ] && [ "$STEPS" -gt 100 ]; then
+    EPOCHS=$((STEPS / 100)); SPE=100
+else
+    EPOCHS=1; SPE=$STEPS  # exactly STEPS steps either way
+fi
 COMMON=(--epochs "$EPOCHS" --steps-per-epoch "$SPE" --batch-size "$BATCH" --crop "$CROP" --loss ce+dice
         --lr 1e-3 --lr-schedule cosine --workers "$WORKERS" --device "$DEVICE")
 export PYTHONUNBUFFERED=1
@@ -60,7 +63,9 @@ say "cross-validation, at most ${CV_LIMIT}s"
 timeout -k 10 "$CV_LIMIT" "$PY" -m DRSegUNetLib crossval "$MEDSEG" "$ZENODO" --out "$OUT/crossval" \
     --models "$MODELS" "${COMMON[@]}" >>"$LOG" 2>&1
 rc=$?
-[ "$rc" -eq 124 ] && say "cross-validation stopped at its limit; finished folds are in $OUT/crossval (rerun to resume)"
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    say "cross-validation stopped at its limit; finished folds are in $OUT/crossval (rerun to resume)"
+fi
 [ -f "$OUT/crossval/summary.md" ] && cp "$OUT/crossval/summary.md" "$OUT/crossval_summary.md"
 
 FINAL_LIMIT=$(( $(left) - 20 ))
@@ -70,9 +75,12 @@ if [ "$FINAL_LIMIT" -lt 30 ]; then
 fi
 say "final model on all the data, at most ${FINAL_LIMIT}s"
 timeout -k 10 "$FINAL_LIMIT" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" --out "$OUT/final" \
-    --split DRSegUNetLib/splits/all.json "${COMMON[@]}" >>"$LOG" 2>&1 &&
-    "$PY" -m DRSegUNetLib export "$OUT/final/last.pt" "$OUT/final/drsegunet_level1.pt" >>"$LOG" 2>&1
+    --split DRSegUNetLib/splits/all.json "${COMMON[@]}" >>"$LOG" 2>&1
 rc2=$?
+[ "$rc2" -ne 0 ] && say "final training ended with rc $rc2; exporting its last finished epoch if there is one"
+if [ -f "$OUT/final/last.pt" ]; then
+    "$PY" -m DRSegUNetLib export "$OUT/final/last.pt" "$OUT/final/drsegunet_level1.pt" >>"$LOG" 2>&1 || rc2=$?
+fi
 echo "{\"steps\": $STEPS, \"batch\": $BATCH, \"crop\": $CROP, \"workers\": $WORKERS, \"models\": \"$MODELS\", \"device\": \"$DEVICE\", \"seconds\": $(( $(date +%s) - START ))}" >"$OUT/settings.json"
 say "done in $(( $(date +%s) - START ))s (crossval rc $rc, final rc $rc2)"
 [ "$rc" -eq 0 ] && exit "$rc2"
