@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
     p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="average the probabilities of each slice and its left-right mirror (twice the time)")
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model", description="Train DRSegUNet (Adam + marginal categorical cross-entropy) on annotated slices; writes best.pt (best validation Dice) and last.pt atomically.")
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax")
     p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="average the probabilities of each slice and its left-right mirror (twice the time)")
     p.add_argument("--split-part", choices=("all", "train", "val", "test"), default="all",
                    help="score only this part of --split (default: every slice in DATA)")
     p.add_argument("--threshold-averaged", action="store_true",
@@ -323,7 +327,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
         predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
                                               decision=args.decision, batch_size=args.batch_size,
-                                              cpu_bf16=args.cpu_bf16)
+                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta)
         written = _segment_one(predictor, args.paths[0], Path(args.paths[1]), args.seg_nrrd, args.report,
                                args.overlay, progress=ProgressPrinter())
         log.info("wrote %s", ", ".join(written))
@@ -364,7 +368,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 0
     predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
                                           decision=args.decision, batch_size=args.batch_size,
-                                              cpu_bf16=args.cpu_bf16)
+                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta)
     failed = []
     printer = ProgressPrinter()
     for i, (path, name) in enumerate(todo, 1):
@@ -470,7 +474,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .inference import Predictor
 
         predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1,
-                                              cpu_bf16=args.cpu_bf16)
+                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta)
         samples = read_dataset(args.data, predictor.config.eight_bit)
         predict = lambda s: predictor.predict_slices([s.hu])[0]  # noqa: E731
     if args.split_part != "all":
@@ -483,6 +487,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = {"data": str(args.data), "model": None if args.predictions else str(args.model or default_model_path()),
            "decision": None if args.predictions else args.decision,
            "bf16": None if args.predictions else predictor.uses_bf16,
+           "flip_tta": None if args.predictions else predictor.inference.flip_tta,
            "n_slices": len(samples), "split_part": args.split_part, "metrics": summary}
     if args.predictions:
         out["predictions"] = str(args.predictions)

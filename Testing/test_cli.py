@@ -133,7 +133,12 @@ def test_evaluate_threshold_averaged_dice_and_precision_switch(tmp_path, tiny_ch
     assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
                  "--threshold-averaged", "--cpu-bf16", "off"]) == 0
     e = json.loads(out.read_text())
-    assert e["bf16"] is False
+    assert e["bf16"] is False and e["flip_tta"] is False
+    flipped = tmp_path / "f.json"
+    assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(flipped), "--device", "cpu",
+                 "--flip-tta", "--cpu-bf16", "off"]) == 0
+    f = json.loads(flipped.read_text())
+    assert f["flip_tta"] is True  # read back from the Predictor that scored
     tad = e["threshold_averaged_dice"]["medseg"]
     assert set(tad) == {"ggo", "consolidation", "infection"}
     for r in tad.values():

@@ -108,3 +108,19 @@ def test_cropped_slices_are_not_restricted():
     hu[0, :6, :] = -850.0  # a lung cut by the crop reaches the border (0.4 of it)
     labels = np.full((1, 20, 20), 3, np.uint8)
     np.testing.assert_array_equal(restrict_to_body(labels, hu, -500.0), labels)
+
+
+def test_flip_tta_averages_the_mirror_and_is_mirror_equivariant(tiny_checkpoint):
+    """flip_tta: P = (p(x) + mirror(p(mirror(x)))) / 2, so a mirrored slice gets mirrored labels."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 200, (1, 48, 40)).astype(np.float32)
+    plain = Predictor.from_checkpoint(tiny_checkpoint, "cpu", cpu_bf16="off")
+    tta = Predictor.from_checkpoint(tiny_checkpoint, "cpu", cpu_bf16="off", flip_tta=True)
+    p, q = plain.probabilities(hu), tta.probabilities(hu)
+    expected = 0.5 * (p + plain.probabilities(np.ascontiguousarray(hu[..., ::-1])).flip(-1))
+    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(p, q, atol=1e-4)  # the network alone is not mirror-symmetric
+    mirrored = tta.probabilities(np.ascontiguousarray(hu[..., ::-1]))
+    torch.testing.assert_close(mirrored, q.flip(-1), rtol=1e-5, atol=1e-6)
