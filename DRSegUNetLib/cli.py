@@ -51,6 +51,23 @@ class ProgressPrinter:
             ProgressPrinter.line_open = False
 
 
+def _add_training_budget(p: argparse.ArgumentParser, epochs: int) -> None:
+    """Options shared by train and crossval: the budget, crops, optimiser and loss."""
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128, help="square crop size in pixels (native resolution)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce")
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing augmented crops ahead of the step (default 0: in this process, "
+                        "reproducible; use several on a GPU)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -94,13 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=str(Path(__file__).parent / "splits" / "default.json"),
                    help="JSON split file naming validation and test slices (default: the bundled split)")
     p.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning / level 2)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--steps-per-epoch", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128, help="square crop size in pixels (native resolution)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce")
+    _add_training_budget(p, epochs=40)
     p.add_argument("--frozen-layers", type=int, default=0, help="freeze the first N layers (level 2: 2)")
     p.add_argument("--base-filters", type=int, default=16)
     p.add_argument("--upsampling", choices=("transpose", "upsample"), default="transpose")
@@ -112,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast for training steps; auto = on CUDA and on CPUs with native bf16 "
                         "(off reproduces float32 runs exactly)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="processes drawing augmented crops ahead of the step (default 0: in this process, "
-                        "reproducible; use several on a GPU)")
+    _add_workers(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
@@ -131,16 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {', '.join(MODELS)} (default: all)")
     p.add_argument("--folds", default="0,1,2,3,4", help="comma list of folds to run (default 0,1,2,3,4)")
     p.add_argument("--folds-file", default=None, help="folds JSON (default: the bundled splits/folds.json)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--steps-per-epoch", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128, help="square crop size in pixels (native resolution)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce")
+    _add_training_budget(p, epochs=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0,
-                   help="processes drawing augmented crops ahead of the step (default 0; use several on a GPU)")
+    _add_workers(p)
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     # For tests and smoke runs only: every model at this width; the first N slices per source.
     p.add_argument("--base-filters", type=int, default=None, help=argparse.SUPPRESS)

@@ -205,7 +205,7 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     """Train ``name`` on ``train_s``, score it on ``test_s``; write and return its result (or reuse it)."""
     from .inference import Predictor
     from .network import keras_parameter_count, parameter_count
-    from .training import train
+    from .training import train, training_uses_bf16
 
     fold_dir = out / name / f"fold{k}"
     result_path = fold_dir / "result.json"
@@ -237,18 +237,11 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
         "loss_history": [h["loss"] for h in res.history], **scores,
         # What "auto" became on this machine (the protocol records only the setting).
-        "device": str(predictor.device), "bf16_train": _bf16_used(predictor.device, tcfg.bf16),
+        "device": str(predictor.device), "bf16_train": training_uses_bf16(predictor.device, tcfg.bf16),
         "bf16_eval": predictor.uses_bf16,
     }
     atomic_write_bytes(result_path, (json.dumps(result, indent=1) + "\n").encode())
     return result
-
-
-def _bf16_used(device, mode: str) -> bool:
-    from .training import training_autocast
-
-    ac = training_autocast(device, mode)
-    return bool(getattr(ac, "_enabled", False))
 
 
 def same_protocol(prev: Optional[dict[str, Any]], now: dict[str, Any]) -> bool:

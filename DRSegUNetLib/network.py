@@ -104,6 +104,18 @@ class Decoder(nn.Module):
         return self.block(torch.cat([self.up(x), skip], dim=1))
 
 
+def pad_to_multiple(x: torch.Tensor, channels: int, multiple: int, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Check an (N, channels, H, W) input and replicate-pad H, W up to ``multiple``;
+    returns the padded input and the original (H, W) to crop the logits back to."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} expects input of shape (N, {channels}, H, W); got {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x, (h, w)
+
+
 class DRSegUNet(nn.Module):
     """The thesis's network; ``base_filters=16`` gives 5,484,276 Keras parameters.
 
@@ -135,15 +147,7 @@ class DRSegUNet(nn.Module):
         return 2**self.config.depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"DRSegUNet expects input of shape (N, {self.config.in_channels}, H, W); got {tuple(x.shape)}"
-            )
-        h, w = x.shape[-2:]
-        m = self.multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x, (h, w) = pad_to_multiple(x, self.config.in_channels, self.multiple, "DRSegUNet")
         skips = [self.stem(x)]
         for enc in self.encoders:
             skips.append(enc(skips[-1]))
@@ -182,15 +186,7 @@ class MonaiUNet(nn.Module):
         return 2**self.config.depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"MonaiUNet expects input of shape (N, {self.config.in_channels}, H, W); got {tuple(x.shape)}"
-            )
-        h, w = x.shape[-2:]
-        m = self.multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x, (h, w) = pad_to_multiple(x, self.config.in_channels, self.multiple, "MonaiUNet")
         return self.net(x)[..., :h, :w]
 
 

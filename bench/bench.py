@@ -420,7 +420,7 @@ def child_finetune(a: dict[str, Any]) -> dict[str, Any]:
     from DRSegUNetLib.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from DRSegUNetLib.config import FineTuneConfig, ModelConfig, TrainConfig
     from DRSegUNetLib.network import DRSegUNet
-    from DRSegUNetLib.training import train, training_autocast
+    from DRSegUNetLib.training import train, training_uses_bf16
 
     if a.get("threads"):
         torch.set_num_threads(a["threads"])
@@ -455,8 +455,7 @@ def child_finetune(a: dict[str, Any]) -> dict[str, Any]:
     epochs = [m - p for p, m in zip([t0] + marks[:-1], marks)]
     return {"epoch_s": epochs, "checkpoint_save_s": save_s, "steps_per_epoch": cfg.steps_per_epoch, "batch": cfg.batch_size, "crop": crop,
             "frozen_layers": cfg.frozen_layers, "peak_rss_mb": peak_rss_mb(),
-            "bf16": training_autocast(torch.device(a["device"]), cfg.bf16).fast_dtype == torch.bfloat16
-                    and training_autocast(torch.device(a["device"]), cfg.bf16)._enabled,
+            "bf16": training_uses_bf16(torch.device(a["device"]), cfg.bf16),
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if a["device"] == "cuda" else None,
             "threads": torch.get_num_threads()}
 
