@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import __version__, default_model_path
+from .config import InferenceConfig
 
 log = logging.getLogger("DRSegUNetLib")
 
@@ -103,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
     p.add_argument("--flip-tta", action="store_true",
                    help="average the probabilities of each slice and its left-right mirror (twice the time)")
+    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
+                   help=f"working pixel size of the network in mm (default {InferenceConfig.pixel_mm:g}, about the "
+                        "training slices'): slices are resampled to it and the labels come back on the CT's grid; "
+                        "0 = the CT's own grid")
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model", description="Train DRSegUNet (Adam + marginal categorical cross-entropy) on annotated slices; writes best.pt (best validation Dice) and last.pt atomically.")
@@ -167,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average the probabilities of each slice and its left-right mirror (twice the time)")
     p.add_argument("--split-part", choices=("all", "train", "val", "test"), default="all",
                    help="score only this part of --split (default: every slice in DATA)")
+    p.add_argument("--slice-pixel-mm", type=float, default=0.0,
+                   help="pixel size in mm to assume for DATA's slices, which carry no geometry; the network then runs "
+                        f"at --pixel-mm as segment does on CT (default 0: on the slices' own grid)")
+    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
+                   help=f"working pixel size in mm with --slice-pixel-mm (default {InferenceConfig.pixel_mm:g})")
     p.add_argument("--threshold-averaged", action="store_true",
                    help="also write the Inf-Net-style Dice averaged over 256 probability thresholds per slice "
                         "(docs/crossval.md; needs --model, not --predictions; doubles the time)")
@@ -234,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen-layers", type=int, default=ft.frozen_layers)
     p.add_argument("--batch-size", type=int, default=ft.batch_size)
     p.add_argument("--crop", type=int, default=ft.crop)
+    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
+                   help="resample the slices to this pixel size in mm first, the working pixel of segment "
+                        f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
 
@@ -320,16 +334,25 @@ def _volume_name(p: Path) -> str:
     return name
 
 
+def _check_pixel_mm(args: argparse.Namespace) -> None:
+    from .errors import InputError
+
+    if not (math.isfinite(args.pixel_mm) and args.pixel_mm >= 0):
+        raise InputError(f"--pixel-mm must be a pixel size in mm, or 0 for the own grid; got {args.pixel_mm}")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .errors import CheckpointError, InputError
     from .inference import Predictor
 
+    _check_pixel_mm(args)
     if args.out_dir is None:
         if len(args.paths) != 2 or args.list or args.shard:
             raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
         predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
                                               decision=args.decision, batch_size=args.batch_size,
-                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta)
+                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
+                                              pixel_mm=args.pixel_mm or None)
         written = _segment_one(predictor, args.paths[0], Path(args.paths[1]), args.seg_nrrd, args.report,
                                args.overlay, progress=ProgressPrinter())
         log.info("wrote %s", ", ".join(written))
@@ -370,7 +393,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 0
     predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
                                           decision=args.decision, batch_size=args.batch_size,
-                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta)
+                                          cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
+                                          pixel_mm=args.pixel_mm or None)
     failed = []
     printer = ProgressPrinter()
     for i, (path, name) in enumerate(todo, 1):
@@ -388,7 +412,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _parse_weights(text: str) -> tuple[tuple[str, float], ...]:
-    import math
 
     from .errors import InputError
 
@@ -475,10 +498,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from .inference import Predictor
 
+        _check_pixel_mm(args)
+        if not (math.isfinite(args.slice_pixel_mm) and args.slice_pixel_mm >= 0):
+            raise InputError(f"--slice-pixel-mm must be a pixel size in mm, or 0; got {args.slice_pixel_mm}")
+        spacing = (args.slice_pixel_mm,) * 2 if args.slice_pixel_mm else None
         predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1,
-                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta)
+                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
+                                              pixel_mm=args.pixel_mm or None)
         samples = read_dataset(args.data, predictor.config.eight_bit)
-        predict = lambda s: predictor.predict_slices([s.hu])[0]  # noqa: E731
+        predict = lambda s: predictor.labels(s.hu[None], spacing)[0][0]  # noqa: E731
     if args.split_part != "all":
         parts = dict(zip(("train", "val", "test"), apply_split(samples, load_split(args.split))))
         samples = parts[args.split_part]
@@ -490,6 +518,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
            "decision": None if args.predictions else args.decision,
            "bf16": None if args.predictions else predictor.uses_bf16,
            "flip_tta": None if args.predictions else predictor.inference.flip_tta,
+           "slice_pixel_mm": None if args.predictions else (args.slice_pixel_mm or None),
+           "pixel_mm": None if args.predictions or not args.slice_pixel_mm else predictor.inference.pixel_mm,
            "n_slices": len(samples), "split_part": args.split_part, "metrics": summary}
     if args.predictions:
         out["predictions"] = str(args.predictions)
@@ -498,7 +528,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.threshold_averaged:
         from .crossval import evaluate_fold
 
-        tad = evaluate_fold(predictor, samples)["threshold_averaged_dice"]
+        tad = evaluate_fold(predictor, samples, spacing=spacing)["threshold_averaged_dice"]
         out["threshold_averaged_dice"] = {src: {r: {k: v for k, v in m.items() if k != "per_slice"}
                                                 for r, m in regs.items() if r in regions}
                                           for src, regs in tad.items()}
@@ -650,16 +680,16 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import math
     import tempfile
 
     from .checkpoint import load_checkpoint
     from .config import TrainConfig
-    from .data import Sample, labels_to_allowed
+    from .data import Sample, labels_to_allowed, resample_sample
     from .errors import InputError
     from .store import CorrectionsStore, ModelStore
     from .training import train
 
+    _check_pixel_mm(args)
     store = ModelStore(args.store, bundled=default_model_path())
     parent = store.active()
     start = Path(args.model) if args.model else parent.path
@@ -670,7 +700,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     samples = []
     for cid in ids:
         c = corrections.load(cid)
-        samples.append(Sample(c.ct_hu, labels_to_allowed(c.labels, c.known), cid, "corrections"))
+        sample = Sample(c.ct_hu, labels_to_allowed(c.labels, c.known), cid, "corrections")
+        samples.append(resample_sample(sample, c.spacing, args.pixel_mm or None))
     printer = ProgressPrinter(json_lines=args.json_progress)
     cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=max(1, math.ceil(len(samples) / args.batch_size)),
                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, frozen_layers=args.frozen_layers)

@@ -154,8 +154,12 @@ def split_fold(samples: Sequence[Sample], folds: Sequence[dict[str, Any]], k: in
 
 
 # ---------------------------------------------------------------- one fold
-def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256) -> dict[str, Any]:
+def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256,
+                  spacing: Optional[tuple[float, float]] = None) -> dict[str, Any]:
     """Argmax metrics (per source, as ``evaluate``) and threshold-averaged Dice of the probabilities.
+
+    ``spacing``: (row, col) pixel size in mm to assume for the slices (see
+    ``Predictor.probabilities``); None runs the network on the slices' own grid.
 
     The threshold-averaged Dice of a region uses the summed softmax probability of
     its classes (infection: GGO + consolidation; lung: GGO + consolidation + lung),
@@ -170,7 +174,7 @@ def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256)
     for s in samples:
         src = source_of(s)
         acc = accs.setdefault(src, MetricAccumulator(tuple(REGIONS)))
-        labels, prob = predictor.labels(s.hu[None])
+        labels, prob = predictor.labels(s.hu[None], spacing)
         prob = prob[0].float().cpu().numpy()
         truths = {r: s.region_truth(r) for r in REGIONS}
         acc.add(s.name, labels[0], truths)

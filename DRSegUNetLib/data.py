@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import EightBitConfig
 from .errors import InputError
-from .preprocessing import eight_bit_to_hu
+from .preprocessing import eight_bit_to_hu, working_size
 from .vocabulary import BACKGROUND, CLASS_NAMES, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS
 
 ALL_CLASSES = np.uint8((1 << NUM_CLASSES) - 1)
@@ -49,6 +49,22 @@ class Sample:
         if not np.all(inside | outside):
             return None
         return inside
+
+
+def resample_sample(sample: Sample, spacing: Sequence[float], pixel_mm: Optional[float]) -> Sample:
+    """``sample`` (pixel ``spacing`` (row, col) mm) on the working grid of ``pixel_mm``
+    pixels that inference uses for CT with a geometry (``InferenceConfig.pixel_mm``): HU
+    bilinear, allowed classes nearest. Unchanged where ``preprocessing.working_size`` keeps
+    the grid, so fine-tuning sees corrections at the scale the model segments them."""
+    from scipy import ndimage
+
+    size = working_size(sample.hu.shape, spacing, pixel_mm)
+    if size is None:
+        return sample
+    zoom = [m / n for m, n in zip(size, sample.hu.shape)]
+    hu = ndimage.zoom(sample.hu.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest")
+    allowed = ndimage.zoom(sample.allowed, zoom, order=0, grid_mode=True, mode="nearest")
+    return Sample(hu.astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group)
 
 
 def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None) -> np.ndarray:

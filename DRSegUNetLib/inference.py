@@ -1,7 +1,8 @@
 """Inference: a CT volume in HU → exclusive label map, slice by slice.
 
 Data flow: SimpleITK image (any direction) → axial view → batches of slices →
-window + z-score → network → softmax → decision → yield per slice → labels placed
+window + z-score → (resampled to ``InferenceConfig.pixel_mm``) → network → softmax →
+(resampled back) → decision → yield per slice → labels placed
 back in the input's geometry. Class probabilities exist only for one batch at a
 time, so memory does not grow with the number of slices.
 """
@@ -22,8 +23,8 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .config import InferenceConfig, ModelConfig
 from .errors import InputError
 from .network import DRSegUNet
-from .orientation import axial_view
-from .preprocessing import check_ct_hu, normalize
+from .orientation import axial_spacing, axial_view
+from .preprocessing import check_ct_hu, normalize, working_size
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
 log = logging.getLogger(__name__)
@@ -156,20 +157,37 @@ class Predictor:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def probabilities(self, hu: np.ndarray) -> torch.Tensor:
-        """Softmax probabilities (N, C, H, W) float32 on the device for HU slices (N, H, W)."""
+    def working_size(self, shape: Sequence[int], spacing: Optional[Sequence[float]]) -> Optional[tuple[int, int]]:
+        """(rows, cols) the network sees for slices of ``shape`` with pixel ``spacing`` (row,
+        col) mm, or None for their own grid (``preprocessing.working_size``)."""
+        return working_size(shape, spacing, self.inference.pixel_mm)
+
+    def probabilities(self, hu: np.ndarray, spacing: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """Softmax probabilities (N, C, H, W) float32 on the device for HU slices (N, H, W).
+
+        With ``spacing`` (row, col) mm and ``InferenceConfig.pixel_mm``, the network runs
+        on the slices resampled to that pixel size (bilinear, antialiased) and the
+        probabilities are resampled back (bilinear) to (H, W).
+        """
         x = torch.from_numpy(normalize(hu, self.config.preprocess)).unsqueeze(1)
         x = x.to(self.device, non_blocking=True)
+        size = self.working_size(hu.shape, spacing)
+        if size is not None:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), self._autocast():
             prob = torch.softmax(self.model(x).float(), dim=1)
             if self.inference.flip_tta:
                 prob = 0.5 * (prob + torch.softmax(self.model(x.flip(-1)).float(), dim=1).flip(-1))
+            if size is not None:
+                prob = torch.nn.functional.interpolate(prob, size=tuple(hu.shape[-2:]), mode="bilinear",
+                                                       align_corners=False)
             return prob
 
-    def labels(self, hu: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """(labels (N, H, W) uint8 as numpy, probabilities on the device) for HU slices (N, H, W)."""
-        prob = self.probabilities(hu)
+    def labels(self, hu: np.ndarray, spacing: Optional[Sequence[float]] = None) -> tuple[np.ndarray, torch.Tensor]:
+        """(labels (N, H, W) uint8 as numpy, probabilities on the device) for HU slices (N, H, W)
+        of pixel size ``spacing`` (row, col) mm when known (see :meth:`probabilities`)."""
+        prob = self.probabilities(hu, spacing)
         labels = decide(prob, self.inference).cpu().numpy()
         if self.inference.restrict_to_body:
             labels = restrict_to_body(labels, hu, self.inference.body_threshold_hu)
@@ -192,13 +210,14 @@ class Predictor:
         """Yield one :class:`SliceResult` per axial slice, inferior to superior."""
         array = validate_ct_image(image)
         view, _ = axial_view(array, image.GetDirection())
+        spacing = axial_spacing(image.GetSpacing(), image.GetDirection())
         n = view.shape[0]
         bs = max(1, self.inference.batch_size)
         report(progress, "segment", 0, n, "segmenting")
         for start in range(0, n, bs):
             check_cancel(cancel)
             batch = np.ascontiguousarray(view[start:start + bs], dtype=np.float32)
-            labels, prob = self.labels(batch)
+            labels, prob = self.labels(batch, spacing)
             probs = prob.half().cpu().numpy() if with_probabilities else None
             for k in range(labels.shape[0]):
                 yield SliceResult(start + k, n, labels[k], image.GetDirection(),

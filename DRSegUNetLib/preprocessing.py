@@ -1,5 +1,8 @@
-"""Thesis §4.2 preprocessing, the 8-bit→HU rule, and checks that an image is CT in HU."""
+"""Thesis §4.2 preprocessing, the 8-bit→HU rule, the working pixel grid, and checks that
+an image is CT in HU."""
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -14,6 +17,20 @@ def normalize(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """
     x = np.clip(np.asarray(hu, dtype=np.float32), cfg.hu_min, cfg.hu_max)
     return (x - np.float32(cfg.mean)) / np.float32(cfg.std)
+
+
+def working_size(shape: Sequence[int], spacing: Optional[Sequence[float]],
+                 pixel_mm: Optional[float]) -> Optional[tuple[int, int]]:
+    """(rows, cols) of slices of ``shape`` (..., H, W) and pixel ``spacing`` (row, col) mm
+    resampled to ``pixel_mm`` pixels (``InferenceConfig.pixel_mm``), or None to keep their
+    own grid: no spacing, no ``pixel_mm``, or a grid within 5 % of it."""
+    if spacing is None or not pixel_mm:
+        return None
+    hw = tuple(int(n) for n in shape[-2:])
+    size = tuple(max(1, round(n * float(s) / pixel_mm)) for n, s in zip(hw, spacing))
+    if all(abs(m / n - 1.0) <= 0.05 for m, n in zip(size, hw)):
+        return None
+    return size  # type: ignore[return-value]
 
 
 def eight_bit_to_hu(values: np.ndarray, cfg: EightBitConfig = EightBitConfig()) -> np.ndarray:

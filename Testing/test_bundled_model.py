@@ -3,6 +3,7 @@
 These are the model card's numbers, recomputed: a model that regresses fails here.
 """
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,49 @@ def test_held_out_accuracy(tmp_path, shared_data, bundled_model, dataset):
     for (ds, region), target in TARGETS.items():
         if ds == dataset:
             assert m[region]["mean"]["dice"] >= target, (region, m[region]["mean"])
+
+
+def _lung_field(image, **inference_kw):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DRSegUNetLib import default_model_path
+    from DRSegUNetLib.inference import Predictor
+    from DRSegUNetLib.vocabulary import REGIONS
+
+    labels = Predictor.from_checkpoint(default_model_path(), "cpu", **inference_kw).predict(image)
+    return np.isin(sitk.GetArrayFromImage(labels), REGIONS["lung"])
+
+
+def _dice(a, b) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_finds_the_lungs_on_real_hu_ct_at_its_working_pixel_size():
+    """Issue 5's HU target on the bundled real slices (all of docs/hu_lungs.md: bench/hu_lungs.py).
+
+    COVID-19-NY-SBU A002304-135 (0.64 mm pixels; its thesis lung extraction is clean):
+    lung field vs extraction measured 0.930 at the default 1.2 mm working pixel, 0.875 on
+    the native grid. CIP crop_ct_2slices (0.59 mm, COPD): vs CIP's lung mask 0.989 and
+    0.990, native grid 0.415 and 0.453 (dark emphysematous lung taken for outside air).
+    Floors: the target 0.90 on the COVID slice, 0.95 on CIP (the extraction itself scores
+    0.978 there), and the native grid must stay clearly worse on CIP, or the test would
+    not show that the working pixel size is what finds the lungs."""
+    import SimpleITK as sitk
+
+    from DRSegUNetLib import sample_ct_path
+    from DRSegUNetLib.imageio import read_ct
+    from DRSegUNetLib.lungs import extract_lungs
+
+    covid = read_ct(sample_ct_path())
+    extraction = sitk.GetArrayFromImage(extract_lungs(covid)).astype(bool)
+    assert _dice(_lung_field(covid), extraction) >= 0.90
+
+    cip_dir = Path(__file__).resolve().parent / "data" / "cip_lungs"
+    cip = read_ct(cip_dir / "crop_ct_2slices.nrrd")
+    truth = sitk.GetArrayFromImage(read_ct(cip_dir / "crop_ct_2slices_lungmask_DERIVED.nrrd")) > 0
+    field = _lung_field(cip)
+    native = _lung_field(cip, pixel_mm=None)
+    for z in range(2):
+        assert _dice(field[z], truth[z]) >= 0.95, z
+        assert _dice(native[z], truth[z]) < 0.80, z

@@ -181,3 +181,21 @@ def test_segment_many_one_load_skips_finished_and_shards(tmp_path, sample_ct_pat
     assert main(["segment", str(inputs), "--out-dir", str(shard_out), "--model", str(tiny_checkpoint),
                  "--shard", "1/2", "--device", "cpu"]) == 0
     assert sorted(p.name for p in shard_out.iterdir()) == ["case1.json", "case1.nii.gz"]
+
+
+def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys):
+    """evaluate --slice-pixel-mm gives geometry-less slices a pixel size, so the network runs
+    at --pixel-mm as segment does on CT; negative sizes are one-line errors."""
+    data = TESTDATA / "medseg_mini"
+    out = tmp_path / "p.json"
+    assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
+                 "--slice-pixel-mm", "0.6", "--pixel-mm", "1.2", "--threshold-averaged"]) == 0
+    e = json.loads(out.read_text())
+    assert e["slice_pixel_mm"] == 0.6 and e["pixel_mm"] == 1.2
+    assert e["threshold_averaged_dice"]["medseg"]["ggo"]["n_slices"] == e["metrics"]["ggo"]["n_slices"] > 0
+    assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out),
+                 "--slice-pixel-mm", "-1"]) == 2
+    assert "--slice-pixel-mm must be" in capsys.readouterr().err
+    assert main(["segment", str(REPO / "DRSegUNetLib" / "data" / "ny_sbu_A002304_135.dcm"), str(tmp_path / "l.nii.gz"),
+                 "--model", str(tiny_checkpoint), "--pixel-mm", "-0.5"]) == 2
+    assert "--pixel-mm must be" in capsys.readouterr().err and not (tmp_path / "l.nii.gz").exists()

@@ -104,7 +104,7 @@ def test_channels_last_on_cpu_gives_plain_labels(model_and_config, real_slices, 
 @pytest.mark.slow
 def test_batched_volume_gives_slice_by_slice_labels(model_and_config, real_slices, plain_probabilities):
     model, cfg = model_and_config
-    p = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2, cpu_bf16="off"))
+    p = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2, cpu_bf16="off", pixel_mm=None))
     labels = sitk.GetArrayFromImage(p.predict(_volume(real_slices)))
     _assert_same_labels(labels, plain_probabilities, real_slices)
 
@@ -114,7 +114,7 @@ def test_pipelined_device_normalised_path_gives_plain_labels(model_and_config, r
     bench = _bench_module()
     model, cfg = model_and_config
     p = Predictor(copy.deepcopy(model).to(memory_format=torch.channels_last), cfg, "cpu",
-                  InferenceConfig(batch_size=2, cpu_bf16="off"))
+                  InferenceConfig(batch_size=2, cpu_bf16="off", pixel_mm=None))
     p.iter_slices = types.MethodType(bench.fast_iter_slices, p)
     events = []
     out = p.predict(_volume(real_slices), progress=lambda s, i, n, m="", **k: events.append((s, i, n)))

@@ -124,3 +124,29 @@ def test_flip_tta_averages_the_mirror_and_is_mirror_equivariant(tiny_checkpoint)
     assert not torch.allclose(p, q, atol=1e-4)  # the network alone is not mirror-symmetric
     mirrored = tta.probabilities(np.ascontiguousarray(hu[..., ::-1]))
     torch.testing.assert_close(mirrored, q.flip(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_working_pixel_size_resamples_for_the_network_and_back(tiny_checkpoint):
+    """CT with a known geometry runs through the network at InferenceConfig.pixel_mm; the
+    labels come back on the CT's own grid, identical to per-slice calls with that spacing."""
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-700, 200, (3, 96, 80)).astype(np.float32)
+    img = sitk.GetImageFromArray(hu)
+    img.SetSpacing((0.7, 0.7, 2.0))
+    seen = []
+    p = Predictor.from_checkpoint(tiny_checkpoint, "cpu", pixel_mm=1.4, batch_size=2)
+    p.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    out = sitk.GetArrayFromImage(p.predict(img))
+    assert seen == [(48, 40), (48, 40)] and out.shape == hu.shape
+    per_slice = np.concatenate([p.labels(hu[k:k + 1], (0.7, 0.7))[0] for k in range(3)])
+    np.testing.assert_array_equal(out, per_slice)
+    # Anisotropic pixels: rows and columns resampled separately.
+    assert p.working_size((96, 80), (0.7, 1.4)) == (48, 80)
+    # Within 5 % of the working pixel, without a spacing, or with pixel_mm=None: own grid.
+    assert p.working_size((96, 80), (1.35, 1.35)) is None and p.working_size((96, 80), None) is None
+    seen.clear()
+    img.SetSpacing((1.4, 1.4, 2.0))
+    p.predict(img)
+    assert seen == [(96, 80), (96, 80)]
+    q = Predictor.from_checkpoint(tiny_checkpoint, "cpu", pixel_mm=None)
+    assert q.working_size((96, 80), (0.7, 0.7)) is None

@@ -266,3 +266,22 @@ def test_partially_known_corrections_become_partial_labels(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown classes"):
         s.add(np.zeros((1, 4), np.float32), labels, (1, 1), "v", 0, known=("GGO",))
     assert s.ids() == []
+
+
+def test_corrections_are_resampled_to_the_working_pixel_size() -> None:
+    """finetune trains on corrections at the pixel size segment runs the network at
+    (InferenceConfig.pixel_mm): 0.7 mm halves the grid, HU bilinear, labels nearest."""
+    from DRSegUNetLib.data import Sample, bit, labels_to_allowed, resample_sample
+
+    labels = np.zeros((100, 80), np.uint8)
+    labels[20:60, 10:50] = 3
+    labels[30:40, 20:30] = 1
+    hu = np.where(labels > 0, -800.0, 40.0).astype(np.float32)
+    s = Sample(hu, labels_to_allowed(labels), "c1", "corrections")
+    r = resample_sample(s, (0.7, 0.7), 1.4)
+    assert r.hu.shape == r.allowed.shape == (50, 40) and (r.name, r.group) == ("c1", "corrections")
+    assert set(np.unique(r.allowed)) == {bit(0), bit(1), bit(3)}
+    assert (r.allowed == bit(1)).sum() == 25 and (r.allowed != bit(0)).sum() == 400
+    assert r.hu.min() >= -800.0 and r.hu.max() <= 40.0
+    assert resample_sample(s, (1.4, 1.4), 1.4) is s and resample_sample(s, (0.7, 0.7), None) is s
+    assert resample_sample(s, (0.7, 1.4), 1.4).hu.shape == (50, 80)

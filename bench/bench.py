@@ -122,6 +122,18 @@ def build_model(which: str, monai_base: int = 44):
     raise ValueError(which)
 
 
+def network_side(shape: int, variant: str) -> int:
+    """Side of the square the network sees for the bench volume (``shape`` px slices of the
+    real CT's spacing) in ``variant``: the working pixel grid unless ``native``."""
+    from DRSegUNetLib.config import InferenceConfig
+    from DRSegUNetLib.preprocessing import working_size
+
+    if parse_variant(variant)["native"]:
+        return shape
+    size = working_size((shape, shape), base_slice_hu(shape)[1], InferenceConfig.pixel_mm)
+    return shape if size is None else size[0]
+
+
 def count_flops(which: str, shape: int, monai_base: int = 44) -> int:
     """FLOPs (FlopCounterMode: 2 per multiply-add) of one forward on one (1, 1, shape, shape) slice."""
     import torch
@@ -199,10 +211,12 @@ def parse_variant(spec: str) -> dict[str, Any]:
 
     bsN: batch size N; cl: channels_last weights (CUDA already has them); cb: cudnn.benchmark;
     bf16: bf16 autocast (CUDA already has it); fp32: no autocast; compile: torch.compile (CPU: with
-    weight freezing); fast: :func:`fast_iter_slices`; ort: ONNX Runtime on CPU (:class:`OrtModel`).
+    weight freezing); fast: :func:`fast_iter_slices`; ort: ONNX Runtime on CPU (:class:`OrtModel`);
+    native: the network on the CT's own 512-px grid instead of the working pixel size
+    (InferenceConfig.pixel_mm, the default since 2026-11-27).
     """
     opts: dict[str, Any] = {"batch": None, "cl": False, "cb": False, "compile": False, "bf16": False, "fp32": False,
-                            "fast": False, "ort": False}
+                            "fast": False, "ort": False, "native": False}
     for tok in spec.split("+"):
         if tok in ("default", ""):
             continue
@@ -211,7 +225,7 @@ def parse_variant(spec: str) -> dict[str, Any]:
         elif tok in opts:
             opts[tok] = True
         else:
-            raise SystemExit(f"unknown variant token {tok!r} in {spec!r}; use bsN, cl, cb, compile, bf16, fp32, fast, ort")
+            raise SystemExit(f"unknown variant token {tok!r} in {spec!r}; use bsN, cl, cb, compile, bf16, fp32, fast, ort, native")
     return opts
 
 
@@ -226,11 +240,13 @@ def fast_iter_slices(self, image, progress=None, cancel=None, with_probabilities
     import torch
 
     from DRSegUNetLib.inference import SliceResult, decide, restrict_to_body, validate_ct_image
-    from DRSegUNetLib.orientation import axial_view
+    from DRSegUNetLib.orientation import axial_spacing, axial_view
     from DRSegUNetLib.progress import check_cancel, report
 
     array = validate_ct_image(image)
     view, _ = axial_view(array, image.GetDirection())
+    size = self.working_size(view.shape[1:], axial_spacing(image.GetSpacing(), image.GetDirection()))
+    interpolate = torch.nn.functional.interpolate
     n = view.shape[0]
     bs = max(1, self.inference.batch_size)
     cuda = self.device.type == "cuda"
@@ -243,10 +259,14 @@ def fast_iter_slices(self, image, progress=None, cancel=None, with_probabilities
             raw = raw.pin_memory()
         x = raw.to(self.device, non_blocking=True).unsqueeze(1).float()
         x = (x.clamp_(pp.hu_min, pp.hu_max) - pp.mean) / pp.std
+        if size is not None:
+            x = interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             prob = torch.softmax(self.model(x).float(), dim=1)
+            if size is not None:
+                prob = interpolate(prob, size=tuple(view.shape[1:]), mode="bilinear", align_corners=False)
             labels = decide(prob, self.inference)
         out = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=cuda)
         out.copy_(labels, non_blocking=True)
@@ -321,7 +341,8 @@ def make_predictor(which: str, device: str, spec: str, monai_base: int):
 
     opts = parse_variant(spec)
     model, cfg, desc = build_model(which, monai_base)
-    inf = InferenceConfig() if opts["batch"] is None else InferenceConfig(batch_size=opts["batch"])
+    inf = InferenceConfig(**({} if opts["batch"] is None else {"batch_size": opts["batch"]}),
+                          **({"pixel_mm": None} if opts["native"] else {}))
     pred = Predictor(model, cfg, device, inf)
     if opts["cb"]:
         torch.backends.cudnn.benchmark = True
@@ -396,7 +417,8 @@ def finetune_samples(n: int, shape: int):
     """``n`` accepted corrections: the real slice, shifted, with labels from lung extraction + HU bands."""
     import numpy as np
 
-    from DRSegUNetLib.data import Sample, labels_to_allowed
+    from DRSegUNetLib.config import InferenceConfig
+    from DRSegUNetLib.data import Sample, labels_to_allowed, resample_sample
     from DRSegUNetLib.lungs import extract_lungs_slice
     from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG
 
@@ -410,7 +432,9 @@ def finetune_samples(n: int, shape: int):
     out = []
     for k, (dy, dx) in enumerate(shifts(n, seed=1)):
         h, l = np.roll(hu, (dy, dx), (0, 1)), np.roll(lab, (dy, dx), (0, 1))
-        out.append(Sample(h, labels_to_allowed(l), f"bench{k}", "corrections"))
+        # As `DRSegUNetLib finetune` does: on the working pixel grid.
+        out.append(resample_sample(Sample(h, labels_to_allowed(l), f"bench{k}", "corrections"), spacing,
+                                   InferenceConfig.pixel_mm))
     return out
 
 
@@ -665,17 +689,20 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"- Hardware peak used for %: {pk['peak_gflops']:,.0f} GFLOP/s = {pk['peak_what']} ({extra})")
     elif pk:
         lines.append(f"- Hardware peak: {pk['error']}")
+    lines.append("- The network runs at the working pixel size (InferenceConfig.pixel_mm) on a grid of "
+                 "'net px' a side, and the labels come back on the CT's grid; variant `native` runs it on the "
+                 "CT's grid. GFLOP/slice is on the network's grid.")
     lines += ["", "## Inference (SimpleITK image in → label map out)", "",
-              "| network | variant | N | batch | s/slice | slices/s | first slice s | total s | peak RSS MB | GPU peak MB | GFLOP/slice | GFLOP/s | % peak | labels = default |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| network | variant | N | batch | net px | s/slice | slices/s | first slice s | total s | peak RSS MB | GPU peak MB | GFLOP/slice | GFLOP/s | % peak | labels = default |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["inference"]:
         name = "DRSegUNet" if r["model"] == "ours" else "MONAI BasicUNet"
         if "error" in r:
-            lines.append(f"| {name} | {r['variant']} | {r['n']} | | {r['error']} | | | | | | | | | |")
+            lines.append(f"| {name} | {r['variant']} | {r['n']} | | | {r['error']} | | | | | | | | | |")
             continue
         agree = r.get("agreement_with_default")
         lines.append(
-            f"| {name} | {r['variant']} | {r['n']} | {r['batch']} | {fmt(r['s_per_slice'])} | {fmt(r['slices_per_s'])} | "
+            f"| {name} | {r['variant']} | {r['n']} | {r['batch']} | {r.get('network_side', '')} | {fmt(r['s_per_slice'])} | {fmt(r['slices_per_s'])} | "
             f"{fmt(r['first_slice_s'])} | {fmt(r['total_s'])} | {fmt(r['peak_rss_mb'], 4)} | {fmt(r['gpu_peak_mb'], 4)} | "
             f"{r['gflop_per_slice']:.1f} | {fmt(r['achieved_gflops'])} | {fmt(r['pct_of_peak'], 2)} | "
             f"{'—' if agree is None else ('equal' if agree == 1.0 else f'{100 * agree:.3f}%')} |")
@@ -830,7 +857,12 @@ def run_all(args: argparse.Namespace, out: Path, scratch: Path, device: str, hav
                         **common, "model": c[0], "variant": c[1], "n": n, "repeats": repeats,
                         "monai_base": monai_base, "labels_path": str(labels_path(scratch, c[0], c[1], n))}))
             for c, rec in recs.items():
-                summarise_infer(rec, flops[c[0]], peak_gflops)
+                side = network_side(args.shape, c[1])
+                key = f"{c[0]}@{side}"
+                if key not in flops:
+                    flops[key] = count_flops("ours", side) if c[0] == "ours" else count_flops("monai", side, monai_base)
+                rec["network_side"] = side
+                summarise_infer(rec, flops[key], peak_gflops)
                 rec["agreement_with_default"] = label_agreement(labels_path(scratch, c[0], "default", n),
                                                                 labels_path(scratch, c[0], c[1], n))
                 result["inference"].append(rec)
@@ -839,7 +871,7 @@ def run_all(args: argparse.Namespace, out: Path, scratch: Path, device: str, hav
                     tr = ours["s_per_slice"] / rec["s_per_slice"]
                     result.setdefault("ratios", []).append({
                         "variant": c[1], "n": n, "time_ratio": tr,
-                        "time_per_flop_ratio": tr * flops["monai"] / flops["ours"]})
+                        "time_per_flop_ratio": tr * flops[f"monai@{side}"] / flops[f"ours@{side}"]})
             save()
 
     def run_finetune() -> None:

@@ -1,0 +1,152 @@
+"""Does the model find the lungs on real CT in HU? (issue 5, third target)
+
+For every real HU CT in ../shared/data/hu (12 COVID-19-NY-SBU DICOM slices, CIP's
+native-resolution crop_ct_2slices and, for information only, the 4 mm ct-64 and
+TestInput), this script segments with a model (default: the bundled one) and compares
+its lung field (GGO ∪ consolidation ∪ lung) with the thesis's lung extraction
+(lungs.extract_lungs, -170 HU). The target counts only slices where that extraction is
+clean; which slices are clean is decided from the extraction alone, before the model
+is run (``bench/hu_clean_slices.json``, with the reason for each slice), or, where CIP
+gives an expert lung mask, by the extraction agreeing with it (Dice >= 0.95).
+
+    python bench/hu_lungs.py --out out/hu_lungs [--model M] [--pixel-mm MM] [--overlays]
+
+prints one row per slice and a summary table, writes ``hu_lungs.json`` and, with
+``--overlays``, one PNG per slice (extraction outline red, model outline green).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from DRSegUNetLib import default_model_path  # noqa: E402
+from DRSegUNetLib.imageio import read_ct  # noqa: E402
+from DRSegUNetLib.inference import Predictor  # noqa: E402
+from DRSegUNetLib.lungs import extract_lungs  # noqa: E402
+from DRSegUNetLib.orientation import axial_view  # noqa: E402
+from DRSegUNetLib.vocabulary import REGIONS  # noqa: E402
+
+HU = ROOT.parent / "shared" / "data" / "hu"
+CLEAN_FILE = Path(__file__).with_name("hu_clean_slices.json")
+CIP_CLEAN_DICE = 0.95  # extraction vs CIP's expert mask at least this: "clean"
+WINDOW = (-1350.0, 150.0)
+
+
+def cases(hu_dir: Path):
+    """(name, CT path, expert lung mask path or None, used for the target)."""
+    for p in sorted((hu_dir / "covid19_ny_sbu").glob("*.dcm")):
+        yield f"ny_sbu/{p.stem}", p, None, True
+    cip = hu_dir / "cip_copdgene"
+    yield "cip/crop_ct_2slices", cip / "crop_ct_2slices.nrrd", cip / "crop_ct_2slices_lungmask_DERIVED.nrrd", True
+    # 4 mm voxels, 64 px across: far coarser than anything the model saw; information only.
+    yield "cip/ct-64", cip / "ct-64.nrrd", cip / "wholeLung-64.nrrd", False
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def write_png(path: Path, hu: np.ndarray, extraction: np.ndarray, model: np.ndarray | None) -> None:
+    from PIL import Image
+    grey = np.clip((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    rgb[outline(extraction)] = (1.0, 0.1, 0.1)
+    if model is not None:
+        rgb[outline(model)] = (0.1, 1.0, 0.1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    ap.add_argument("--hu-dir", default=str(HU))
+    ap.add_argument("--overlays", action="store_true", help="write one PNG per slice")
+    ap.add_argument("--extraction-only", action="store_true",
+                    help="only write the extraction overlays (to judge cleanliness before running the model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pixel-mm", type=float, default=None,
+                    help="working pixel size of the network in mm (default: InferenceConfig's; 0 = native grid)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = json.loads(CLEAN_FILE.read_text())["slices"] if CLEAN_FILE.exists() else {}
+    kw = {} if args.pixel_mm is None else {"pixel_mm": args.pixel_mm or None}
+    predictor = None if args.extraction_only else Predictor.from_checkpoint(args.model or default_model_path(),
+                                                                             device=args.device, **kw)
+    rows = []
+    for name, ct_path, expert_path, for_target in cases(Path(args.hu_dir)):
+        image = sitk.Cast(read_ct(ct_path), sitk.sitkFloat32)
+        hu, _ = axial_view(sitk.GetArrayFromImage(image), image.GetDirection())
+        ext, _ = axial_view(sitk.GetArrayFromImage(extract_lungs(image)), image.GetDirection())
+        if predictor is not None:
+            lab = predictor.predict(image)
+            field, _ = axial_view(np.isin(sitk.GetArrayFromImage(lab), REGIONS["lung"]), lab.GetDirection())
+        expert = None
+        if expert_path is not None:
+            e = read_ct(expert_path)
+            expert, _ = axial_view(sitk.GetArrayFromImage(e) > 0, e.GetDirection())
+        for z in range(hu.shape[0]):
+            sname = name if hu.shape[0] == 1 else f"{name}[{z}]"
+            x = ext[z].astype(bool)
+            if not x.any() and (expert is None or not expert[z].any()):
+                continue  # no lung in this slice by either reference
+            row = {"slice": sname, "for_target": for_target, "extraction_px": int(x.sum())}
+            if expert is not None:
+                row["extraction_vs_expert"] = dice(x, expert[z])
+                row["clean"] = row["extraction_vs_expert"] >= CIP_CLEAN_DICE
+                row["why"] = f"extraction vs CIP lung mask Dice {'>=' if row['clean'] else '<'} {CIP_CLEAN_DICE}"
+            else:
+                verdict = clean.get(sname)
+                row["clean"] = bool(verdict and verdict["clean"])
+                row["why"] = verdict["why"] if verdict else "not judged"
+            if predictor is not None:
+                m = field[z]
+                row["model_vs_extraction"] = dice(m, x)
+                if expert is not None:
+                    row["model_vs_expert"] = dice(m, expert[z])
+            if args.overlays or args.extraction_only:
+                write_png(out / "png" / (sname.replace("/", "_").replace("[", "_").replace("]", "") + ".png"),
+                          hu[z], x, None if predictor is None else field[z])
+            rows.append(row)
+    (out / "hu_lungs.json").write_text(json.dumps({
+        "model": None if predictor is None else predictor.source,
+        "pixel_mm": None if predictor is None else predictor.inference.pixel_mm, "rows": rows}, indent=1))
+    if predictor is None:
+        print(f"{len(rows)} extraction overlays in {out / 'png'}")
+        return 0
+    print(f"model {predictor.source}, working pixel {predictor.inference.pixel_mm or 'native'} mm\n")
+    print("| slice | used for target | extraction clean | why | model vs extraction | model vs expert | extraction vs expert |")
+    print("|---|---|---|---|---|---|---|")
+    f = lambda r, k: "%.3f" % r[k] if k in r else ""
+    for r in rows:
+        print(f"| {r['slice']} | {'yes' if r['for_target'] else 'no'} | {'yes' if r['clean'] else 'no'} | {r['why']} "
+              f"| {f(r, 'model_vs_extraction')} | {f(r, 'model_vs_expert')} | {f(r, 'extraction_vs_expert')} |")
+    print()
+    print("| set | slices | model vs extraction, mean Dice | min |")
+    print("|---|---|---|---|")
+    for label, sel in (("clean slices (target: >= 0.90)", [r for r in rows if r["for_target"] and r["clean"]]),
+                       ("all target slices", [r for r in rows if r["for_target"]]),
+                       ("ct-64, clean (information)", [r for r in rows if not r["for_target"] and r["clean"]])):
+        d = [r["model_vs_extraction"] for r in sel]
+        print(f"| {label} | {len(d)} | {np.mean(d):.3f} | {np.min(d):.3f} |" if d else f"| {label} | 0 | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
