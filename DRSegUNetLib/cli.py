@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="label map (volume format, or .npz)")
     p.add_argument("--lung-mask", default=None, help="use this lung mask (nonzero = lung) of a volume instead of extracting one")
     _add_lung_threshold(p, st)
+    _add_cluster_domain(p)
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("selftrain", help="weakly supervised self-learning: pseudo-labels, level 1, level 2 (thesis §4.4)",
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eight-bit-threshold-hu", type=float, default=st.eight_bit_lung_threshold_hu,
                    help=f"with --threshold thesis: lung threshold for 8-bit .npz slices in approx. HU (default {st.eight_bit_lung_threshold_hu:g})")
     p.add_argument("--threshold-hu", type=float, default=None, help="lung threshold for CT in HU (default -170, thesis; not with --threshold otsu)")
+    _add_cluster_domain(p)
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
 
@@ -563,6 +565,14 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_domain(p: argparse.ArgumentParser) -> None:
+    from .config import PseudoLabelConfig
+
+    p.add_argument("--cluster-domain", choices=("image", "lung"), default=PseudoLabelConfig.cluster_domain,
+                   help="what k-means (K=3) clusters: image (default, thesis step 5) = the lung-extracted image with "
+                        "air outside the lung; lung = the lung pixels only (the brightest third: mostly vessels)")
+
+
 def _add_lung_threshold(p: argparse.ArgumentParser, st) -> None:
     p.add_argument("--threshold", choices=("auto", "thesis", "otsu"), default="auto",
                    help="air/tissue threshold rule (lungs.py): auto (default) = otsu for 8-bit .npz slices, thesis for CT in HU; "
@@ -624,6 +634,7 @@ def cmd_lungs(args: argparse.Namespace) -> int:
 def cmd_pseudolabel(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .config import PseudoLabelConfig
     from .errors import InputError
     from .selftrain import lung_masks, pseudo_labels
 
@@ -644,7 +655,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
         lungs = np.ascontiguousarray(view) != 0
     else:
         lungs = lung_masks(inp, cfg, progress=printer)
-    labels = pseudo_labels(inp, lungs, progress=printer)
+    labels = pseudo_labels(inp, lungs, PseudoLabelConfig(cluster_domain=args.cluster_domain), progress=printer)
     _write_labels(inp, labels, args.output)
     log.info("pseudo-labels: %d GGO and %d lung pixels in %d slices: wrote %s", int((labels == 1).sum()),
              int((labels == 3).sum()), len(inp), args.output)
@@ -652,7 +663,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
 
 def cmd_selftrain(args: argparse.Namespace) -> int:
-    from .config import LungConfig, SelfTrainConfig
+    from .config import LungConfig, PseudoLabelConfig, SelfTrainConfig
     from .errors import InputError
     from .selftrain import run_selftrain
 
@@ -672,7 +683,9 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
         lung = LungConfig(threshold_method=args.threshold, threshold_hu=args.threshold_hu)
     printer = ProgressPrinter(json_lines=args.json_progress)
     t0 = time.time()
-    result = run_selftrain(inputs, args.out, cfg, extras=extras, lung=lung, device=args.device, progress=printer)
+    result = run_selftrain(inputs, args.out, cfg, extras=extras, lung=lung,
+                           pseudo=PseudoLabelConfig(cluster_domain=args.cluster_domain), device=args.device,
+                           progress=printer)
     printer("done", 1, 1, f"{len(result.checkpoints)} level(s) in {args.out} ({time.time() - t0:.0f} s; "
                           f"skipped as finished: {', '.join(result.skipped) or 'none'})",
             checkpoints=[str(p) for p in result.checkpoints])
