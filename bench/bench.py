@@ -759,8 +759,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--shape", type=int, default=512, help="in-plane size (512; smaller only for smoke runs)")
     p.add_argument("--variants", default=None,
                    help="inference variants of DRSegUNet, comma-separated; 'default' is the library as is; "
-                        "tokens joined by '+': bsN cl cb compile bf16 fp32 fast (see parse_variant; default cpu: "
-                        "default,fp32; cuda: default,bs64+cb,bs64+cb+fast,bs64+cb+fast+compile)")
+                        "tokens joined by '+': bsN cl cb compile bf16 fp32 fast native (see parse_variant; default cpu: "
+                        "default,native,fp32; cuda: default,native,bs64+cb,bs64+cb+fast,bs64+cb+fast+compile)")
     p.add_argument("--monai-variants", default=None,
                    help="variants also run with MONAI for the ratio (default cuda: default,bs64+cb+fast; "
                         "otherwise the --variants without compile)")
@@ -811,7 +811,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def run_all(args: argparse.Namespace, out: Path, scratch: Path, device: str, have_monai: bool) -> int:
     cuda = device == "cuda"
     sizes = [int(s) for s in (args.sizes or ("4" if args.quick else "64,300")).split(",")]
-    variants = (args.variants or ("default,bs64+cb,bs64+cb+fast,bs64+cb+fast+compile" if cuda else "default,fp32")).split(",")
+    variants = (args.variants or ("default,native,bs64+cb,bs64+cb+fast,bs64+cb+fast+compile" if cuda else "default,native,fp32")).split(",")
     monai_variants = (args.monai_variants or ("default,bs64+cb+fast" if cuda and not args.variants else
                                               ",".join(v for v in variants if "compile" not in v))).split(",")
     ft_sizes = [] if args.finetune == "none" else [int(s) for s in (args.finetune or ("2" if args.quick else "10,50")).split(",")]
