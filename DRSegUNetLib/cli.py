@@ -336,11 +336,15 @@ def _volume_name(p: Path) -> str:
     return name
 
 
+PIXEL_MM_RANGE = (0.2, 5.0)  # working or assumed pixel sizes the CLI accepts, mm
+
+
 def _check_pixel_mm(args: argparse.Namespace) -> None:
     from .errors import InputError
 
-    if not (math.isfinite(args.pixel_mm) and args.pixel_mm >= 0):
-        raise InputError(f"--pixel-mm must be a pixel size in mm, or 0 for the own grid; got {args.pixel_mm}")
+    if not (math.isfinite(args.pixel_mm) and (args.pixel_mm == 0 or PIXEL_MM_RANGE[0] <= args.pixel_mm <= PIXEL_MM_RANGE[1])):
+        raise InputError(f"--pixel-mm must be a pixel size from {PIXEL_MM_RANGE[0]:g} to {PIXEL_MM_RANGE[1]:g} mm, "
+                         f"or 0 for the own grid; got {args.pixel_mm}")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -489,6 +493,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise InputError("give --model or --predictions, not both")
         if args.threshold_averaged:
             raise InputError("--threshold-averaged needs the model's probabilities: use --model, not --predictions")
+        if args.slice_pixel_mm:
+            raise InputError("--slice-pixel-mm sets the grid a model runs on: use --model, not --predictions")
         samples = read_dataset(args.data)
         maps = labels_for_dataset(args.predictions, args.data, len(samples))
         preds = dict(zip(map(id, samples), maps))
@@ -501,8 +507,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .inference import Predictor
 
         _check_pixel_mm(args)
-        if not (math.isfinite(args.slice_pixel_mm) and args.slice_pixel_mm >= 0):
-            raise InputError(f"--slice-pixel-mm must be a pixel size in mm, or 0; got {args.slice_pixel_mm}")
+        if not (math.isfinite(args.slice_pixel_mm)
+                and (args.slice_pixel_mm == 0 or PIXEL_MM_RANGE[0] <= args.slice_pixel_mm <= PIXEL_MM_RANGE[1])):
+            raise InputError(f"--slice-pixel-mm must be a pixel size from {PIXEL_MM_RANGE[0]:g} to "
+                             f"{PIXEL_MM_RANGE[1]:g} mm, or 0; got {args.slice_pixel_mm}")
         spacing = (args.slice_pixel_mm,) * 2 if args.slice_pixel_mm else None
         predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1,
                                               cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
@@ -724,6 +732,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                        fingerprint={"corrections": corrections.fingerprint(), "n_slices": len(samples)})
         version = store.add_version(result.last_path, card={
             "level": 2, "corrections_fingerprint": corrections.fingerprint(), "corrections_used": ids,
+            "pixel_mm": args.pixel_mm or None, "crop": args.crop,
             "epochs": args.epochs, "lr": args.lr, "frozen_layers": args.frozen_layers,
             "started_from": str(start), "loss_history": [h["loss"] for h in result.history]}, parent=parent)
     store.set_active(version)

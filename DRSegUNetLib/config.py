@@ -109,6 +109,10 @@ class PseudoLabelConfig:
     # docs/weak_supervision.md.
     cluster_domain: str = "image"
 
+    def __post_init__(self) -> None:
+        if self.cluster_domain not in ("image", "lung"):
+            raise ValueError(f"cluster_domain must be 'image' or 'lung', not {self.cluster_domain!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -195,12 +195,18 @@ def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256,
     }
 
 
+def _decision() -> dict[str, Any]:
+    """The decision rule folds are scored with: the defaults, on the slices' own grid
+    (evaluate_fold gets no spacing, so no working pixel size applies)."""
+    return to_dict(InferenceConfig(batch_size=1, pixel_mm=None))
+
+
 def _protocol(tcfg: TrainConfig, ncfg: NetworkConfig, limit_slices: Optional[int], folds_sha: str,
               data_fp: dict[str, str]) -> dict[str, Any]:
     # JSON round trip so that tuples and lists compare equal after a reload.
     return json.loads(json.dumps({"train": to_dict(tcfg), "network": to_dict(ncfg), "limit_slices": limit_slices,
                                   "folds_sha256": folds_sha, "data_sha256": sorted(data_fp.values()),
-                                  "decision": to_dict(InferenceConfig(batch_size=1))}))
+                                  "decision": _decision()}))
 
 
 def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], test_s: Sequence[Sample],
@@ -257,7 +263,7 @@ def same_protocol(prev: Optional[dict[str, Any]], now: dict[str, Any]) -> bool:
     if not isinstance(prev, dict):
         return False
     defaults = {"train": to_dict(TrainConfig()), "network": to_dict(NetworkConfig()),
-                "decision": to_dict(InferenceConfig(batch_size=1))}
+                "decision": _decision()}
     filled = dict(prev)
     for part, dflt in defaults.items():
         if isinstance(prev.get(part), dict):

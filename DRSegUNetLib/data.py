@@ -56,15 +56,19 @@ def resample_sample(sample: Sample, spacing: Sequence[float], pixel_mm: Optional
     pixels that inference uses for CT with a geometry (``InferenceConfig.pixel_mm``): HU
     bilinear, allowed classes nearest. Unchanged where ``preprocessing.working_size`` keeps
     the grid, so fine-tuning sees corrections at the scale the model segments them."""
+    import torch
     from scipy import ndimage
 
     size = working_size(sample.hu.shape, spacing, pixel_mm)
     if size is None:
         return sample
+    # HU exactly as Predictor.probabilities resamples them (bilinear, antialiased), so the
+    # network trains on the texture it is later shown.
+    hu = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(sample.hu, np.float32))[None, None],
+                                         size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
     zoom = [m / n for m, n in zip(size, sample.hu.shape)]
-    hu = ndimage.zoom(sample.hu.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest")
     allowed = ndimage.zoom(sample.allowed, zoom, order=0, grid_mode=True, mode="nearest")
-    return Sample(hu.astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group)
+    return Sample(hu.numpy().astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group)
 
 
 def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None) -> np.ndarray:

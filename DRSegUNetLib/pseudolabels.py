@@ -163,6 +163,8 @@ def kmeans_ranks(values: np.ndarray, cfg: PseudoLabelConfig = PseudoLabelConfig(
 
     distinct, inverse, counts = np.unique(np.asarray(values, dtype=np.float64).ravel(),
                                           return_inverse=True, return_counts=True)
+    if distinct.size < cfg.k:
+        raise ValueError(f"k-means with K={cfg.k} needs at least {cfg.k} distinct values, got {distinct.size}")
     km = KMeans(n_clusters=cfg.k, n_init=cfg.n_init, random_state=cfg.seed).fit(
         distinct.reshape(-1, 1), sample_weight=counts.astype(np.float64))
     return rank_clusters(km.labels_, km.cluster_centers_)[inverse.ravel()]
@@ -201,10 +203,8 @@ def pseudolabel_slice(hu: np.ndarray, lung_mask: np.ndarray,
     clipped = np.clip(hu.astype(np.float64), cfg.hu_min, cfg.hu_max)
     if cfg.cluster_domain == "image":
         values = np.where(lung, clipped, cfg.hu_min)  # step 4: the mask applied to the image
-    elif cfg.cluster_domain == "lung":
+    else:  # "lung" (PseudoLabelConfig checks the name)
         values = clipped[lung]
-    else:
-        raise ValueError(f"cluster_domain must be 'image' or 'lung', not {cfg.cluster_domain!r}")
     if np.unique(values).size < cfg.k:
         return labels  # too few distinct values to form K clusters: all lung
     ggo = np.zeros(hu.shape, dtype=bool)

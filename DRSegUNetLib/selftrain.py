@@ -52,9 +52,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_write_bytes
-from .config import (EightBitConfig, LungConfig, ModelConfig, NetworkConfig, PseudoLabelConfig,
+from .config import (EightBitConfig, InferenceConfig, LungConfig, ModelConfig, NetworkConfig, PseudoLabelConfig,
                      SelfTrainConfig, TrainConfig, to_dict)
-from .data import Sample, labels_to_allowed
+from .data import Sample, labels_to_allowed, resample_sample
 from .errors import InputError
 from .metrics import MetricAccumulator, region_mask
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
@@ -374,7 +374,9 @@ def predict_labels(checkpoint: Path, inputs: Sequence[SliceInput], device: str =
         for start in range(0, len(inp), 4 * batch_size):
             check_cancel(cancel)
             stop = min(start + 4 * batch_size, len(inp))
-            labels[start:stop] = np.stack(predictor.predict_slices(list(inp.hu[start:stop])))
+            for b in range(start, stop, batch_size):  # CT with a geometry: at the working pixel size
+                labels[b:min(b + batch_size, stop)] = predictor.labels(inp.hu[b:min(b + batch_size, stop)],
+                                                                       inp.spacing)[0]
             done += stop - start
             report(progress, "predict", done, total, f"{done}/{total} slices")
         out.append(labels)
@@ -456,6 +458,8 @@ def run_selftrain(
                     "frozen_layers": 0 if first else config.frozen_layers,
                     **{k: getattr(config, k) for k in ("steps_per_epoch", "batch_size", "crop", "loss", "seed",
                                                        "base_filters")}}
+        if any(d.spacing is not None for d in data):
+            settings["pixel_mm"] = InferenceConfig.pixel_mm  # part of the key only where it applies
         keys.append(_key(f"level{level}", keys[-1], settings, identities[len(inputs):] if first else None))
 
     def finished(stage: str, key: str, files: Sequence[str]) -> bool:
@@ -513,7 +517,10 @@ def run_selftrain(
             continue
         report(progress, "level", level, total_stages, f"level {level}: training")
         t0 = time.time()
-        samples = [Sample(d.hu[j], labels_to_allowed(lab[j]), d.names[j], d.groups[j])
+        # CT with a geometry trains at the working pixel size, as segment applies the model
+        # (8-bit slices have no spacing and stay on their own grid).
+        samples = [resample_sample(Sample(d.hu[j], labels_to_allowed(lab[j]), d.names[j], d.groups[j]),
+                                   d.spacing, InferenceConfig.pixel_mm)
                    for d, lab in zip(trained_on, prev) for j in range(len(d)) if lab[j].any()]
         if not samples:
             raise InputError(f"level {level}: no slice has lung in the level-{level - 1} labels; nothing to train on "

@@ -183,19 +183,39 @@ def test_segment_many_one_load_skips_finished_and_shards(tmp_path, sample_ct_pat
     assert sorted(p.name for p in shard_out.iterdir()) == ["case1.json", "case1.nii.gz"]
 
 
-def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys):
+def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     """evaluate --slice-pixel-mm gives geometry-less slices a pixel size, so the network runs
-    at --pixel-mm as segment does on CT; negative sizes are one-line errors."""
+    at --pixel-mm as segment does on CT; sizes out of range are one-line errors."""
+    from DRSegUNetLib.inference import Predictor
+
+    seen = []
+    original = Predictor.probabilities
+
+    def spy(self, hu, spacing=None):
+        seen.append((hu.shape[-2:], spacing, self.working_size(hu.shape, spacing)))
+        return original(self, hu, spacing)
+
+    monkeypatch.setattr(Predictor, "probabilities", spy)
     data = TESTDATA / "medseg_mini"
     out = tmp_path / "p.json"
     assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
                  "--slice-pixel-mm", "0.6", "--pixel-mm", "1.2", "--threshold-averaged"]) == 0
+    # Every slice, for the labels and again for the threshold-averaged Dice, at half its size.
+    assert seen and all(sp == (0.6, 0.6) and size == tuple(round(n / 2) for n in shape) for shape, sp, size in seen)
+    seen.clear()
+    assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(tmp_path / "q.json"),
+                 "--device", "cpu"]) == 0
+    assert seen and all(sp is None and size is None for _, sp, size in seen)
     e = json.loads(out.read_text())
     assert e["slice_pixel_mm"] == 0.6 and e["pixel_mm"] == 1.2
     assert e["threshold_averaged_dice"]["medseg"]["ggo"]["n_slices"] == e["metrics"]["ggo"]["n_slices"] > 0
-    assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out),
-                 "--slice-pixel-mm", "-1"]) == 2
-    assert "--slice-pixel-mm must be" in capsys.readouterr().err
+    for bad in ("-1", "0.01", "nan"):
+        assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out),
+                     "--slice-pixel-mm", bad]) == 2
+        assert "--slice-pixel-mm must be" in capsys.readouterr().err
+    assert main(["evaluate", str(data), "--predictions", str(tmp_path / "x.npz"), "--json", str(out),
+                 "--slice-pixel-mm", "1.5"]) == 2
+    assert "use --model, not --predictions" in capsys.readouterr().err
     assert main(["segment", str(REPO / "DRSegUNetLib" / "data" / "ny_sbu_A002304_135.dcm"), str(tmp_path / "l.nii.gz"),
                  "--model", str(tiny_checkpoint), "--pixel-mm", "-0.5"]) == 2
     assert "--pixel-mm must be" in capsys.readouterr().err and not (tmp_path / "l.nii.gz").exists()

@@ -122,6 +122,19 @@ def test_pipelined_device_normalised_path_gives_plain_labels(model_and_config, r
     _assert_same_labels(sitk.GetArrayFromImage(out), plain_probabilities, real_slices)
 
 
+def test_pipelined_path_resamples_like_the_library(model_and_config, real_slices):
+    """With the working pixel size on (the default), bench's pipelined path and the library
+    path resample the same way and give the same labels."""
+    bench = _bench_module()
+    model, cfg = model_and_config
+    lib = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2, cpu_bf16="off"))
+    fast = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2, cpu_bf16="off"))
+    fast.iter_slices = types.MethodType(bench.fast_iter_slices, fast)
+    assert lib.working_size(real_slices.shape, (0.64, 0.64)) == (273, 273)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fast.predict(_volume(real_slices))),
+                                  sitk.GetArrayFromImage(lib.predict(_volume(real_slices))))
+
+
 @pytest.mark.slow
 def test_cpu_bf16_labels_agree_with_float32_on_a_real_slice(model_and_config, real_slices, plain_probabilities):
     """bf16 autocast changes the arithmetic (8-bit mantissa), so near-ties may flip; on the

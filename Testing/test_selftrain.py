@@ -135,6 +135,38 @@ def test_ct_volume_in_hu_is_sliced_axially(tmp_path):
     assert result.metrics[1]["n_train_slices"] == int(labels.any(axis=(1, 2)).sum())
 
 
+def test_ct_volume_in_hu_trains_and_predicts_at_the_working_pixel_size(tmp_path, monkeypatch):
+    """CT with a geometry is trained on and labelled at InferenceConfig.pixel_mm, as segment
+    applies the model; the labels come back on the CT's grid (ct-64: 4.17 mm pixels)."""
+    import DRSegUNetLib.selftrain as st
+    from DRSegUNetLib.config import InferenceConfig
+    from DRSegUNetLib.inference import Predictor
+    from DRSegUNetLib.lungs import axial_spacing
+    from DRSegUNetLib.preprocessing import working_size
+
+    expected = working_size((64, 64), axial_spacing(sitk.ReadImage(str(CT64))), InferenceConfig.pixel_mm)
+    assert expected is not None and expected[0] > 150
+    trained, predicted = [], []
+    resample, probabilities = st.resample_sample, Predictor.probabilities
+
+    def spy_resample(sample, spacing, mm):
+        out = resample(sample, spacing, mm)
+        trained.append(out.hu.shape)
+        return out
+
+    def spy_probabilities(self, hu, spacing=None):
+        predicted.append(self.working_size(hu.shape, spacing))
+        return probabilities(self, hu, spacing)
+
+    monkeypatch.setattr(st, "resample_sample", spy_resample)
+    monkeypatch.setattr(Predictor, "probabilities", spy_probabilities)
+    run_selftrain([CT64], tmp_path / "out", tiny(levels=1), device="cpu")
+    assert trained and set(trained) == {expected}
+    assert predicted and set(predicted) == {expected}
+    _, (level1,) = load_label_maps(tmp_path / "out" / "level1" / "labels.npz")
+    assert level1.shape == (79, 64, 64)
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing", "does not exist"), ("no_ct", "no 'ct_uint8'"), ("float_ct", "uint8"), ("png", "2D picture"),
     ("twice", "given twice"), ("levels", "levels must be >= 1"), ("lr", "level2_lr must be a positive"),
