@@ -294,7 +294,10 @@ def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, r
         from .report import compute_report, write_report
 
         rep = compute_report(labels)
-        rep.update(input=str(input_path), model=str(predictor.source))
+        inf = predictor.inference
+        rep.update(input=str(input_path), model=str(predictor.source),
+                   inference={"decision": inf.decision, "flip_tta": inf.flip_tta, "pixel_mm": inf.pixel_mm,
+                              "bf16": predictor.uses_bf16})
         write_report(rep, report)
         outputs.append(str(report))
     if overlay:

@@ -50,6 +50,7 @@ def test_segment_bundled_sample_end_to_end(tmp_path, sample_ct_path, bundled_mod
     assert rep["volume_ml"]["ggo"] == pytest.approx((labels == 1).sum() * vol_ml, rel=1e-3, abs=1e-3)
     assert rep["percent_of_lung"]["infection"] == pytest.approx(
         100 * np.isin(labels, (1, 2)).sum() / np.isin(labels, (1, 2, 3)).sum(), abs=0.01)
+    assert rep["inference"]["pixel_mm"] == 1.2 and rep["inference"]["decision"] == "argmax"
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
 
 
