@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative frequency of crops per source, e.g. medseg=3,zenodo=1 (default: equal)")
     p.add_argument("--select-regions", default="", metavar="R,...",
                    help="regions whose mean validation Dice picks best.pt, e.g. ggo,lung (default: all)")
+    p.add_argument("--slice-pixel-mm", default="", metavar="SRC=MM,...",
+                   help="take the training and validation slices of these sources as MM pixels and resample them "
+                        "to --pixel-mm, the grid segment runs the network on for CT, e.g. zenodo=1.5 (default: none)")
+    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
+                   help=f"working pixel size for --slice-pixel-mm (default {InferenceConfig.pixel_mm:g})")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast for training steps; auto = on CUDA and on CPUs with native bf16 "
                         "(off reproduces float32 runs exactly)")
@@ -420,8 +425,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_weights(text: str) -> tuple[tuple[str, float], ...]:
-
+def _parse_weights(text: str, option: str = "--source-weights", what: str = "WEIGHT",
+                   low: float = 0.0, high: float = math.inf) -> tuple[tuple[str, float], ...]:
+    """SOURCE=VALUE,... pairs with low <= VALUE <= high (finite)."""
     from .errors import InputError
 
     out = []
@@ -430,9 +436,9 @@ def _parse_weights(text: str) -> tuple[tuple[str, float], ...]:
         try:
             w = float(value)
         except ValueError:
-            w = -1.0
-        if not sep or not name or not (w >= 0 and math.isfinite(w)):
-            raise InputError(f"--source-weights wants SOURCE=WEIGHT pairs with weights >= 0, got {item!r}")
+            w = math.nan
+        if not sep or not name or not (math.isfinite(w) and low <= w <= high):
+            raise InputError(f"{option} wants SOURCE={what} pairs with {low:g} <= {what} <= {high:g}, got {item!r}")
         out.append((name, w))
     return tuple(out)
 
@@ -451,12 +457,24 @@ def _parse_regions(text: str) -> tuple[str, ...]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import ModelConfig, NetworkConfig, TrainConfig
-    from .data import apply_split, fingerprint, load_split, read_dataset
+    from .data import apply_split, fingerprint, load_split, read_dataset, resample_sample
+    from .errors import InputError
     from .training import train
 
     samples = [s for d in args.data for s in read_dataset(d)]
     split = load_split(args.split) if args.split else {}
     tr, val, test = apply_split(samples, split)
+    slice_mm = dict(_parse_weights(args.slice_pixel_mm, "--slice-pixel-mm", "MM", *PIXEL_MM_RANGE))
+    if slice_mm:
+        # Slices of the named sources are taken as that pixel size and resampled to the
+        # working pixel, the grid segment shows the network CT on (evaluate --slice-pixel-mm).
+        _check_pixel_mm(args)
+        strangers = sorted(set(slice_mm) - {s.group.rstrip("0123456789") for s in samples})
+        if strangers:
+            raise InputError(f"--slice-pixel-mm names {strangers}, but the slices come from other sources")
+        mm = lambda s: slice_mm.get(s.group.rstrip("0123456789"))  # noqa: E731
+        tr, val = ([resample_sample(s, (mm(s),) * 2, args.pixel_mm or None) if mm(s) else s for s in part]
+                   for part in (tr, val))
     log.info("training on %d slices, validating on %d, holding out %d", len(tr), len(val), len(test))
     cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                       crop=args.crop, lr=args.lr, lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
@@ -467,7 +485,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     init = load_checkpoint(args.init) if args.init else None
     mcfg = ModelConfig(network=NetworkConfig(base_filters=args.base_filters, upsampling=args.upsampling))
     result = train(tr, val, args.out, cfg, mcfg, init=init, device=args.device,
-                   fingerprint={"data": fingerprint(args.data), "split": Path(args.split).name if args.split else None},
+                   fingerprint={"data": fingerprint(args.data), "split": Path(args.split).name if args.split else None,
+                                **({"slice_pixel_mm": slice_mm, "pixel_mm": args.pixel_mm or None} if slice_mm else {})},
                    progress=ProgressPrinter(json_lines=args.json_progress),
                    extra={"command": " ".join(sys.argv)})
     Path(args.out, "history.json").write_text(json.dumps(result.history, indent=1))

@@ -220,3 +220,30 @@ def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     assert main(["segment", str(REPO / "DRSegUNetLib" / "data" / "ny_sbu_A002304_135.dcm"), str(tmp_path / "l.nii.gz"),
                  "--model", str(tiny_checkpoint), "--pixel-mm", "-0.5"]) == 2
     assert "--pixel-mm must be" in capsys.readouterr().err and not (tmp_path / "l.nii.gz").exists()
+
+
+def test_train_takes_a_source_at_a_pixel_size(tmp_path, capsys, monkeypatch):
+    """train --slice-pixel-mm zenodo=2.4 trains on COVID-19-CT-Seg slices resampled from
+    2.4 mm to the 1.2 mm working pixel (256 px -> 512 px); the checkpoint records it."""
+    import DRSegUNetLib.training as training
+    from DRSegUNetLib.checkpoint import load_checkpoint
+
+    seen = []
+    real_train = training.train
+
+    def spy(train_samples, val_samples, *a, **k):
+        seen.extend(s.hu.shape for s in train_samples)
+        return real_train(train_samples, val_samples, *a, **k)
+
+    monkeypatch.setattr(training, "train", spy)
+    out = tmp_path / "run"
+    assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(out), "--split", "", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "1", "--crop", "32", "--base-filters", "16",
+                 "--slice-pixel-mm", "zenodo=2.4", "--device", "cpu"]) == 0
+    assert seen and set(seen) == {(512, 512)}
+    fp = load_checkpoint(out / "last.pt").fingerprint
+    assert fp["slice_pixel_mm"] == {"zenodo": 2.4} and fp["pixel_mm"] == 1.2
+    for bad, message in (("zenodo=9", "SOURCE=MM"), ("medseg=1.5", "names ['medseg']")):
+        assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(tmp_path / "x"), "--split", "",
+                     "--slice-pixel-mm", bad]) == 2
+        assert message in capsys.readouterr().err
