@@ -2,12 +2,15 @@
 an image is CT in HU."""
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import numpy as np
 
 from .config import EightBitConfig, PreprocessConfig
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def normalize(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -17,6 +20,9 @@ def normalize(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """
     x = np.clip(np.asarray(hu, dtype=np.float32), cfg.hu_min, cfg.hu_max)
     return (x - np.float32(cfg.mean)) / np.float32(cfg.std)
+
+
+WORKING_SIDE = (16, 2048)  # working grids outside this (px a side) are not used
 
 
 def working_size(shape: Sequence[int], spacing: Optional[Sequence[float]],
@@ -29,6 +35,11 @@ def working_size(shape: Sequence[int], spacing: Optional[Sequence[float]],
     hw = tuple(int(n) for n in shape[-2:])
     size = tuple(max(1, round(n * float(s) / pixel_mm)) for n, s in zip(hw, spacing))
     if all(abs(m / n - 1.0) <= 0.05 for m, n in zip(size, hw)):
+        return None
+    if not all(WORKING_SIDE[0] <= m <= WORKING_SIDE[1] for m in size):
+        # A spacing no chest CT has (a header in cm, a thumbnail): keep the own grid.
+        log.warning("pixel spacing %s mm would make a %s grid at %g mm; running on the image's own grid instead",
+                    tuple(float(x) for x in spacing), size, pixel_mm)
         return None
     return size  # type: ignore[return-value]
 

@@ -150,3 +150,5 @@ def test_working_pixel_size_resamples_for_the_network_and_back(tiny_checkpoint):
     assert seen == [(96, 80), (96, 80)]
     q = Predictor.from_checkpoint(tiny_checkpoint, "cpu", pixel_mm=None)
     assert q.working_size((96, 80), (0.7, 0.7)) is None
+    # A spacing no chest CT has (cm read as mm, or a thumbnail) keeps the own grid, not a huge one.
+    assert p.working_size((512, 512), (70.0, 70.0)) is None and p.working_size((512, 512), (0.01, 0.01)) is None
