@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("pseudolabel", help="k-means pseudo-labels of a CT volume (thesis §4.4.1)",
-                       description="Lung extraction, k-means (K=3) inside the lungs and morphological clean-up: a label map 0 background, 1 GGO, 3 lung with the input's geometry. "
+                       description="Lung extraction, k-means (K=3) on the lung-extracted image (--cluster-domain) and morphological clean-up: a label map 0 background, 1 GGO, 3 lung with the input's geometry. "
                                    "INPUT may also be an .npz of 8-bit slices (ct_uint8); OUTPUT is then an .npz with 'labels' (N, H, W) for evaluate --predictions.")
     p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
     p.add_argument("output", help="label map (volume format, or .npz)")
