@@ -105,7 +105,7 @@ class PseudoLabelConfig:
     # pixel outside the lung is air (hu_min), so one of the K=3 centres sits at the masked
     # background and the lung is split between the other two. "lung": the lung pixels
     # only, split in three (the brightest third is mostly vessels). Chosen on COVID-19-CT-Seg
-    # groups 0-4: pseudo-label infection Dice 0.247 ("image") vs 0.149 ("lung");
+    # groups 0-4: pseudo-label infection Dice 0.244 ("image") vs 0.143 ("lung");
     # docs/weak_supervision.md.
     cluster_domain: str = "image"
 
