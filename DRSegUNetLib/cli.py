@@ -347,19 +347,20 @@ def _volume_name(p: Path) -> str:
 PIXEL_MM_RANGE = (0.2, 5.0)  # working or assumed pixel sizes the CLI accepts, mm
 
 
-def _check_pixel_mm(args: argparse.Namespace) -> None:
+def _check_pixel_mm(value: float, option: str = "--pixel-mm") -> None:
+    """A pixel size option: 0 (the slices' own grid) or within PIXEL_MM_RANGE."""
     from .errors import InputError
 
-    if not (math.isfinite(args.pixel_mm) and (args.pixel_mm == 0 or PIXEL_MM_RANGE[0] <= args.pixel_mm <= PIXEL_MM_RANGE[1])):
-        raise InputError(f"--pixel-mm must be a pixel size from {PIXEL_MM_RANGE[0]:g} to {PIXEL_MM_RANGE[1]:g} mm, "
-                         f"or 0 for the own grid; got {args.pixel_mm}")
+    if not (math.isfinite(value) and (value == 0 or PIXEL_MM_RANGE[0] <= value <= PIXEL_MM_RANGE[1])):
+        raise InputError(f"{option} must be a pixel size from {PIXEL_MM_RANGE[0]:g} to {PIXEL_MM_RANGE[1]:g} mm, "
+                         f"or 0 for the own grid; got {value}")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .errors import CheckpointError, InputError
     from .inference import Predictor
 
-    _check_pixel_mm(args)
+    _check_pixel_mm(args.pixel_mm)
     if args.out_dir is None:
         if len(args.paths) != 2 or args.list or args.shard:
             raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
@@ -468,7 +469,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if slice_mm:
         # Slices of the named sources are taken as that pixel size and resampled to the
         # working pixel, the grid segment shows the network CT on (evaluate --slice-pixel-mm).
-        _check_pixel_mm(args)
+        _check_pixel_mm(args.pixel_mm)
         strangers = sorted(set(slice_mm) - {s.group.rstrip("0123456789") for s in samples})
         if strangers:
             raise InputError(f"--slice-pixel-mm names {strangers}, but the slices come from other sources")
@@ -499,8 +500,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_bytes
+    from .crossval import source_of
     from .data import apply_split, load_split, read_dataset
     from .errors import InputError
+    from .metrics import ThresholdAveragedAccumulator
     from .selftrain import GroupedMetrics, labels_for_dataset
     from .vocabulary import REGIONS
 
@@ -524,27 +527,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if preds[id(s)].shape != s.hu.shape:
                 raise InputError(f"{args.predictions}: label map {preds[id(s)].shape} of slice {s.name} "
                                  f"differs from the slice's size {s.hu.shape}")
-        predict = lambda s: preds[id(s)]  # noqa: E731
+        score = lambda s: (preds[id(s)], None)  # noqa: E731
     else:
         from .inference import Predictor
 
-        _check_pixel_mm(args)
-        if not (math.isfinite(args.slice_pixel_mm)
-                and (args.slice_pixel_mm == 0 or PIXEL_MM_RANGE[0] <= args.slice_pixel_mm <= PIXEL_MM_RANGE[1])):
-            raise InputError(f"--slice-pixel-mm must be a pixel size from {PIXEL_MM_RANGE[0]:g} to "
-                             f"{PIXEL_MM_RANGE[1]:g} mm, or 0; got {args.slice_pixel_mm}")
+        _check_pixel_mm(args.pixel_mm)
+        _check_pixel_mm(args.slice_pixel_mm, "--slice-pixel-mm")
         spacing = (args.slice_pixel_mm,) * 2 if args.slice_pixel_mm else None
         predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1,
                                               cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
                                               pixel_mm=args.pixel_mm or None)
         samples = read_dataset(args.data, predictor.config.eight_bit)
-        predict = lambda s: predictor.labels(s.hu[None], spacing)[0][0]  # noqa: E731
+
+        def score(s):  # labels and, once, the probabilities behind them
+            labels, prob = predictor.labels(s.hu[None], spacing)
+            return labels[0], prob[0]
     if args.split_part != "all":
         parts = dict(zip(("train", "val", "test"), apply_split(samples, load_split(args.split))))
         samples = parts[args.split_part]
     gm = GroupedMetrics(regions)
+    tad = ThresholdAveragedAccumulator() if args.threshold_averaged else None
     for s in samples:
-        gm.add(s.group, s.name, predict(s), {r: s.region_truth(r) for r in regions})
+        labels, prob = score(s)
+        truths = {r: s.region_truth(r) for r in regions}
+        gm.add(s.group, s.name, labels, truths)
+        if tad is not None:
+            tad.add(source_of(s), prob.float().cpu().numpy(), truths)
     summary = gm.summary()
     out = {"data": str(args.data), "model": None if args.predictions else str(args.model or default_model_path()),
            "decision": None if args.predictions else args.decision,
@@ -557,13 +565,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out["predictions"] = str(args.predictions)
     if args.by_group:
         out["by_group"] = gm.by_group()
-    if args.threshold_averaged:
-        from .crossval import evaluate_fold
-
-        tad = evaluate_fold(predictor, samples, spacing=spacing)["threshold_averaged_dice"]
+    if tad is not None:
         out["threshold_averaged_dice"] = {src: {r: {k: v for k, v in m.items() if k != "per_slice"}
-                                                for r, m in regs.items() if r in regions}
-                                          for src, regs in tad.items()}
+                                                for r, m in regs.items()}
+                                          for src, regs in tad.summary().items()}
     atomic_write_bytes(args.json, (json.dumps(out, indent=1) + "\n").encode())
     for region, m in summary.items():
         log.info("%-14s Dice mean %.4f  pooled %.4f  (%d slices)", region, m["mean"]["dice"] or 0.0,
@@ -732,7 +737,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .store import CorrectionsStore, ModelStore
     from .training import train
 
-    _check_pixel_mm(args)
+    _check_pixel_mm(args.pixel_mm)
     store = ModelStore(args.store, bundled=default_model_path())
     parent = store.active()
     start = Path(args.model) if args.model else parent.path

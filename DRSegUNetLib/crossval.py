@@ -30,7 +30,7 @@ from .atomic import atomic_write_bytes
 from .config import InferenceConfig, ModelConfig, NetworkConfig, TrainConfig, to_dict
 from .data import Sample, fingerprint, read_medseg_folder, read_zenodo_npz
 from .errors import InputError
-from .metrics import MetricAccumulator, threshold_averaged_dice
+from .metrics import MetricAccumulator, ThresholdAveragedAccumulator
 from .progress import ProgressCallback
 from .vocabulary import REGIONS
 
@@ -168,29 +168,19 @@ def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256,
     body restriction the labels get.
     """
     accs: dict[str, MetricAccumulator] = {}
-    tad: dict[str, dict[str, list[float]]] = {}
-    empty: dict[str, dict[str, int]] = {}
+    tad = ThresholdAveragedAccumulator(n_thresholds)
     names: dict[str, list[str]] = {}
     for s in samples:
         src = source_of(s)
         acc = accs.setdefault(src, MetricAccumulator(tuple(REGIONS)))
         labels, prob = predictor.labels(s.hu[None], spacing)
-        prob = prob[0].float().cpu().numpy()
         truths = {r: s.region_truth(r) for r in REGIONS}
         acc.add(s.name, labels[0], truths)
         names.setdefault(src, []).append(s.name)
-        for r, t in truths.items():
-            if t is None:
-                continue
-            p = prob[list(REGIONS[r])].sum(axis=0)
-            tad.setdefault(src, {}).setdefault(r, []).append(threshold_averaged_dice(p, t, n_thresholds))
-            empty.setdefault(src, {}).setdefault(r, 0)
-            empty[src][r] += int(not t.any())
+        tad.add(src, prob[0].float().cpu().numpy(), truths)
     return {
         "metrics": {src: acc.summary() for src, acc in accs.items()},
-        "threshold_averaged_dice": {
-            src: {r: {"mean": float(np.mean(v)), "n_slices": len(v), "n_empty_truth": empty[src][r], "per_slice": v}
-                  for r, v in regs.items()} for src, regs in tad.items()},
+        "threshold_averaged_dice": tad.summary(),
         "test_slices": names,
     }
 
@@ -213,9 +203,9 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
              out: Path, tcfg: TrainConfig, protocol: dict[str, Any], device: str = "auto",
              data_fp: Optional[dict[str, str]] = None, progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
     """Train ``name`` on ``train_s``, score it on ``test_s``; write and return its result (or reuse it)."""
-    from .inference import Predictor
+    from .inference import Predictor, bf16_enabled
     from .network import keras_parameter_count, parameter_count
-    from .training import train, training_uses_bf16
+    from .training import train
 
     fold_dir = out / name / f"fold{k}"
     result_path = fold_dir / "result.json"
@@ -247,7 +237,7 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
         "loss_history": [h["loss"] for h in res.history], **scores,
         # What "auto" became on this machine (the protocol records only the setting).
-        "device": str(predictor.device), "bf16_train": training_uses_bf16(predictor.device, tcfg.bf16),
+        "device": str(predictor.device), "bf16_train": bf16_enabled(predictor.device, tcfg.bf16),
         "bf16_eval": predictor.uses_bf16,
     }
     atomic_write_bytes(result_path, (json.dumps(result, indent=1) + "\n").encode())

@@ -59,13 +59,14 @@ def resample_sample(sample: Sample, spacing: Sequence[float], pixel_mm: Optional
     import torch
     from scipy import ndimage
 
+    from .inference import resample_bilinear
+
     size = working_size(sample.hu.shape, spacing, pixel_mm)
     if size is None:
         return sample
-    # HU exactly as Predictor.probabilities resamples them (bilinear, antialiased), so the
-    # network trains on the texture it is later shown.
-    hu = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(sample.hu, np.float32))[None, None],
-                                         size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    # HU exactly as Predictor.probabilities resamples them, so the network trains on the
+    # texture it is later shown.
+    hu = resample_bilinear(torch.from_numpy(np.ascontiguousarray(sample.hu, np.float32))[None, None], size)[0, 0]
     zoom = [m / n for m, n in zip(size, sample.hu.shape)]
     allowed = ndimage.zoom(sample.allowed, zoom, order=0, grid_mode=True, mode="nearest")
     return Sample(hu.numpy().astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group)

@@ -80,6 +80,14 @@ def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     return lab.to(torch.uint8)
 
 
+def resample_bilinear(x: torch.Tensor, size: Sequence[int], antialias: bool = True) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, *size), bilinear: the one resampling between a slice's grid and
+    the working pixel grid (inference, fine-tuning, benchmarks). Images go antialiased;
+    probabilities come back with ``antialias=False``."""
+    return torch.nn.functional.interpolate(x, size=tuple(int(n) for n in size), mode="bilinear",
+                                           align_corners=False, antialias=antialias)
+
+
 def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
                      min_border_air: float = 0.5) -> np.ndarray:
     """Set labels outside the body to background, slice by slice; (N, H, W) arrays.
@@ -98,6 +106,19 @@ def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
         if border.mean() >= min_border_air:
             out[k][~body_mask(air)] = 0
     return out
+
+
+def bf16_enabled(device: torch.device, mode: str, option: str = "bf16") -> bool:
+    """Whether to run under bf16 autocast on ``device`` (inference and training alike):
+    ``mode`` "on", "off", or "auto" = where the hardware computes bf16 natively (CUDA
+    GPUs with bf16, CPUs with avx512_bf16 or AMX)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{option} must be auto, on or off, not {mode!r}")
+    if device.type not in ("cpu", "cuda"):
+        return False
+    if mode != "auto":
+        return mode == "on"
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,15 +163,11 @@ class Predictor:
 
     @property
     def uses_bf16(self) -> bool:
-        """Whether the forward pass runs under bfloat16 autocast on this device."""
+        """Whether the forward pass runs under bfloat16 autocast on this device: on CUDA
+        where the GPU has bf16, on CPU as ``InferenceConfig.cpu_bf16`` says."""
         if self.device.type == "cuda":
-            return True
-        if self.device.type == "cpu":
-            mode = self.inference.cpu_bf16
-            if mode not in ("auto", "on", "off"):
-                raise ValueError(f"cpu_bf16 must be auto, on or off, not {mode!r}")
-            return mode == "on" or (mode == "auto" and cpu_has_native_bf16())
-        return False
+            return bf16_enabled(self.device, "auto")
+        return bf16_enabled(self.device, self.inference.cpu_bf16, "cpu_bf16")
 
     def _autocast(self):
         if self.uses_bf16:
@@ -173,15 +190,14 @@ class Predictor:
         x = x.to(self.device, non_blocking=True)
         size = self.working_size(hu.shape, spacing)
         if size is not None:
-            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            x = resample_bilinear(x, size)
         x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), self._autocast():
             prob = torch.softmax(self.model(x).float(), dim=1)
             if self.inference.flip_tta:
                 prob = 0.5 * (prob + torch.softmax(self.model(x.flip(-1)).float(), dim=1).flip(-1))
             if size is not None:
-                prob = torch.nn.functional.interpolate(prob, size=tuple(hu.shape[-2:]), mode="bilinear",
-                                                       align_corners=False)
+                prob = resample_bilinear(prob, hu.shape[-2:], antialias=False)
             return prob
 
     def labels(self, hu: np.ndarray, spacing: Optional[Sequence[float]] = None) -> tuple[np.ndarray, torch.Tensor]:
@@ -193,15 +209,17 @@ class Predictor:
             labels = restrict_to_body(labels, hu, self.inference.body_threshold_hu)
         return labels, prob
 
-    def predict_slices(self, slices: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Labels for 2D HU slices of any sizes (same-size neighbours are batched)."""
+    def predict_slices(self, slices: Sequence[np.ndarray],
+                       spacing: Optional[Sequence[float]] = None) -> list[np.ndarray]:
+        """Labels for 2D HU slices of any sizes (same-size neighbours are batched), of pixel
+        size ``spacing`` (row, col) mm when known (see :meth:`probabilities`)."""
         out: list[np.ndarray] = []
         i = 0
         while i < len(slices):
             j = i + 1
             while j < len(slices) and j - i < self.inference.batch_size and slices[j].shape == slices[i].shape:
                 j += 1
-            out.extend(self.labels(np.stack(slices[i:j]))[0])
+            out.extend(self.labels(np.stack(slices[i:j]), spacing)[0])
             i = j
         return out
 

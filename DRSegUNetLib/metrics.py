@@ -16,7 +16,7 @@ averaged over 256 thresholds, as Inf-Net's evaluation does (crossval.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -136,3 +136,30 @@ def threshold_averaged_dice(prob: np.ndarray, truth: np.ndarray, n_thresholds: i
     denom = n_pred + true_sorted.size
     dice = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), both_empty)
     return float(dice.mean())
+
+
+class ThresholdAveragedAccumulator:
+    """Threshold-averaged Dice per source and region, slice by slice (see
+    :func:`threshold_averaged_dice`). A region's probability is the sum of its classes'
+    (infection: GGO + consolidation; lung: GGO + consolidation + lung); slices whose
+    annotation does not decide the region (truth None) are left out, empty truth counts."""
+
+    def __init__(self, n_thresholds: int = 256) -> None:
+        self.n_thresholds = n_thresholds
+        self.values: dict[str, dict[str, list[float]]] = {}
+        self.empty: dict[str, dict[str, int]] = {}
+
+    def add(self, source: str, prob: np.ndarray, truths: dict[str, np.ndarray | None]) -> None:
+        """``prob``: (C, H, W) class probabilities of one slice; ``truths``: region -> mask or None."""
+        for r, t in truths.items():
+            if t is None:
+                continue
+            p = prob[list(REGIONS[r])].sum(axis=0)
+            self.values.setdefault(source, {}).setdefault(r, []).append(threshold_averaged_dice(p, t, self.n_thresholds))
+            empty = self.empty.setdefault(source, {})
+            empty[r] = empty.get(r, 0) + int(not t.any())
+
+    def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return {src: {r: {"mean": float(np.mean(v)), "n_slices": len(v), "n_empty_truth": self.empty[src][r],
+                          "per_slice": v} for r, v in regs.items()} for src, regs in self.values.items()}
+

@@ -374,9 +374,8 @@ def predict_labels(checkpoint: Path, inputs: Sequence[SliceInput], device: str =
         for start in range(0, len(inp), 4 * batch_size):
             check_cancel(cancel)
             stop = min(start + 4 * batch_size, len(inp))
-            for b in range(start, stop, batch_size):  # CT with a geometry: at the working pixel size
-                labels[b:min(b + batch_size, stop)] = predictor.labels(inp.hu[b:min(b + batch_size, stop)],
-                                                                       inp.spacing)[0]
+            # CT with a geometry: at the working pixel size.
+            labels[start:stop] = np.stack(predictor.predict_slices(list(inp.hu[start:stop]), inp.spacing))
             done += stop - start
             report(progress, "predict", done, total, f"{done}/{total} slices")
         out.append(labels)

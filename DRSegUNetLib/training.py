@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig, to_dict
 from .data import Sample, bit
 from .errors import InputError
-from .inference import Predictor, resolve_device
+from .inference import Predictor, bf16_enabled, resolve_device
 from .metrics import MetricAccumulator, mean_dice
 from .network import DRSegUNet, build_network
 from .preprocessing import normalize
@@ -228,22 +228,9 @@ def _batch_stream(samples: Sequence[Sample], config: TrainConfig, augment: Augme
     return iter(loader)
 
 
-def training_uses_bf16(device: torch.device, mode: str) -> bool:
-    """Whether training steps run under bf16 autocast (TrainConfig.bf16: auto, on, off)."""
-    from .inference import cpu_has_native_bf16
-
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"bf16 must be auto, on or off, not {mode!r}")
-    if device.type not in ("cpu", "cuda"):
-        return False
-    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-              else cpu_has_native_bf16())
-    return mode == "on" or (mode == "auto" and native)
-
-
 def training_autocast(device: torch.device, mode: str):
     """bf16 autocast context for training steps (see TrainConfig.bf16)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=training_uses_bf16(device, mode))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(device, mode))
 
 
 def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:

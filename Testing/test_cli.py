@@ -201,7 +201,7 @@ def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     out = tmp_path / "p.json"
     assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
                  "--slice-pixel-mm", "0.6", "--pixel-mm", "1.2", "--threshold-averaged"]) == 0
-    # Every slice, for the labels and again for the threshold-averaged Dice, at half its size.
+    # Every slice at half its size (labels and threshold-averaged Dice come from one pass).
     assert seen and all(sp == (0.6, 0.6) and size == tuple(round(n / 2) for n in shape) for shape, sp, size in seen)
     seen.clear()
     assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(tmp_path / "q.json"),

@@ -239,14 +239,13 @@ def fast_iter_slices(self, image, progress=None, cancel=None, with_probabilities
     import numpy as np
     import torch
 
-    from DRSegUNetLib.inference import SliceResult, decide, restrict_to_body, validate_ct_image
+    from DRSegUNetLib.inference import SliceResult, decide, resample_bilinear, restrict_to_body, validate_ct_image
     from DRSegUNetLib.orientation import axial_spacing, axial_view
     from DRSegUNetLib.progress import check_cancel, report
 
     array = validate_ct_image(image)
     view, _ = axial_view(array, image.GetDirection())
     size = self.working_size(view.shape[1:], axial_spacing(image.GetSpacing(), image.GetDirection()))
-    interpolate = torch.nn.functional.interpolate
     n = view.shape[0]
     bs = max(1, self.inference.batch_size)
     cuda = self.device.type == "cuda"
@@ -260,13 +259,13 @@ def fast_iter_slices(self, image, progress=None, cancel=None, with_probabilities
         x = raw.to(self.device, non_blocking=True).unsqueeze(1).float()
         x = (x.clamp_(pp.hu_min, pp.hu_max) - pp.mean) / pp.std
         if size is not None:
-            x = interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            x = resample_bilinear(x, size)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             prob = torch.softmax(self.model(x).float(), dim=1)
             if size is not None:
-                prob = interpolate(prob, size=tuple(view.shape[1:]), mode="bilinear", align_corners=False)
+                prob = resample_bilinear(prob, view.shape[1:], antialias=False)
             labels = decide(prob, self.inference)
         out = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=cuda)
         out.copy_(labels, non_blocking=True)
@@ -444,7 +443,8 @@ def child_finetune(a: dict[str, Any]) -> dict[str, Any]:
     from DRSegUNetLib.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from DRSegUNetLib.config import FineTuneConfig, ModelConfig, TrainConfig
     from DRSegUNetLib.network import DRSegUNet
-    from DRSegUNetLib.training import train, training_uses_bf16
+    from DRSegUNetLib.inference import bf16_enabled
+    from DRSegUNetLib.training import train
 
     if a.get("threads"):
         torch.set_num_threads(a["threads"])
@@ -479,7 +479,7 @@ def child_finetune(a: dict[str, Any]) -> dict[str, Any]:
     epochs = [m - p for p, m in zip([t0] + marks[:-1], marks)]
     return {"epoch_s": epochs, "checkpoint_save_s": save_s, "steps_per_epoch": cfg.steps_per_epoch, "batch": cfg.batch_size, "crop": crop,
             "frozen_layers": cfg.frozen_layers, "peak_rss_mb": peak_rss_mb(),
-            "bf16": training_uses_bf16(torch.device(a["device"]), cfg.bf16),
+            "bf16": bf16_enabled(torch.device(a["device"]), cfg.bf16),
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if a["device"] == "cuda" else None,
             "threads": torch.get_num_threads()}
 
