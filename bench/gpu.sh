@@ -22,37 +22,13 @@ LOG="$OUT/bench.log"
 : >"$LOG"
 say() { echo "[gpu.sh] $*" | tee -a "$LOG" >&2; }
 
-PY=""
-for cand in "${PYTHON:-}" .venv/bin/python python3 python; do
-    [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 || continue
-    if "$cand" -c "import sys, torch; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null; then
-        PY=$cand
-        break
-    fi
-done
-if [ -z "$PY" ]; then
+. bench/lib.sh
+if ! find_python; then
     say "no Python with a torch that sees CUDA (tried \$PYTHON, .venv/bin/python, python3, python)"
     exit 2
 fi
 say "python: $(command -v "$PY") ($("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'))"
-
-has() { "$PY" -c "import $1" 2>/dev/null; }
-if ! has SimpleITK || ! has monai; then
-    for dir in "${WHEELS:-}" .whl bench/wheels; do
-        [ -n "$dir" ] && [ -d "$dir" ] || continue
-        wheels=$(ls "$dir"/[Ss]imple[Ii][Tt][Kk]-*.whl "$dir"/monai-*.whl 2>/dev/null)
-        [ -n "$wheels" ] || continue
-        SITE=$(mktemp -d /tmp/drsegunet-bench-site.XXXXXX)
-        # shellcheck disable=SC2086  # one word per wheel file
-        if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $wheels >>"$LOG" 2>&1; then
-            export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-            say "installed from $dir: $(echo $wheels | xargs -n1 basename | tr '\n' ' ')"
-        else
-            say "could not install the wheels in $dir (see bench.log)"
-        fi
-        break
-    done
-fi
+install_wheels
 if ! has SimpleITK; then
     say "SimpleITK is missing and no wheel was found; prepare one as bench/README.md says (.whl/)"
     exit 2

@@ -35,15 +35,13 @@ START=$(date +%s)
 say() { echo "[gpu_crossval] $*" | tee -a "$LOG" >&2; }
 left() { echo $((LIMIT - ($(date +%s) - START))); }
 
-PY=""
-for cand in "${PYTHON:-}" .venv/bin/python python3; do
-    [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 || continue
-    if "$cand" -c "import sys, torch; sys.exit(0 if '$DEVICE' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null; then
-        PY=$cand
-        break
-    fi
-done
-[ -n "$PY" ] || { say "no Python with a torch that sees CUDA (set PYTHON)"; exit 2; }
+. bench/lib.sh
+find_python || { say "no Python with a torch that sees CUDA (set PYTHON)"; exit 2; }
+install_wheels
+has SimpleITK || { say "SimpleITK is missing and no wheel was found; prepare one as bench/README.md says (.whl/)"; exit 2; }
+if ! has monai && [[ ",$MODELS," == *",monai-unet,"* ]]; then
+    say "MONAI is missing and no wheel was found: the monai-unet folds will fail (add its wheel to .whl/)"
+fi
 for f in "$MEDSEG" "$ZENODO"; do [ -e "$f" ] || { say "missing data: $f (set MEDSEG / ZENODO)"; exit 2; }; done
 say "python $(command -v "$PY"); device $DEVICE; steps $STEPS x batch $BATCH x crop $CROP; models $MODELS; limit ${LIMIT}s"
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
