@@ -101,10 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
                    help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
     p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
-    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
-                   help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
-    p.add_argument("--flip-tta", action="store_true",
-                   help="average the probabilities of each slice and its left-right mirror (twice the time)")
+    _add_inference_options(p)
     p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
                    help=f"working pixel size of the network in mm (default {InferenceConfig.pixel_mm:g}, about the "
                         "training slices'): slices are resampled to it and the labels come back on the CT's grid; "
@@ -172,10 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of regions to score (ggo, consolidation, infection, lung; default: all the data decides)")
     p.add_argument("--json", required=True, help="where to write the metrics JSON")
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax")
-    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
-                   help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
-    p.add_argument("--flip-tta", action="store_true",
-                   help="average the probabilities of each slice and its left-right mirror (twice the time)")
+    _add_inference_options(p)
     p.add_argument("--split-part", choices=("all", "train", "val", "test"), default="all",
                    help="score only this part of --split (default: every slice in DATA)")
     p.add_argument("--slice-pixel-mm", type=float, default=0.0,
@@ -347,6 +341,23 @@ def _volume_name(p: Path) -> str:
 PIXEL_MM_RANGE = (0.2, 5.0)  # working or assumed pixel sizes the CLI accepts, mm
 
 
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """Options of the decision rule shared by segment and evaluate (see _predictor)."""
+    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="average the probabilities of each slice and its left-right mirror (twice the time)")
+
+
+def _predictor(args: argparse.Namespace, batch_size: int):
+    """The model of ``--model`` (default: the bundled one) with the options of segment/evaluate."""
+    from .inference import Predictor
+
+    return Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision,
+                                     batch_size=batch_size, cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
+                                     pixel_mm=args.pixel_mm or None)
+
+
 def _check_pixel_mm(value: float, option: str = "--pixel-mm") -> None:
     """A pixel size option: 0 (the slices' own grid) or within PIXEL_MM_RANGE."""
     from .errors import InputError
@@ -358,16 +369,12 @@ def _check_pixel_mm(value: float, option: str = "--pixel-mm") -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .errors import CheckpointError, InputError
-    from .inference import Predictor
 
     _check_pixel_mm(args.pixel_mm)
     if args.out_dir is None:
         if len(args.paths) != 2 or args.list or args.shard:
             raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
-        predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
-                                              decision=args.decision, batch_size=args.batch_size,
-                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
-                                              pixel_mm=args.pixel_mm or None)
+        predictor = _predictor(args, args.batch_size)
         written = _segment_one(predictor, args.paths[0], Path(args.paths[1]), args.seg_nrrd, args.report,
                                args.overlay, progress=ProgressPrinter())
         log.info("wrote %s", ", ".join(written))
@@ -406,10 +413,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     log.info("%d input(s), %d already done, %d to segment", len(inputs), len(inputs) - len(todo), len(todo))
     if not todo:
         return 0
-    predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device,
-                                          decision=args.decision, batch_size=args.batch_size,
-                                          cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
-                                          pixel_mm=args.pixel_mm or None)
+    predictor = _predictor(args, args.batch_size)
     failed = []
     printer = ProgressPrinter()
     for i, (path, name) in enumerate(todo, 1):
@@ -470,10 +474,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Slices of the named sources are taken as that pixel size and resampled to the
         # working pixel, the grid segment shows the network CT on (evaluate --slice-pixel-mm).
         _check_pixel_mm(args.pixel_mm)
-        strangers = sorted(set(slice_mm) - {s.group.rstrip("0123456789") for s in samples})
+        strangers = sorted(set(slice_mm) - {s.source for s in samples})
         if strangers:
             raise InputError(f"--slice-pixel-mm names {strangers}, but the slices come from other sources")
-        mm = lambda s: slice_mm.get(s.group.rstrip("0123456789"))  # noqa: E731
+        mm = lambda s: slice_mm.get(s.source)  # noqa: E731
         tr, val = ([resample_sample(s, (mm(s),) * 2, args.pixel_mm or None) if mm(s) else s for s in part]
                    for part in (tr, val))
     log.info("training on %d slices, validating on %d, holding out %d", len(tr), len(val), len(test))
@@ -500,7 +504,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_bytes
-    from .crossval import source_of
     from .data import apply_split, load_split, read_dataset
     from .errors import InputError
     from .metrics import ThresholdAveragedAccumulator
@@ -529,14 +532,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  f"differs from the slice's size {s.hu.shape}")
         score = lambda s: (preds[id(s)], None)  # noqa: E731
     else:
-        from .inference import Predictor
-
         _check_pixel_mm(args.pixel_mm)
         _check_pixel_mm(args.slice_pixel_mm, "--slice-pixel-mm")
         spacing = (args.slice_pixel_mm,) * 2 if args.slice_pixel_mm else None
-        predictor = Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision, batch_size=1,
-                                              cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
-                                              pixel_mm=args.pixel_mm or None)
+        predictor = _predictor(args, 1)
         samples = read_dataset(args.data, predictor.config.eight_bit)
 
         def score(s):  # labels and, once, the probabilities behind them
@@ -552,7 +551,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         truths = {r: s.region_truth(r) for r in regions}
         gm.add(s.group, s.name, labels, truths)
         if tad is not None:
-            tad.add(source_of(s), prob.float().cpu().numpy(), truths)
+            tad.add(s.source, prob.float().cpu().numpy(), truths)
     summary = gm.summary()
     out = {"data": str(args.data), "model": None if args.predictions else str(args.model or default_model_path()),
            "decision": None if args.predictions else args.decision,

@@ -52,8 +52,8 @@ SOURCE_LABELS = {"medseg": "MedSeg", "zenodo": "COVID-19-CT-Seg"}
 
 
 def source_of(s: Sample) -> str:
-    """"medseg" or "zenodo" (the group without its volume number)."""
-    return s.group.rstrip("0123456789")
+    """"medseg" or "zenodo" (``Sample.source``)."""
+    return s.source
 
 
 # ---------------------------------------------------------------- folds

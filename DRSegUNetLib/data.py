@@ -41,6 +41,11 @@ class Sample:
     name: str
     group: str
 
+    @property
+    def source(self) -> str:
+        """The data set: "medseg", "zenodo", "corrections", ... (the group without its case number)."""
+        return self.group.rstrip("0123456789")
+
     def region_truth(self, region: str) -> np.ndarray | None:
         """Binary truth of a region (see vocabulary.REGIONS), or None if undecided somewhere."""
         rbits = bit(*REGIONS[region])

@@ -152,8 +152,9 @@ def rank_clusters(cluster_ids: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return rank[np.asarray(cluster_ids)]
 
 
-def kmeans_ranks(values: np.ndarray, cfg: PseudoLabelConfig = PseudoLabelConfig()) -> np.ndarray:
-    """k-means (K = cfg.k, seeded, fixed restarts) on 1D values; returns each value's rank.
+def kmeans_ranks(values: np.ndarray, cfg: PseudoLabelConfig = PseudoLabelConfig()) -> Optional[np.ndarray]:
+    """k-means (K = cfg.k, seeded, fixed restarts) on 1D values; returns each value's rank,
+    or None when there are fewer than K distinct values (no K clusters to form).
 
     Runs on the distinct values weighted by their counts: the same objective as on every
     pixel (equal values always share a cluster), and fast when most pixels are the masked
@@ -164,7 +165,7 @@ def kmeans_ranks(values: np.ndarray, cfg: PseudoLabelConfig = PseudoLabelConfig(
     distinct, inverse, counts = np.unique(np.asarray(values, dtype=np.float64).ravel(),
                                           return_inverse=True, return_counts=True)
     if distinct.size < cfg.k:
-        raise ValueError(f"k-means with K={cfg.k} needs at least {cfg.k} distinct values, got {distinct.size}")
+        return None
     km = KMeans(n_clusters=cfg.k, n_init=cfg.n_init, random_state=cfg.seed).fit(
         distinct.reshape(-1, 1), sample_weight=counts.astype(np.float64))
     return rank_clusters(km.labels_, km.cluster_centers_)[inverse.ravel()]
@@ -200,19 +201,16 @@ def pseudolabel_slice(hu: np.ndarray, lung_mask: np.ndarray,
         raise InputError("CT slice contains NaN or infinite values")
     labels = np.full(hu.shape, BACKGROUND, dtype=np.uint8)
     labels[lung] = LUNG
-    clipped = np.clip(hu.astype(np.float64), cfg.hu_min, cfg.hu_max)
-    if cfg.cluster_domain == "image":
-        values = np.where(lung, clipped, cfg.hu_min)  # step 4: the mask applied to the image
-    else:  # "lung" (PseudoLabelConfig checks the name)
-        values = clipped[lung]
-    if np.unique(values).size < cfg.k:
+    # Step 4 applied the mask to the image (outside the lung is air); k-means sees all of
+    # it ("image") or the lung pixels only ("lung"; PseudoLabelConfig checks the name).
+    masked = np.where(lung, np.clip(hu.astype(np.float64), cfg.hu_min, cfg.hu_max), cfg.hu_min)
+    clustered = np.ones(hu.shape, dtype=bool) if cfg.cluster_domain == "image" else lung
+    ranks = kmeans_ranks(masked[clustered], cfg)
+    if ranks is None:
         return labels  # too few distinct values to form K clusters: all lung
     ggo = np.zeros(hu.shape, dtype=bool)
-    if cfg.cluster_domain == "image":
-        ggo = (kmeans_ranks(values, cfg).reshape(hu.shape) == cfg.k - 1) & lung
-    else:
-        ggo[lung] = kmeans_ranks(values, cfg) == cfg.k - 1
-    labels[clean_ggo(ggo, cfg) & lung] = GGO
+    ggo[clustered] = ranks == cfg.k - 1
+    labels[clean_ggo(ggo & lung, cfg) & lung] = GGO
     return labels
 
 

@@ -99,7 +99,7 @@ class AugmentConfig:
 def sample_probabilities(samples: Sequence[Sample], source_weights: Optional[dict[str, float]] = None) -> np.ndarray:
     """Probability of drawing each sample: sources ("medseg", "zenodo", ...) equally often,
     or in the ratio ``source_weights`` gives (a source it does not name weighs 1)."""
-    sources = [s.group.rstrip("0123456789") for s in samples]
+    sources = [s.source for s in samples]
     counts = {k: sources.count(k) for k in set(sources)}
     sw = source_weights or {}
     strangers = sorted(set(sw) - set(counts))

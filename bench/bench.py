@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -122,6 +123,7 @@ def build_model(which: str, monai_base: int = 44):
     raise ValueError(which)
 
 
+@functools.lru_cache(maxsize=None)  # reads the CT file; the same answer for every N
 def network_side(shape: int, variant: str) -> int:
     """Side of the square the network sees for the bench volume (``shape`` px slices of the
     real CT's spacing) in ``variant``: the working pixel grid unless ``native``."""
