@@ -58,6 +58,9 @@ class NetworkConfig:
     res_units: int = 2  # monai_unet only: residual units per level (MONAI's num_res_units)
 
 
+THRESHOLD_METHODS = ("auto", "thesis", "otsu")  # LungConfig.threshold_method
+
+
 @dataclass(frozen=True)
 class LungConfig:
     """Thesis §4.4.1 steps 1-3: lung extraction."""
@@ -85,6 +88,14 @@ class LungConfig:
     closing_radius_mm: float = 10.0  # fills lesions at the lung border (per side of the body)
     min_volume_fraction: float = 0.1  # volumes: 3D blobs under this fraction of the largest go
     assumed_fov_mm: float = 350.0  # pixel size = this / slice width when spacing is unknown
+
+    def __post_init__(self) -> None:
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise ValueError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, "
+                             f"not {self.threshold_method!r}")
+        if not (self.otsu_bins >= 2 and self.otsu_sigma_px >= 0):
+            raise ValueError(f"Otsu needs otsu_bins >= 2 and otsu_sigma_px >= 0 "
+                             f"(got {self.otsu_bins}, {self.otsu_sigma_px:g})")
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,9 @@ class InferenceConfig:
     # (x86 avx512_bf16 or AMX, read from /proc/cpuinfo on Linux; elsewhere "auto" is float32;
     # 2.1x faster end to end here, docs/bench_cpu_bf16_2026-11-27.md), "on", or "off".
     cpu_bf16: str = "auto"
+    # bfloat16 autocast on CUDA: "auto" where the GPU computes bf16 (torch.cuda.is_bf16_supported),
+    # "on", or "off". Training's validation passes its TrainConfig.bf16 here and in cpu_bf16.
+    cuda_bf16: str = "auto"
     # Working pixel size in mm for CT with a known geometry (segment, Slicer): slices are
     # resampled to it for the network and the probabilities back to the CT's own grid
     # before the decision. On the CT's own 0.6-0.8 mm grid the bundled model takes dark

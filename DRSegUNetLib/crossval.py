@@ -226,7 +226,8 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     if res.best_path != res.last_path and res.best_path.exists():
         res.best_path.unlink()
     t0 = time.time()
-    predictor = Predictor.from_checkpoint(res.last_path, device, batch_size=1, cpu_bf16=tcfg.bf16)
+    predictor = Predictor.from_checkpoint(res.last_path, device, batch_size=1, cpu_bf16=tcfg.bf16,
+                                          cuda_bf16=tcfg.bf16)
     scores = evaluate_fold(predictor, test_s)
     model = predictor.model
     count = lambda part: {src: sum(source_of(s) == src for s in part) for src in sorted({source_of(s) for s in part})}  # noqa: E731
@@ -366,19 +367,19 @@ def run_crossval(medseg_dir: str | Path, zenodo_npz: str | Path, out: str | Path
     models = list(dict.fromkeys(models))  # a repeated model or fold would count twice
     folds = list(dict.fromkeys(folds))
     results: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in models}
-    protocol: dict[str, Any] = {}
+    networks = {name: MODELS[name] if base_filters is None else replace(MODELS[name], base_filters=base_filters)
+                for name in models}
+    protocols = {name: _protocol(train_config, ncfg, limit_slices, folds_sha, data_fp)
+                 for name, ncfg in networks.items()}
     for k in folds:
         train_s, test_s = split_fold(samples, fold_defs, k, limit_slices)
         for name in models:
-            ncfg = MODELS[name] if base_filters is None else replace(MODELS[name], base_filters=base_filters)
-            protocol = _protocol(train_config, ncfg, limit_slices, folds_sha, data_fp)
-            results[name][k] = run_fold(name, ncfg, k, train_s, test_s, out, train_config, protocol,
-                                        device, data_fp, progress)
+            results[name][k] = run_fold(name, networks[name], k, train_s, test_s, out, train_config,
+                                        protocols[name], device, data_fp, progress)
     # The table covers every fold finished under this protocol, also by another process
     # (e.g. one started with --folds 4 beside this one).
     for name in models:
-        ncfg = MODELS[name] if base_filters is None else replace(MODELS[name], base_filters=base_filters)
-        proto = _protocol(train_config, ncfg, limit_slices, folds_sha, data_fp)
+        proto = protocols[name]
         for k in range(len(fold_defs)):
             path = out / name / f"fold{k}" / "result.json"
             if k not in results[name] and path.is_file():
@@ -387,6 +388,7 @@ def run_crossval(medseg_dir: str | Path, zenodo_npz: str | Path, out: str | Path
                     results[name][k] = prev
     done_folds = sorted({k for r in results.values() for k in r})
     summary = summarise({m: [r[k] for k in sorted(r)] for m, r in results.items()})
+    protocol = protocols[models[-1]]  # the parts the table states are the same for every model
     doc = {"protocol": {k: v for k, v in protocol.items() if k != "network"}, "folds": done_folds,
            "models": summary}
     md = summary_markdown(summary, protocol)

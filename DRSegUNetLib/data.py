@@ -23,7 +23,7 @@ import numpy as np
 from .config import EightBitConfig
 from .errors import InputError
 from .preprocessing import eight_bit_to_hu, working_size
-from .vocabulary import BACKGROUND, CLASS_NAMES, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS
+from .vocabulary import BACKGROUND, CLASS_NAMES, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS, check_class_names
 
 ALL_CLASSES = np.uint8((1 << NUM_CLASSES) - 1)
 
@@ -93,9 +93,7 @@ def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None)
     lab = labels.astype(np.uint8)
     if known is None:
         return (np.uint8(1) << lab).astype(np.uint8)
-    unknown_names = sorted(set(known) - set(CLASS_NAMES))
-    if unknown_names:
-        raise ValueError(f"unknown class names {unknown_names}; known ones are {', '.join(CLASS_NAMES)}")
+    check_class_names(known)
     every = bit(*range(NUM_CLASSES))
     allowed = np.full(lab.shape, every, dtype=np.uint8)
     for name in set(known):

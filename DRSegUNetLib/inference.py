@@ -163,10 +163,10 @@ class Predictor:
 
     @property
     def uses_bf16(self) -> bool:
-        """Whether the forward pass runs under bfloat16 autocast on this device: on CUDA
-        where the GPU has bf16, on CPU as ``InferenceConfig.cpu_bf16`` says."""
+        """Whether the forward pass runs under bfloat16 autocast on this device, as
+        ``InferenceConfig.cuda_bf16`` (CUDA) or ``cpu_bf16`` (CPU) says."""
         if self.device.type == "cuda":
-            return bf16_enabled(self.device, "auto")
+            return bf16_enabled(self.device, self.inference.cuda_bf16, "cuda_bf16")
         return bf16_enabled(self.device, self.inference.cpu_bf16, "cpu_bf16")
 
     def _autocast(self):

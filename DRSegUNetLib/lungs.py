@@ -64,7 +64,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .config import LungConfig
+from .config import THRESHOLD_METHODS, LungConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
 from .errors import InputError
 from .orientation import axial_spacing as orientation_axial_spacing
 from .orientation import axial_view
@@ -82,9 +82,6 @@ def normalise_window(hu: np.ndarray, cfg: LungConfig = LungConfig()) -> np.ndarr
     """Thesis step 1: map [window_low, window_high] HU (air..bone) linearly to [0, 1], clipped."""
     x = (np.asarray(hu, dtype=np.float32) - np.float32(cfg.window_low)) / np.float32(cfg.window_high - cfg.window_low)
     return np.clip(x, 0.0, 1.0)
-
-
-THRESHOLD_METHODS = ("auto", "thesis", "otsu")
 
 
 def otsu_level(values: np.ndarray, bins: int = 256) -> float:
@@ -114,7 +111,6 @@ def threshold_level(hu: np.ndarray, cfg: LungConfig = LungConfig()) -> tuple[np.
     "thesis"/"auto": ``threshold_hu`` on the normalised scale. "otsu": the normalised
     slice smoothed with a Gaussian of ``otsu_sigma_px`` pixels, and its Otsu level.
     """
-    _check_method(cfg)
     x = normalise_window(hu, cfg)
     if cfg.threshold_method != "otsu":
         return x, float(np.float32((cfg.threshold_hu - cfg.window_low) / (cfg.window_high - cfg.window_low)))
@@ -181,7 +177,6 @@ def extract_lungs_slice(
     hu = np.asarray(hu)
     if hu.ndim != 2:
         raise InputError(f"a CT slice must be 2D (H, W); got an array of shape {hu.shape}")
-    _check_method(cfg)
     _check_hu(hu, cfg, "CT slice")
     if spacing is None:
         spacing = (cfg.assumed_fov_mm / max(hu.shape),) * 2
@@ -206,7 +201,6 @@ def extract_lungs(image: sitk.Image, cfg: LungConfig = LungConfig()) -> sitk.Ima
         raise InputError(f"CT image has {image.GetNumberOfComponentsPerPixel()} components per pixel; a CT has one")
     if image.GetDimension() != 3:
         raise InputError(f"CT image is {image.GetDimension()}D; lung extraction needs a 3D volume")
-    _check_method(cfg)
     array = sitk.GetArrayViewFromImage(image)
     _check_hu(array, cfg, "CT image")
     view, inverse = axial_view(array, image.GetDirection())
@@ -224,13 +218,6 @@ def extract_lungs(image: sitk.Image, cfg: LungConfig = LungConfig()) -> sitk.Ima
 def axial_spacing(image: sitk.Image) -> Spacing:
     """(row, col) pixel size in mm of the slices of ``orientation.axial_view``."""
     return orientation_axial_spacing(image.GetSpacing(), image.GetDirection())
-
-
-def _check_method(cfg: LungConfig) -> None:
-    if cfg.threshold_method not in THRESHOLD_METHODS:
-        raise InputError(f"threshold_method must be one of {', '.join(THRESHOLD_METHODS)}, not {cfg.threshold_method!r}")
-    if cfg.threshold_method == "otsu" and not (cfg.otsu_bins >= 2 and cfg.otsu_sigma_px >= 0):
-        raise InputError(f"Otsu needs otsu_bins >= 2 and otsu_sigma_px >= 0 (got {cfg.otsu_bins}, {cfg.otsu_sigma_px:g})")
 
 
 def _check_hu(array: np.ndarray, cfg: LungConfig, what: str) -> None:

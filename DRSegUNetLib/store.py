@@ -321,11 +321,9 @@ class CorrectionsStore:
         if len(spacing) != 2:
             raise ValueError(f"spacing must be (row, column), got {tuple(spacing)}")
         if known is not None:
-            from .vocabulary import CLASS_NAMES
+            from .vocabulary import check_class_names
 
-            bad = sorted(set(known) - set(CLASS_NAMES))
-            if bad:
-                raise ValueError(f"known names unknown classes {bad}; use {', '.join(CLASS_NAMES)}")
+            check_class_names(known)
         ct_stored = _compact_hu(ct)
         self.root.mkdir(parents=True, exist_ok=True)
         cid = f"{time.time_ns() // 1000:017d}-{uuid.uuid4().hex[:8]}"

@@ -336,8 +336,8 @@ def train(
                              "best.pt could never be chosen on it (see --select-regions)")
     batches = _batch_stream(train_samples, config, augment, rank, mcfg.preprocess, dev)
     # Validation uses the training run's precision (bf16="off" reproduces float32 runs).
-    val_predictor = Predictor(model, mcfg, dev, InferenceConfig(batch_size=1, cpu_bf16=config.bf16),
-                              channels_last=channels_last)
+    val_cfg = InferenceConfig(batch_size=1, cpu_bf16=config.bf16, cuda_bf16=config.bf16)
+    val_predictor = Predictor(model, mcfg, dev, val_cfg, channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     meta = {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),

@@ -10,10 +10,19 @@ the whole lung field, i.e. the union of labels 1-3.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 BACKGROUND, GGO, CONSOLIDATION, LUNG = 0, 1, 2, 3
 CLASS_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation", "lung")
 NUM_CLASSES = len(CLASS_NAMES)
+
+
+def check_class_names(names: Iterable[str], allowed: tuple[str, ...] = CLASS_NAMES) -> None:
+    """ValueError naming every entry of ``names`` that is not one of ``allowed``."""
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown class names {unknown}; known ones are {', '.join(allowed)}")
+
 
 # Derived regions used by metrics and reports: name -> label values it is made of.
 REGIONS: dict[str, tuple[int, ...]] = {

@@ -163,3 +163,19 @@ def test_cpu_bf16_mode_is_checked_and_off_means_float32(model_and_config):
     assert Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(cpu_bf16="on")).uses_bf16
     with pytest.raises(ValueError, match="cpu_bf16"):
         Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(cpu_bf16="maybe")).uses_bf16
+
+
+def test_cuda_bf16_mode_is_honoured_without_a_gpu():
+    # uses_bf16 reads only the device and the config; "on"/"off" never query the GPU, so a
+    # Predictor shell with a CUDA device checks the policy here (training's validation with
+    # TrainConfig.bf16="off" must run float32 on a GPU too).
+    import torch
+
+    shell = object.__new__(Predictor)
+    shell.device = torch.device("cuda")
+    for mode, expected in (("off", False), ("on", True)):
+        shell.inference = InferenceConfig(cpu_bf16="on" if mode == "off" else "off", cuda_bf16=mode)
+        assert shell.uses_bf16 is expected
+    shell.inference = InferenceConfig(cuda_bf16="sometimes")
+    with pytest.raises(ValueError, match="cuda_bf16"):
+        shell.uses_bf16

@@ -193,8 +193,10 @@ def test_smoothing_before_otsu_copes_with_pixel_noise():
 
 
 def test_unknown_threshold_method_is_refused():
-    with pytest.raises(InputError, match="threshold_method"):
-        extract_lungs_slice(chest(), LungConfig(threshold_method="Otsu"))
+    with pytest.raises(ValueError, match="threshold_method must be one of"):
+        LungConfig(threshold_method="Otsu")
+    with pytest.raises(ValueError, match="otsu_bins"):
+        LungConfig(threshold_method="otsu", otsu_bins=1)
 
 
 def phantom() -> tuple[np.ndarray, np.ndarray]:

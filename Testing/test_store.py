@@ -263,7 +263,7 @@ def test_partially_known_corrections_become_partial_labels(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown class"):
         labels_to_allowed(labels, ("Lung",))
     s = CorrectionsStore(tmp_path / "c")
-    with pytest.raises(ValueError, match="unknown classes"):
+    with pytest.raises(ValueError, match="unknown class names"):
         s.add(np.zeros((1, 4), np.float32), labels, (1, 1), "v", 0, known=("GGO",))
     assert s.ids() == []
 
