@@ -294,3 +294,28 @@ def test_new_commands_have_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and command in capsys.readouterr().out
+
+
+def test_weak_ceiling_best_cut_matches_brute_force():
+    # bench/weak_ceiling.py's oracle bounds (docs/weak_supervision.md) take, per slice, the
+    # best Dice over every cut of an integer score; it must equal trying each cut, with
+    # expert pixels outside the allowed region counted as missed.
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("weak_ceiling", REPO / "bench" / "weak_ceiling.py")
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        score = rng.integers(0, 12, size=(9, 11))
+        truth = rng.random((9, 11)) < 0.3
+        inside = rng.random((9, 11)) < 0.7
+        brute = max(wc.dice(inside & (score >= v), truth) for v in range(12))
+        assert wc.best_cut_dice(score, inside, truth, 12) == pytest.approx(brute)
+    # Hand case: scores 0,1,2,3 on a row, truth = the two highest -> cut at 2 gives Dice 1.
+    row = np.array([[0, 1, 2, 3]])
+    assert wc.best_cut_dice(row, np.ones_like(row, bool), row >= 2, 4) == 1.0
+    # Truth wholly outside the allowed region: nothing can be found.
+    assert wc.best_cut_dice(row, row < 2, row >= 2, 4) == 0.0

@@ -1,0 +1,120 @@
+"""How far can level 2 beat the k-means pseudo-labels? Upper bounds from the expert masks.
+
+Issue 4 asks that level 2 of the self-training (thesis §4.4.2) beat its k-means
+pseudo-labels by 0.10 infection Dice against the experts. A network trained on labels
+reproduces them; what it can add is a better *ranking* of pixels. This script measures,
+against the expert infection masks of a COVID-19-CT-Seg ``.npz`` (zenodo20_dev.npz):
+
+- ``pseudo-labels``: the level-0 labels as ``selftrain`` wrote them;
+- ``oracle intensity threshold``: for every slice, the best Dice of any threshold on the
+  8-bit grey value inside the pseudo-labels' lung field (every distinct value tried, the
+  best one picked per slice *with the expert mask*). No intensity rule applied per slice,
+  k-means included, can beat it;
+- ``level K argmax``: the checkpoint's labels (as ``selftrain`` labels the slices);
+- ``level K P(infection) > t``: the summed GGO + consolidation softmax cut at a fixed t;
+- ``oracle threshold of level K P(infection)``: per slice, the best of 101 cuts
+  (0, 0.01, ..., 1), chosen with the expert mask. No relabelling of the slices that keeps
+  the network's ranking of pixels, level 2's included, can beat it.
+
+The oracles peek at the answers, so they are bounds, not methods.
+
+    python bench/weak_ceiling.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+        --pseudolabels runs/weak5/st/level0/labels.npz --model runs/weak5/st/level1/best.pt \\
+        --json out/weak_ceiling.json
+
+Groups 0-4 are those the pseudo-label rules were chosen on; 5-8 were held out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from DRSegUNetLib.inference import Predictor  # noqa: E402
+from DRSegUNetLib.selftrain import labels_for_dataset, read_slices  # noqa: E402
+from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO  # noqa: E402
+
+CUTS = (0.3, 0.5, 0.7, 0.9)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    s = int(pred.sum()) + int(truth.sum())
+    return 1.0 if s == 0 else 2.0 * int((pred & truth).sum()) / s
+
+
+def best_cut_dice(score: np.ndarray, inside: np.ndarray, truth: np.ndarray, levels: int) -> float:
+    """Best Dice over every cut ``score >= v`` (v = 0..levels-1) of integer scores within ``inside``."""
+    n_truth = int(truth.sum())
+    s = score[inside]
+    n_pred = np.cumsum(np.bincount(s, minlength=levels)[::-1])[::-1]  # pixels with score >= v
+    n_tp = np.cumsum(np.bincount(s[truth[inside]], minlength=levels)[::-1])[::-1]
+    denom = n_pred + n_truth  # expert infection outside ``inside`` counts as missed
+    return float(np.where(denom > 0, 2.0 * n_tp / np.maximum(denom, 1), 1.0).max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", help="COVID-19-CT-Seg .npz with ct_uint8, infection_mask, group")
+    ap.add_argument("--pseudolabels", required=True, help="selftrain's level0/labels.npz (or pseudolabel's output)")
+    ap.add_argument("--model", action="append", default=[], metavar="CKPT",
+                    help="a level's checkpoint (repeatable), e.g. runs/weak5/st/level1/best.pt")
+    ap.add_argument("--held-out-from", type=int, default=5, help="first held-out group (default 5)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="write the table as JSON here too")
+    args = ap.parse_args(argv)
+
+    with np.load(args.data) as d:
+        ct, truth_all, group = d["ct_uint8"], d["infection_mask"] > 0, d["group"]
+    pl = labels_for_dataset(args.pseudolabels, args.data, len(ct))
+    parts = {f"groups <{args.held_out_from} (chosen on)": group < args.held_out_from,
+             f"groups >={args.held_out_from} (held out)": group >= args.held_out_from,
+             "all": np.ones(len(ct), bool)}
+    rows: dict[str, np.ndarray] = {}
+    t0 = time.time()
+    pl_inf = np.isin(pl, (GGO, CONSOLIDATION))
+    rows["pseudo-labels"] = np.array([dice(pl_inf[i], truth_all[i]) for i in range(len(ct))])
+    rows["oracle intensity threshold in the lung field"] = np.array(
+        [best_cut_dice(ct[i], pl[i] > 0, truth_all[i], 256) for i in range(len(ct))])
+    if args.model:
+        hu = read_slices(args.data).hu
+    for path in args.model:
+        name = Path(path).parent.name or path
+        predictor = Predictor.from_checkpoint(path, args.device, batch_size=args.batch_size)
+        per: dict[str, list[float]] = {"argmax": [], **{f"P(infection) > {c:g}": [] for c in CUTS}, "oracle": []}
+        for start in range(0, len(ct), args.batch_size):
+            labels, prob = predictor.labels(hu[start:start + args.batch_size])
+            p_inf = (prob[:, GGO] + prob[:, CONSOLIDATION]).float().cpu().numpy()
+            for j in range(len(labels)):
+                t = truth_all[start + j]
+                per["argmax"].append(dice(np.isin(labels[j], (GGO, CONSOLIDATION)), t))
+                for c in CUTS:
+                    per[f"P(infection) > {c:g}"].append(dice(p_inf[j] > c, t))
+                q = np.clip(np.floor(p_inf[j] * 100 + 1e-6), 0, 100).astype(np.int64)
+                per["oracle"].append(best_cut_dice(q, np.ones_like(t), t, 101))
+        for k, v in per.items():
+            label = f"oracle threshold of {name} P(infection)" if k == "oracle" else f"{name} {k}"
+            rows[label] = np.asarray(v)
+    table = {r: {p: float(v[m].mean()) for p, m in parts.items()} for r, v in rows.items()}
+    target = {p: table["pseudo-labels"][p] + 0.10 for p in parts}
+    print(f"# infection Dice against the expert masks, mean over slices ({args.data}; {time.time() - t0:.0f} s)\n")
+    print("| labels | " + " | ".join(f"{p} ({int(m.sum())} slices)" for p, m in parts.items()) + " |")
+    print("|---|" + "---|" * len(parts))
+    for r, v in table.items():
+        print(f"| {r} | " + " | ".join(f"{v[p]:.3f}" for p in parts) + " |")
+    print("| *issue 4's target: pseudo-labels + 0.10* | " + " | ".join(f"*{target[p]:.3f}*" for p in parts) + " |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"data": args.data, "pseudolabels": args.pseudolabels,
+                                               "models": args.model, "table": table, "target": target}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
