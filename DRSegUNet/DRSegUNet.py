@@ -63,6 +63,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget):
         defaults = self.logic.fineTuneDefaults()
         self.ui.epochsSpinBox.value = defaults["epochs"]
         self.ui.learningRateSpinBox.value = defaults["lr"]
+        self.ui.pixelSizeSpinBox.value = self.logic.defaultPixelSize()
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
@@ -128,7 +129,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget):
                 self.ui.outputSegmentationSelector.addNode()
             self._job = self.logic.startSegmentation(
                 self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(),
-                self.selectedModelPath(), self.ui.deviceComboBox.currentText)
+                self.selectedModelPath(), self.ui.deviceComboBox.currentText, self.ui.pixelSizeSpinBox.value)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = self._job.message
             self._timer.start()
@@ -165,7 +166,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget):
             self.ui.fineTuneLog.plainText = ""
             self._fineTune = self.logic.startFineTune(
                 epochs=self.ui.epochsSpinBox.value, lr=self.ui.learningRateSpinBox.value,
-                device=self.ui.deviceComboBox.currentText)
+                device=self.ui.deviceComboBox.currentText, pixelMM=self.ui.pixelSizeSpinBox.value)
             self._timer.start()
         self.updateButtons()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import __version__, default_model_path
-from .config import InferenceConfig
+from .config import PIXEL_MM_RANGE, InferenceConfig, check_pixel_mm
 
 log = logging.getLogger("DRSegUNetLib")
 
@@ -293,10 +293,7 @@ def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, r
         from .report import compute_report, write_report
 
         rep = compute_report(labels)
-        inf = predictor.inference
-        rep.update(input=str(input_path), model=str(predictor.source),
-                   inference={"decision": inf.decision, "flip_tta": inf.flip_tta, "pixel_mm": inf.pixel_mm,
-                              "bf16": predictor.uses_bf16})
+        rep.update(input=str(input_path), model=str(predictor.source), inference=predictor.settings())
         write_report(rep, report)
         outputs.append(str(report))
     if overlay:
@@ -338,9 +335,6 @@ def _volume_name(p: Path) -> str:
     return name
 
 
-PIXEL_MM_RANGE = (0.2, 5.0)  # working or assumed pixel sizes the CLI accepts, mm
-
-
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """Options of the decision rule shared by segment and evaluate (see _predictor)."""
     p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
@@ -358,19 +352,10 @@ def _predictor(args: argparse.Namespace, batch_size: int):
                                      pixel_mm=args.pixel_mm or None)
 
 
-def _check_pixel_mm(value: float, option: str = "--pixel-mm") -> None:
-    """A pixel size option: 0 (the slices' own grid) or within PIXEL_MM_RANGE."""
-    from .errors import InputError
-
-    if not (math.isfinite(value) and (value == 0 or PIXEL_MM_RANGE[0] <= value <= PIXEL_MM_RANGE[1])):
-        raise InputError(f"{option} must be a pixel size from {PIXEL_MM_RANGE[0]:g} to {PIXEL_MM_RANGE[1]:g} mm, "
-                         f"or 0 for the own grid; got {value}")
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     from .errors import CheckpointError, InputError
 
-    _check_pixel_mm(args.pixel_mm)
+    check_pixel_mm(args.pixel_mm)
     if args.out_dir is None:
         if len(args.paths) != 2 or args.list or args.shard:
             raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
@@ -473,7 +458,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if slice_mm:
         # Slices of the named sources are taken as that pixel size and resampled to the
         # working pixel, the grid segment shows the network CT on (evaluate --slice-pixel-mm).
-        _check_pixel_mm(args.pixel_mm)
+        check_pixel_mm(args.pixel_mm)
         strangers = sorted(set(slice_mm) - {s.source for s in samples})
         if strangers:
             raise InputError(f"--slice-pixel-mm names {strangers}, but the slices come from other sources")
@@ -532,8 +517,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  f"differs from the slice's size {s.hu.shape}")
         score = lambda s: (preds[id(s)], None)  # noqa: E731
     else:
-        _check_pixel_mm(args.pixel_mm)
-        _check_pixel_mm(args.slice_pixel_mm, "--slice-pixel-mm")
+        check_pixel_mm(args.pixel_mm)
+        check_pixel_mm(args.slice_pixel_mm, "--slice-pixel-mm")
         spacing = (args.slice_pixel_mm,) * 2 if args.slice_pixel_mm else None
         predictor = _predictor(args, 1)
         samples = read_dataset(args.data, predictor.config.eight_bit)
@@ -736,7 +721,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .store import CorrectionsStore, ModelStore
     from .training import train
 
-    _check_pixel_mm(args.pixel_mm)
+    check_pixel_mm(args.pixel_mm)
     store = ModelStore(args.store, bundled=default_model_path())
     parent = store.active()
     start = Path(args.model) if args.model else parent.path

@@ -198,6 +198,20 @@ class SelfTrainConfig:
     eight_bit_lung_threshold_hu: float = -600.0
 
 
+PIXEL_MM_RANGE = (0.2, 5.0)  # working or assumed pixel sizes accepted from users (CLI, Slicer), mm
+
+
+def check_pixel_mm(value: float, option: str = "--pixel-mm") -> None:
+    """InputError unless ``value`` is 0 (the slices' own grid) or within PIXEL_MM_RANGE."""
+    import math
+
+    from .errors import InputError
+
+    if not (math.isfinite(value) and (value == 0 or PIXEL_MM_RANGE[0] <= value <= PIXEL_MM_RANGE[1])):
+        raise InputError(f"{option} must be a pixel size from {PIXEL_MM_RANGE[0]:g} to {PIXEL_MM_RANGE[1]:g} mm, "
+                         f"or 0 for the own grid; got {value}")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     batch_size: int = 4

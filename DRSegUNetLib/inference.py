@@ -13,7 +13,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -168,6 +168,11 @@ class Predictor:
         if self.device.type == "cuda":
             return bf16_enabled(self.device, self.inference.cuda_bf16, "cuda_bf16")
         return bf16_enabled(self.device, self.inference.cpu_bf16, "cpu_bf16")
+
+    def settings(self) -> dict[str, Any]:
+        """The decision rule and numerics of this predictor, for reports."""
+        inf = self.inference
+        return {"decision": inf.decision, "flip_tta": inf.flip_tta, "pixel_mm": inf.pixel_mm, "bf16": self.uses_bf16}
 
     def _autocast(self):
         if self.uses_bf16:

@@ -239,6 +239,9 @@ def test_bad_inputs_fail_with_clear_messages(logic, scene, ct_image):
         logic.startSegmentation(volume, None, None, "tpu")
     with pytest.raises(ValueError, match="input CT"):
         logic.startSegmentation(None)
+    for pixel in (0.05, 9.0, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="working pixel size"):
+            logic.startSegmentation(volume, None, None, "cpu", pixel)
 
     def broken(path, device):
         raise RuntimeError("checkpoint is corrupt")
@@ -259,6 +262,22 @@ def test_real_predictor_on_a_tiny_checkpoint(scene, stores, ct_image):
     expected = sitk.GetArrayFromImage(Predictor.from_checkpoint(models.active().path, "cpu").predict(ct_image))
     np.testing.assert_array_equal(job.labels, expected)
     _check_segments(logic, job, volume, expected)
+    assert job.report["inference"]["pixel_mm"] == logic.defaultPixelSize() == 1.2
+    assert job.report["model"] == job.modelPath == str(models.active().path)
+
+
+def test_working_pixel_size_from_the_panel_reaches_the_network(scene, stores, ct_image):
+    """The panel's working pixel size: the labels are the library's at that size, and the report says so."""
+    from DRSegUNetLib.inference import Predictor
+
+    models, corrections = stores
+    logic = lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections)
+    for pixel, library in ((0.0, None), (2.0, 2.0)):
+        volume = lib.volumeNodeFromSitkImage(ct_image, f"CT {pixel}", scene)
+        job = logic.segment(volume, device="cpu", timeout=300, pixelMM=pixel)
+        predictor = Predictor.from_checkpoint(models.active().path, "cpu", pixel_mm=library)
+        np.testing.assert_array_equal(job.labels, sitk.GetArrayFromImage(predictor.predict(ct_image)))
+        assert job.report["inference"]["pixel_mm"] == library
 
 
 def test_bundled_model_segments_the_real_ct(scene, tmp_path, ct_image):
@@ -463,6 +482,15 @@ def test_fine_tune_cancel_keeps_the_active_model(scene, stores, ct_image):
 def test_fine_tune_needs_corrections(logic):
     with pytest.raises(ValueError, match="corrections"):
         logic.startFineTune(epochs=1, lr=1e-4)
+
+
+def test_fine_tune_trains_at_the_panel_working_pixel_size(scene, stores, ct_image):
+    logic = _logic_with_corrections(scene, stores, ct_image, None)
+    assert "--pixel-mm" not in logic.fineTuneCommand(1, 1e-4)
+    command = logic.fineTuneCommand(1, 1e-4, "cpu", 0.0)
+    assert command[command.index("--pixel-mm") + 1] == "0.0"
+    with pytest.raises(ValueError, match="working pixel size"):
+        logic.startFineTune(epochs=1, lr=1e-4, pixelMM=0.1)
 
 
 def test_fine_tune_defaults_come_from_the_library_config(logic):

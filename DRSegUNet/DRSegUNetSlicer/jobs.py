@@ -3,6 +3,7 @@
 The widget polls a job from a ``QTimer``; headless callers use :meth:`Job.wait`. MRML is
 only touched in ``poll()``, so no Slicer call ever runs outside the main thread.
 """
+import dataclasses
 import json
 import queue
 import threading
@@ -77,13 +78,15 @@ class SegmentationJob(Job):
     """
 
     def __init__(self, logic: "DRSegUNetLogic", volumeNode, segmentationNode, image: sitk.Image,
-                 modelPath: str, device: str):
+                 modelPath: str, device: str, pixelMM: Optional[float] = None):
         super().__init__()
         self.logic = logic
         self.volumeNode = volumeNode
         self.segmentationNode = segmentationNode
         self.image = image
         self.modelPath = modelPath
+        self.pixelMM = pixelMM  # working pixel size (mm); 0: the CT's grid; None: the predictor's own
+        self.settings: Optional[Dict[str, Any]] = None  # the predictor's, for the report
         self.labels = np.zeros(image.GetSize()[::-1], dtype=np.uint8)  # (z, y, x) like the input
         self.total = axial_view(self.labels, image.GetDirection())[0].shape[0]
         self.done = np.zeros(self.total, dtype=bool)  # per axial slice: written
@@ -109,6 +112,10 @@ class SegmentationJob(Job):
     def _run(self, device: str) -> None:
         try:
             predictor = self.logic.predictorFactory(self.modelPath, device)
+            if self.pixelMM is not None:
+                predictor.inference = dataclasses.replace(predictor.inference, pixel_mm=float(self.pixelMM) or None)
+            settings = getattr(predictor, "settings", None)
+            self.settings = settings() if callable(settings) else None
             for result in predictor.iter_slices(self.image, cancel=self._cancel.is_set):
                 if not self._put(("slice", result)):
                     raise Cancelled("cancelled")
@@ -169,6 +176,7 @@ class SegmentationJob(Job):
         from DRSegUNetLib.report import compute_report  # scipy: installed with the requirements
 
         self.report = compute_report(self.labelImage())
+        self.report.update(model=self.modelPath, inference=self.settings)
         self.segmentationNode.SetAttribute(ATTR_REPORT, json.dumps(self.report))
         self.tableNode = self.logic.reportTable(self.report)
         self.message = _("Done: {total} slices").format(total=self.total)

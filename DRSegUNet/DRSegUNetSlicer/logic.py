@@ -188,25 +188,50 @@ class DRSegUNetLogic:
             segment.SetLabelValue(1)
         return slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentId)
 
-    def startSegmentation(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto") -> SegmentationJob:
-        """Start segmenting ``volumeNode`` into ``segmentationNode`` (new if None); poll the returned job."""
+    @staticmethod
+    def defaultPixelSize() -> float:
+        """The working pixel size (mm) the network sees slices at by default; 0 = the CT's own grid."""
+        from DRSegUNetLib.config import InferenceConfig
+
+        return float(InferenceConfig().pixel_mm or 0.0)
+
+    @staticmethod
+    def _checkPixelSize(pixelMM: Optional[float]) -> None:
+        if pixelMM is not None:
+            from DRSegUNetLib.config import PIXEL_MM_RANGE, check_pixel_mm
+
+            try:
+                check_pixel_mm(float(pixelMM), "pixel size")
+            except ValueError:
+                raise ValueError(_("The working pixel size must be 0 (the CT's own grid) or from {low} to {high} mm.").format(
+                    low=PIXEL_MM_RANGE[0], high=PIXEL_MM_RANGE[1])) from None
+
+    def startSegmentation(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
+                          pixelMM: Optional[float] = None) -> SegmentationJob:
+        """Start segmenting ``volumeNode`` into ``segmentationNode`` (new if None); poll the returned job.
+
+        ``pixelMM``: the working pixel size in mm the network sees each axial slice at (0: the
+        CT's own grid; None: the library's default, :meth:`defaultPixelSize`). Labels are
+        always written on the volume's own grid.
+        """
         if volumeNode is None:
             raise ValueError(_("Select an input CT volume."))
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        self._checkPixelSize(pixelMM)
         modelPath = self.modelPath(model)
         if not os.path.isfile(modelPath):
             raise ValueError(_("Model file not found: {path}").format(path=modelPath))
         image = sitkImageFromVolumeNode(volumeNode)
         if segmentationNode is None:
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} DRSegUNet")
-        return SegmentationJob(self, volumeNode, segmentationNode, image, modelPath, device)
+        return SegmentationJob(self, volumeNode, segmentationNode, image, modelPath, device, pixelMM)
 
     def segment(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
                 progress: Optional[Callable[..., None]] = None, cancel: Optional[Callable[[], bool]] = None,
-                timeout: Optional[float] = None, **pollArgs) -> SegmentationJob:
+                timeout: Optional[float] = None, pixelMM: Optional[float] = None, **pollArgs) -> SegmentationJob:
         """Segment and wait (headless use). Raises the worker's error if it failed."""
-        job = self.startSegmentation(volumeNode, segmentationNode, model, device)
+        job = self.startSegmentation(volumeNode, segmentationNode, model, device, pixelMM)
         job.wait(progress=progress, cancel=cancel, timeout=timeout, **pollArgs)
         job.raiseIfFailed()
         return job
@@ -346,14 +371,19 @@ class DRSegUNetLogic:
                 return candidate
         return sys.executable
 
-    def fineTuneCommand(self, epochs: int, lr: float, device: str = "auto") -> List[str]:
-        """The level-2 command: from the active model, on the corrections store, into the model store."""
-        return [self.pythonExecutable(), "-m", "DRSegUNetLib", "finetune",
-                "--model", str(self.modelStore.active().path),
-                "--corrections", str(self.correctionsStore.root), "--store", str(self.modelStore.root),
-                "--epochs", str(int(epochs)), "--lr", repr(float(lr)), "--device", device, "--json-progress"]
+    def fineTuneCommand(self, epochs: int, lr: float, device: str = "auto", pixelMM: Optional[float] = None) -> List[str]:
+        """The level-2 command: from the active model, on the corrections store, into the model store.
 
-    def startFineTune(self, epochs: int, lr: float, device: str = "auto") -> FineTuneJob:
+        ``pixelMM``: the working pixel size to train at (as :meth:`startSegmentation`; None: the default)."""
+        command = [self.pythonExecutable(), "-m", "DRSegUNetLib", "finetune",
+                   "--model", str(self.modelStore.active().path),
+                   "--corrections", str(self.correctionsStore.root), "--store", str(self.modelStore.root),
+                   "--epochs", str(int(epochs)), "--lr", repr(float(lr)), "--device", device, "--json-progress"]
+        if pixelMM is not None:
+            command += ["--pixel-mm", repr(float(pixelMM))]
+        return command
+
+    def startFineTune(self, epochs: int, lr: float, device: str = "auto", pixelMM: Optional[float] = None) -> FineTuneJob:
         """Start fine-tuning (level 2) the active model on the accepted corrections; poll the returned job."""
         if len(self.correctionsStore) == 0:
             raise ValueError(_("No accepted corrections yet: accept corrected slices first."))
@@ -361,12 +391,13 @@ class DRSegUNetLogic:
             raise ValueError(_("Epochs must be at least 1 and the learning rate positive."))
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        self._checkPixelSize(pixelMM)
         parent = self.modelStore.active()
         env = dict(os.environ)
         libParent = str(Path(DRSegUNetLib.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([libParent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
-        process = self.processRunner.start(self.fineTuneCommand(epochs, lr, device), env)
+        process = self.processRunner.start(self.fineTuneCommand(epochs, lr, device, pixelMM), env)
         return FineTuneJob(self, process, parent)
 
     # -- files
