@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
 
-from DRSegUNetSlicer import DEVICES, DRSegUNetLogic, _, volumeNodeFromSitkImage
+from DRSegUNetSlicer import DEVICES, DRSegUNetLogic, _, translate, volumeNodeFromSitkImage
 
 
 class DRSegUNet(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("DRSegUNet")
-        self.parent.categories = [_("Segmentation")]
+        # Slicer translates module categories in this context, so the module joins the translated folder.
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["DRSegUNet maintainers"]
         self.parent.helpText = _(
@@ -32,17 +34,19 @@ class DRSegUNet(ScriptedLoadableModule):
         )
 
 
-class DRSegUNetWidget(ScriptedLoadableModuleWidget):
+class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui to the logic; long work is polled from a timer so the GUI never blocks."""
 
     FILE_MODEL = -1  # item data of the "model from a file" entry
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
         self._job = None
         self._fineTune = None
         self._timer = None
+        self._polling = False
 
     def setup(self):
         import qt
@@ -74,15 +78,25 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget):
         self.ui.acceptCorrectionsButton.connect("clicked(bool)", self.onAcceptCorrections)
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
         self.ui.cancelFineTuneButton.connect("clicked(bool)", self.onCancelFineTune)
+        # Closing the scene removes the nodes a running segmentation writes into.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.refreshModels()
         self.updateButtons()
 
     def cleanup(self):
+        self.removeObservers()
         if self._timer:
             self._timer.stop()
         for job in (self._job, self._fineTune):
             if job is not None and not job.finished:
-                job.cancel()
+                job.abort()  # the timer is stopped: nothing would poll a cancel through
+
+    def onSceneStartClose(self, caller=None, event=None):
+        if self._job is not None and not self._job.finishedAndReported:
+            self._job.abort()
+            self._job.finishedAndReported = True
+            self.ui.statusLabel.text = _("Segmentation stopped: the scene was closed.")
+        self.updateButtons()
 
     def enter(self):
         self.refreshModels()
@@ -175,18 +189,29 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget):
             self._fineTune.cancel()
 
     def onTimer(self):
-        if self._job is not None and not self._job.finishedAndReported:
-            self._pollSegmentation()
-        if self._fineTune is not None and not self._fineTune.finishedAndReported:
-            self._pollFineTune()
-        if all(j is None or j.finishedAndReported for j in (self._job, self._fineTune)):
-            self._timer.stop()
-        self.updateButtons()
+        if self._polling:  # an error dialog's event loop runs the timer again
+            return
+        self._polling = True
+        try:
+            if self._job is not None and not self._job.finishedAndReported:
+                self._pollSegmentation()
+            if self._fineTune is not None and not self._fineTune.finishedAndReported:
+                self._pollFineTune()
+            if all(j is None or j.finishedAndReported for j in (self._job, self._fineTune)):
+                self._timer.stop()
+            self.updateButtons()
+        finally:
+            self._polling = False
 
     def _pollSegmentation(self):
         job = self._job
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed.")):
-            job.poll()
+            try:
+                job.poll()
+            except Exception:
+                job.abort()  # one error dialog, not one per timer tick
+                job.finishedAndReported = True
+                raise
             self.ui.progressBar.maximum = max(job.total, 1)
             self.ui.progressBar.value = job.step
             self.ui.statusLabel.text = job.message
@@ -199,7 +224,13 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget):
     def _pollFineTune(self):
         job = self._fineTune
         with slicer.util.tryWithErrorDisplay(_("Fine-tuning failed.")):
-            for line in job.poll():
+            try:
+                lines = job.poll()
+            except Exception:
+                job.abort()
+                job.finishedAndReported = True
+                raise
+            for line in lines:
                 self.ui.fineTuneLog.appendPlainText(line)
             self.ui.fineTuneProgressBar.maximum = max(job.total, 1)
             self.ui.fineTuneProgressBar.value = job.step
@@ -250,6 +281,7 @@ class DRSegUNetTest(ScriptedLoadableModuleTest):
         with tempfile.TemporaryDirectory() as tmp:
             logic = DRSegUNetLogic(modelStore=ModelStore(Path(tmp) / "models", bundled=DRSegUNetLib.default_model_path()),
                                    correctionsStore=CorrectionsStore(Path(tmp) / "corrections"))
+            logic.setupPythonRequirements(askUser=lambda message: True)  # a test machine has no one to ask
             volume = self.sampleVolume()
             job = logic.segment(volume, device="cpu", timeout=600)
             self.assertEqual(job.state, "completed")

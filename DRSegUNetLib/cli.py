@@ -98,14 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="many volumes: comma list of labels, seg, report, overlay (default labels,report)")
     p.add_argument("--shard", default=None, help="many volumes: K/N processes every N-th input starting at K (0-based)")
     p.add_argument("--overwrite", action="store_true", help="many volumes: redo inputs whose outputs exist")
-    p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
-                   help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
-    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
-    _add_inference_options(p)
-    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
-                   help=f"working pixel size of the network in mm (default {InferenceConfig.pixel_mm:g}, about the "
-                        "training slices'): slices are resampled to it and the labels come back on the CT's grid; "
-                        "0 = the CT's own grid")
+    _add_segment_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("segment-stream", help="segment one CT into a shared label array, a JSON line per slice",
+                       description="Segment INPUT slice by slice into LABELS, an existing .npy uint8 array shaped like "
+                                   "the CT's (z, y, x) voxel array, printing one JSON line per finished slice. The "
+                                   "Slicer module runs this in a separate process and fills the segments as the lines "
+                                   "arrive; it cancels by ending the process (a slice is announced only once it is written).")
+    p.add_argument("input", help="CT in HU (any format segment reads)")
+    p.add_argument("labels", help="existing .npy uint8 array (z, y, x) the labels are written into")
+    p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    _add_segment_options(p)
     _add_common(p)
 
     p = sub.add_parser("train", help="train a model", description="Train DRSegUNet (Adam + marginal categorical cross-entropy) on annotated slices; writes best.pt (best validation Dice) and last.pt atomically.")
@@ -333,6 +337,18 @@ def _volume_name(p: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _add_segment_options(p: argparse.ArgumentParser) -> None:
+    """The decision rule, batch and working pixel of segment and segment-stream (see _predictor)."""
+    p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
+                   help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    _add_inference_options(p)
+    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
+                   help=f"working pixel size of the network in mm (default {InferenceConfig.pixel_mm:g}, about the "
+                        "training slices'): slices are resampled to it and the labels come back on the CT's grid; "
+                        "0 = the CT's own grid")
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -751,6 +767,34 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment_stream(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .errors import InputError
+    from .imageio import read_ct
+
+    check_pixel_mm(args.pixel_mm)
+    image = read_ct(args.input)
+    shape = tuple(image.GetSize()[::-1])
+    try:
+        labels = np.load(args.labels, mmap_mode="r+")
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot open {args.labels} as a .npy array ({e})") from None
+    if labels.dtype != np.uint8 or labels.shape != shape:
+        raise InputError(f"{args.labels} is {labels.dtype} {labels.shape}; the CT needs uint8 {shape}")
+    predictor = _predictor(args, args.batch_size)
+    printer = ProgressPrinter(json_lines=True)
+    printer("loaded", 0, 0, "model loaded", settings=predictor.settings())
+    done = 0
+    for result in predictor.iter_slices(image):
+        result.place(labels)
+        labels.flush()  # on disk (the shared page cache) before the line that announces it
+        done += 1
+        printer("slice", done, result.total, index=result.index)
+    printer("done", done, done, "segmented")
+    return 0
+
+
 def _git_commit() -> Optional[str]:
     import subprocess
 
@@ -791,7 +835,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune,
+COMMANDS = {"segment": cmd_segment, "segment-stream": cmd_segment_stream, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune,
             "export": cmd_export, "info": cmd_info, "lungs": cmd_lungs, "pseudolabel": cmd_pseudolabel,
             "selftrain": cmd_selftrain, "crossval": cmd_crossval}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -23,7 +22,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .config import InferenceConfig, ModelConfig
 from .errors import InputError
 from .network import DRSegUNet
-from .orientation import axial_spacing, axial_view
+from .orientation import SliceResult, axial_spacing, axial_view  # noqa: F401  (SliceResult: re-exported)
 from .preprocessing import check_ct_hu, normalize, working_size
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
@@ -40,30 +39,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise InputError("a GPU was asked for, but torch sees no CUDA device")
         return torch.device("cpu")
     return torch.device(device)
-
-
-@dataclass
-class SliceResult:
-    """One finished axial slice.
-
-    ``labels`` (rows, cols) uint8 in the axial display frame; ``probabilities``
-    (C, rows, cols) float16 when asked for.
-    """
-
-    index: int
-    total: int
-    labels: np.ndarray
-    direction: tuple[float, ...]
-    probabilities: Optional[np.ndarray] = None
-
-    def place(self, volume_zyx: np.ndarray, labels: Optional[Sequence[int]] = None) -> None:
-        """Write this slice into an array laid out like ``sitk.GetArrayFromImage(input)``.
-
-        With ``labels`` (e.g. a segment's label values), write the binary mask of
-        those labels instead of the label values (e.g. into one segment's labelmap).
-        """
-        view, _ = axial_view(volume_zyx, self.direction)
-        view[self.index] = self.labels if labels is None else np.isin(self.labels, labels)
 
 
 def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:

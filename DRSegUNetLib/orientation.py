@@ -10,7 +10,8 @@ along the index axis closest to each patient axis.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -60,3 +61,27 @@ def axial_spacing(spacing_xyz: Sequence[float], direction: Sequence[float]) -> t
     index_of_patient, _ = _axis_assignment(direction)
     # Rows run along P (patient axis 1), columns along L (patient axis 0).
     return float(spacing_xyz[index_of_patient[1]]), float(spacing_xyz[index_of_patient[0]])
+
+
+@dataclass
+class SliceResult:
+    """One finished axial slice.
+
+    ``labels`` (rows, cols) uint8 in the axial display frame; ``probabilities``
+    (C, rows, cols) float16 when asked for.
+    """
+
+    index: int
+    total: int
+    labels: np.ndarray
+    direction: tuple[float, ...]
+    probabilities: Optional[np.ndarray] = None
+
+    def place(self, volume_zyx: np.ndarray, labels: Optional[Sequence[int]] = None) -> None:
+        """Write this slice into an array laid out like ``sitk.GetArrayFromImage(input)``.
+
+        With ``labels`` (e.g. a segment's label values), write the binary mask of
+        those labels instead of the label values (e.g. into one segment's labelmap).
+        """
+        view, _ = axial_view(volume_zyx, self.direction)
+        view[self.index] = self.labels if labels is None else np.isin(self.labels, labels)

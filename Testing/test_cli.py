@@ -247,3 +247,22 @@ def test_train_takes_a_source_at_a_pixel_size(tmp_path, capsys, monkeypatch):
         assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(tmp_path / "x"), "--split", "",
                      "--slice-pixel-mm", bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_segment_stream_fills_the_shared_array_and_checks_it(tmp_path, tiny_checkpoint, capsys):
+    """The Slicer module's worker: the labels segment writes, one JSON line per slice written."""
+    ct = TESTDATA / "cip_ct64" / "ct-64.nrrd"
+    shape = sitk.ReadImage(str(ct)).GetSize()[::-1]
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(shape, np.uint8))
+    assert main(["segment-stream", str(ct), str(labels), "--model", str(tiny_checkpoint), "--device", "cpu",
+                 "--batch-size", "16"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    slices = [e["index"] for e in events if e["stage"] == "slice"]
+    assert sorted(slices) == list(range(len(slices))) and events[-1]["stage"] == "done"
+    assert events[0]["stage"] == "loaded" and events[0]["settings"]["pixel_mm"] == 1.2
+    assert main(["segment", str(ct), str(tmp_path / "ref.nrrd"), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.load(labels), sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ref.nrrd"))))
+    np.save(labels, np.zeros(shape[1:], np.uint8))  # not the CT's shape
+    assert main(["segment-stream", str(ct), str(labels), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 2
+    assert "the CT needs uint8" in capsys.readouterr().err

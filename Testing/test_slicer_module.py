@@ -509,7 +509,7 @@ def test_fine_tune_in_a_real_subprocess_changes_the_model_version(scene, stores,
     assert job.state == "completed"
     assert logic.modelStore.active().version == 2
     # Segment uses it.
-    logic.predictorFactory = lib.logic._defaultPredictorFactory
+    logic.predictorFactory = None  # the real segment-stream process
     volume = lib.volumeNodeFromSitkImage(ct_image, "CT2", scene)
     seg = logic.segment(volume, device="cpu", timeout=300)
     assert seg.modelPath == str(logic.modelStore.path_of(2))
@@ -586,3 +586,61 @@ def test_the_in_slicer_self_test_runs_against_slicer_core(monkeypatch, tiny_chec
     assert lib.ijkToRasArray(volume)[2, 2] == pytest.approx(1.25)  # the DICOM's slice spacing
     result = unittest.TextTestRunner(verbosity=0).run(module.DRSegUNetTest("runTest"))
     assert result.wasSuccessful(), result.failures + result.errors
+
+
+# ----------------------------------------------------------------- the segment-stream process
+
+
+def _process_logic(scene, stores):
+    models, corrections = stores
+    return lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections)  # no predictorFactory
+
+
+def test_segmentation_runs_in_a_separate_process_by_default(scene, stores, ct_image):
+    """Inside Slicer a Python thread only runs while the main thread runs Python, so the network
+    runs in `python -m DRSegUNetLib segment-stream`; its temporary folder goes when it ends."""
+    logic = _process_logic(scene, stores)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.startSegmentation(volume, device="cpu")
+    source = job._source
+    assert isinstance(source, lib.jobs._SliceProcess)
+    assert source.process is not None and "segment-stream" in source.process._proc.args
+    job.wait(timeout=300)
+    job.raiseIfFailed()
+    assert job.state == "completed" and job.step == job.total
+    assert not source.folder.exists()
+    assert job.report["inference"]["pixel_mm"] == 1.2 and job.settings == job.report["inference"]
+
+
+def test_cancelling_the_process_keeps_the_announced_slices_and_ends_it(scene, stores, ct_image):
+    logic = _process_logic(scene, stores)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.startSegmentation(volume, device="cpu", pixelMM=0.0)
+    deadline = time.monotonic() + 120
+    while job.step < 3 and not job.finished and time.monotonic() < deadline:
+        job.poll(maxSlices=1)
+        time.sleep(0.01)
+    assert 3 <= job.step < job.total, "cancel must come half-way"
+    job.cancel()
+    job.wait(timeout=60)
+    assert job.state == "cancelled"
+    process = job._source.process
+    assert process._proc.poll() is not None  # ended, not left running
+    written = job.done.copy()
+    view = axial_view(job.labels, ct_image.GetDirection())[0]
+    assert not view[~written].any()  # nothing beyond the slices written before Cancel
+    assert view[written].any()
+    assert not job._source.folder.exists()
+
+
+def test_a_checkpoint_the_process_cannot_load_fails_with_its_one_line_message(scene, stores, ct_image, tmp_path):
+    logic = _process_logic(scene, stores)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.startSegmentation(volume, model=str(bad), device="cpu")
+    job.wait(timeout=120)
+    assert job.state == "failed"
+    assert isinstance(job.error, ValueError) and "bad.pt" in str(job.error) and "\n" not in str(job.error)
+    with pytest.raises(ValueError):
+        job.raiseIfFailed()

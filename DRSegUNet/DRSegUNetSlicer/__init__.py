@@ -4,8 +4,8 @@ May import ``slicer`` and ``vtk`` (never ``qt``: the logic runs headless and und
 slicer-core in pytest); everything worth testing outside MRML is in ``DRSegUNetLib``.
 
 - :mod:`.conversions`: volume node ⇄ SimpleITK image, masks ⇄ oriented image data.
-- :mod:`.processes`: the process runner the fine-tuning starts (tests inject a fake).
-- :mod:`.jobs`: segmentation in a worker thread, fine-tuning in a process; both polled.
+- :mod:`.processes`: the process runner segmentation and fine-tuning start (tests inject a fake).
+- :mod:`.jobs`: segmentation and fine-tuning in separate processes, polled from the main thread.
 - :mod:`.logic`: :class:`DRSegUNetLogic`, segment / report / accept / fine-tune.
 """
 import os
@@ -13,8 +13,12 @@ import sys
 
 try:
     from slicer.i18n import tr as _  # noqa: F401  (used by the modules of this package)
+    from slicer.i18n import translate
 except ImportError:  # slicer-core outside the application has no i18n
     def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
         return text
 
 
@@ -34,6 +38,7 @@ ATTR_SLICE_HASHES = "DRSegUNet.SliceHashes"  # per axial slice: hash of the labe
 ATTR_MODEL = "DRSegUNet.Model"
 ATTR_SOURCE = "DRSegUNet.Source"
 ATTR_REPORT = "DRSegUNet.Report"
+BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
 
 from .conversions import ijkToRasArray, sitkImageFromVolumeNode, volumeNodeFromSitkImage  # noqa: E402
 from .jobs import FineTuneJob, SegmentationJob  # noqa: E402

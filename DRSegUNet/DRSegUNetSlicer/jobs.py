@@ -3,22 +3,26 @@
 The widget polls a job from a ``QTimer``; headless callers use :meth:`Job.wait`. MRML is
 only touched in ``poll()``, so no Slicer call ever runs outside the main thread.
 """
+import collections
 import dataclasses
 import json
 import queue
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from DRSegUNetLib.errors import Cancelled
-from DRSegUNetLib.orientation import axial_view
+from DRSegUNetLib.orientation import SliceResult, axial_view
 from DRSegUNetLib.store import ModelVersion
 from DRSegUNetLib.vocabulary import SEGMENTS
 
-from . import ATTR_REPORT, _
+from . import ATTR_REPORT, BINARY_LABELMAP, _
 from .processes import RunningProcess
 
 if TYPE_CHECKING:
@@ -42,7 +46,12 @@ class Job:
         return self.state != "running"
 
     def cancel(self) -> None:
+        """Ask the work to stop; :meth:`poll` finishes the job."""
         self._cancel.set()
+
+    def abort(self) -> None:
+        """Cancel and stop now, without waiting for another :meth:`poll` (module cleanup, scene close)."""
+        self.cancel()
 
     def poll(self, **kwargs) -> Any:
         raise NotImplementedError
@@ -70,7 +79,14 @@ class Job:
 
 
 class SegmentationJob(Job):
-    """Runs a Predictor in a worker thread; :meth:`poll` writes finished slices into the segmentation.
+    """Segments a volume; :meth:`poll` writes finished slices into the segmentation.
+
+    The network runs in a separate process (``python -m DRSegUNetLib segment-stream``, with
+    PythonSlicer inside Slicer), which writes each axial slice into a shared ``.npy`` array
+    and then prints a line naming it; a Python thread inside Slicer would only run while
+    the main thread runs Python, because Slicer's main thread keeps the GIL in its event
+    loop. With a ``logic.predictorFactory`` (tests, scripts that bring their own predictor)
+    the predictor runs in a worker thread of this process instead.
 
     Each axial slice is written whole into the three segments' own full-size labelmaps
     (with ``SliceResult.place``), so on Cancel the slices written so far stay, no slice is
@@ -94,6 +110,104 @@ class SegmentationJob(Job):
         self.tableNode = None
         self.message = _("Loading the model...")
         logic.prepareSegments(segmentationNode, volumeNode)
+        if logic.predictorFactory is None:
+            self._source: Any = _SliceProcess(logic, image, modelPath, device, pixelMM)
+        else:
+            self._source = _SliceThread(logic, image, modelPath, device, pixelMM, self._cancel)
+
+    def abort(self) -> None:
+        """Cancel and stop the computation now (module cleanup, scene close)."""
+        self.cancel()
+        self._source.stop()
+        if not self.finished:
+            self._finish("cancelled")
+
+    def poll(self, budget: float = 0.2, maxSlices: Optional[int] = None) -> None:
+        """Write the slices finished so far (for at most ``budget`` seconds) and update the state."""
+        start = time.monotonic()
+        written: List[str] = []
+        try:
+            while not self.finished and time.monotonic() - start < budget and (maxSlices is None or len(written) < maxSlices):
+                event = self._source.next(self._cancel.is_set())
+                if event is None:
+                    break
+                kind, payload = event
+                if kind == "slice":
+                    if not self._cancel.is_set():  # after Cancel, slices still queued are dropped
+                        self._writeSlice(payload)
+                        written.append(payload)
+                elif kind == "done":
+                    self._finish("cancelled" if self._cancel.is_set() and self.step < self.total else "completed")
+                elif kind == "cancelled":
+                    self._finish("cancelled")
+                else:
+                    self.error = payload
+                    self._finish("failed")
+        finally:
+            if written:
+                self._labelmapsModified()
+
+    def _labelmapsModified(self) -> None:
+        """Tell the displays (and derived representations, e.g. the 3D surface) that the labelmaps changed."""
+        segmentation = self.segmentationNode.GetSegmentation()
+        for s in SEGMENTS:
+            segment = segmentation.GetSegment(s.segment_id)
+            labelmap = segment.GetRepresentation(BINARY_LABELMAP) if segment is not None else None
+            if labelmap is not None:
+                labelmap.Modified()
+
+    def _writeSlice(self, result) -> None:
+        result.place(self.labels)
+        modify = self.segmentationNode.StartModify()
+        try:
+            for s in SEGMENTS:
+                array = self.logic.segmentLabelmapArray(self.segmentationNode, self.volumeNode, s.segment_id,
+                                                        self.labels, s.labels)
+                if array is not None:
+                    result.place(array, s.labels)
+                    # What slicer.util.arrayFromSegmentInternalBinaryLabelmap asks for after writing.
+                    self.segmentationNode.GetSegmentation().GetSegment(s.segment_id).Modified()
+        finally:
+            self.segmentationNode.EndModify(modify)
+        self.done[result.index] = True
+        self.step = int(self.done.sum())
+        self.message = _("Segmented {step}/{total} slices").format(step=self.step, total=self.total)
+
+    def _finish(self, state: str) -> None:
+        self.state = state
+        self.settings = self._source.settings
+        self._source.close()
+        if state == "failed":
+            self.message = _("Failed: {error}").format(error=self.error)
+            return
+        self.logic.recordPrediction(self.segmentationNode, self.volumeNode, self.image, self.labels, self.modelPath)
+        if state == "cancelled":
+            self.message = _("Cancelled after {step} of {total} slices; finished slices kept.").format(
+                step=self.step, total=self.total)
+            return
+        from DRSegUNetLib.report import compute_report  # scipy: installed with the requirements
+
+        self.report = compute_report(self.labelImage())
+        self.report.update(model=self.modelPath, inference=self.settings)
+        self.segmentationNode.SetAttribute(ATTR_REPORT, json.dumps(self.report))
+        self.tableNode = self.logic.reportTable(self.report)
+        self.message = _("Done: {total} slices").format(total=self.total)
+
+    def labelImage(self) -> sitk.Image:
+        """The labels so far (0 bg, 1 GGO, 2 consolidation, 3 lung) as a SimpleITK image in the input's geometry."""
+        image = sitk.GetImageFromArray(self.labels)
+        image.CopyInformation(self.image)
+        return image
+
+
+class _SliceThread:
+    """The predictor of ``logic.predictorFactory`` in a worker thread; events through a queue."""
+
+    def __init__(self, logic: "DRSegUNetLogic", image: sitk.Image, modelPath: str, device: str,
+                 pixelMM: Optional[float], cancelled: threading.Event):
+        self.logic, self.image, self.modelPath, self.pixelMM = logic, image, modelPath, pixelMM
+        self.settings: Optional[Dict[str, Any]] = None
+        self._cancel = cancelled
         self._queue: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=16)
         self._thread = threading.Thread(target=self._run, args=(device,), name="DRSegUNet segmentation", daemon=True)
         self._thread.start()
@@ -125,67 +239,105 @@ class SegmentationJob(Job):
         except BaseException as e:  # reported to the main thread
             self._put(("failed", e))
 
-    def poll(self, budget: float = 0.2, maxSlices: Optional[int] = None) -> None:
-        """Write the slices finished so far (for at most ``budget`` seconds) and update the state."""
-        start = time.monotonic()
-        written = 0
-        while not self.finished and time.monotonic() - start < budget and (maxSlices is None or written < maxSlices):
-            try:
-                kind, payload = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "slice":
-                if not self._cancel.is_set():  # after Cancel, slices still queued are dropped
-                    self._writeSlice(payload)
-                    written += 1
-            elif kind == "done":
-                self._finish("cancelled" if self._cancel.is_set() and self.step < self.total else "completed")
-            elif kind == "cancelled":
-                self._finish("cancelled")
-            else:
-                self.error = payload
-                self._finish("failed")
-
-    def _writeSlice(self, result) -> None:
-        result.place(self.labels)
-        modify = self.segmentationNode.StartModify()
+    def next(self, cancelled: bool) -> Optional[Tuple[str, Any]]:
         try:
-            for s in SEGMENTS:
-                array = self.logic.segmentLabelmapArray(self.segmentationNode, self.volumeNode, s.segment_id,
-                                                        self.labels, s.labels)
-                if array is not None:
-                    result.place(array, s.labels)
-                    # What slicer.util.arrayFromSegmentInternalBinaryLabelmap asks for after writing.
-                    self.segmentationNode.GetSegmentation().GetSegment(s.segment_id).Modified()
-        finally:
-            self.segmentationNode.EndModify(modify)
-        self.done[result.index] = True
-        self.step = int(self.done.sum())
-        self.message = _("Segmented {step}/{total} slices").format(step=self.step, total=self.total)
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
 
-    def _finish(self, state: str) -> None:
-        self.state = state
-        if state == "failed":
-            self.message = _("Failed: {error}").format(error=self.error)
+    def stop(self) -> None:
+        self._cancel.set()  # the thread stops at its next slice
+
+    def close(self) -> None:
+        pass
+
+
+class _SliceProcess:
+    """``python -m DRSegUNetLib segment-stream`` in a separate process; its JSON lines become events.
+
+    The CT goes to the process as an ``.mha`` file, the labels come back in a shared
+    ``.npy`` array (memory-mapped on both sides) that the process fills slice by slice; a
+    slice is read only after the process has printed that it is written. Cancel ends the
+    process (and its children: PythonSlicer is a launcher).
+    """
+
+    def __init__(self, logic: "DRSegUNetLogic", image: sitk.Image, modelPath: str, device: str,
+                 pixelMM: Optional[float]):
+        self.settings: Optional[Dict[str, Any]] = None
+        self.direction = image.GetDirection()
+        self.folder = Path(tempfile.mkdtemp(prefix="drsegunet-segment-"))
+        self.process: Optional[RunningProcess] = None
+        self._labels: Optional[np.ndarray] = None
+        self._events: "collections.deque[Tuple[str, Any]]" = collections.deque()
+        self._stderr: List[str] = []
+        self._ended = self._stopped = False
+        try:
+            ct, labels = self.folder / "ct.mha", self.folder / "labels.npy"
+            sitk.WriteImage(image, str(ct))
+            np.lib.format.open_memmap(labels, mode="w+", dtype=np.uint8, shape=tuple(image.GetSize()[::-1])).flush()
+            self._labels = np.load(labels, mmap_mode="r")
+            self.total = axial_view(self._labels, self.direction)[0].shape[0]
+            command = logic.libraryCommand("segment-stream", str(ct), str(labels), "--model", str(modelPath),
+                                           "--device", device)
+            if pixelMM is not None:
+                command += ["--pixel-mm", repr(float(pixelMM))]
+            self.process = logic.processRunner.start(command, logic.libraryEnvironment())
+        except BaseException:
+            self.close()
+            raise
+
+    def next(self, cancelled: bool) -> Optional[Tuple[str, Any]]:
+        if cancelled and not self._stopped:
+            self.stop()
+        if not self._events and not self._ended:
+            self._read()
+        return self._events.popleft() if self._events else None
+
+    def _read(self) -> None:
+        rc = self.process.returnCode()  # before reading: once it is known, every line is queued
+        for stream, line in self.process.readLines():
+            event = None
+            if stream == "out" and line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+            if not isinstance(event, dict):
+                if stream == "err" and line.strip():
+                    self._stderr = (self._stderr + [line])[-20:]
+                continue
+            if event.get("stage") == "loaded":
+                self.settings = event.get("settings")
+            elif event.get("stage") == "slice" and not self._stopped:
+                index = int(event["index"])
+                labels = np.array(axial_view(self._labels, self.direction)[0][index])
+                self._events.append(("slice", SliceResult(index, self.total, labels, self.direction)))
+        if rc is None:
             return
-        self.logic.recordPrediction(self.segmentationNode, self.volumeNode, self.image, self.labels, self.modelPath)
-        if state == "cancelled":
-            self.message = _("Cancelled after {step} of {total} slices; finished slices kept.").format(
-                step=self.step, total=self.total)
-            return
-        from DRSegUNetLib.report import compute_report  # scipy: installed with the requirements
+        self._ended = True
+        if self._stopped:
+            self._events.append(("cancelled", None))
+        elif rc == 0:
+            self._events.append(("done", None))
+        else:
+            errors = [line[len("error: "):] for line in self._stderr if line.startswith("error: ")]
+            detail = errors[-1] if errors else "\n".join(self._stderr[-5:]) or _("no error output")
+            # Exit code 2: the input or the checkpoint cannot be used (the CLI's one-line message).
+            kind = ValueError if rc == 2 else RuntimeError
+            self._events.append(("failed", kind(detail if rc == 2 else
+                                                f"segmentation process ended with exit code {rc}: {detail}")))
 
-        self.report = compute_report(self.labelImage())
-        self.report.update(model=self.modelPath, inference=self.settings)
-        self.segmentationNode.SetAttribute(ATTR_REPORT, json.dumps(self.report))
-        self.tableNode = self.logic.reportTable(self.report)
-        self.message = _("Done: {total} slices").format(total=self.total)
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            if self.process is not None:
+                self.process.terminate()
 
-    def labelImage(self) -> sitk.Image:
-        """The labels so far (0 bg, 1 GGO, 2 consolidation, 3 lung) as a SimpleITK image in the input's geometry."""
-        image = sitk.GetImageFromArray(self.labels)
-        image.CopyInformation(self.image)
-        return image
+    def close(self) -> None:
+        if self.process is not None and not self._ended and not self._stopped:
+            self.stop()
+        self._labels = None  # the memory map is closed when its last reference goes
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class FineTuneJob(Job):
@@ -241,6 +393,14 @@ class FineTuneJob(Job):
                 self.message = str(self.error)
             log.append(self.message)
         return log
+
+    def abort(self) -> None:
+        self.cancel()
+        if not self.finished:
+            self._cancelSent = True
+            self.process.terminate()
+            self.state = "cancelled"
+            self.message = _("Fine-tuning cancelled; the active model is unchanged.")
 
     def _onEvent(self, event: Dict[str, Any]) -> None:
         self.stage = str(event.get("stage", ""))

@@ -3,7 +3,9 @@
 The logic takes a :class:`ProcessRunner` as a constructor argument, so tests inject a
 fake that prints what ``python -m DRSegUNetLib finetune --json-progress`` prints.
 """
+import os
 import queue
+import signal
 import subprocess
 import threading
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
@@ -30,9 +32,12 @@ class Subprocess:
     """A running ``subprocess.Popen`` whose stdout and stderr lines are queued by two threads."""
 
     def __init__(self, args: Sequence[str], env: Dict[str, str]):
-        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window on Windows
+        # Own process group (POSIX: session), so that terminate() also ends what it starts:
+        # PythonSlicer is a launcher whose child is the real interpreter.
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
         self._proc = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                      env=env, text=True, encoding="utf-8", errors="replace", bufsize=1, creationflags=flags)
+                                      env=env, text=True, encoding="utf-8", errors="replace", bufsize=1, creationflags=flags,
+                                      start_new_session=os.name != "nt")
         self._lines: "queue.Queue[Tuple[str, str]]" = queue.Queue()
         self._readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
                          for stream, name in ((self._proc.stdout, "out"), (self._proc.stderr, "err"))]
@@ -59,9 +64,21 @@ class Subprocess:
         return rc
 
     def terminate(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
+        """End the process and everything it started (its process group / tree)."""
+        if os.name != "nt":
+            self._signalGroup(signal.SIGTERM)  # also when the launcher is gone and its child is not
+        elif self._proc.poll() is None:
+            subprocess.run(["taskkill", "/PID", str(self._proc.pid), "/T", "/F"], capture_output=True,
+                           creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            if os.name != "nt":
+                self._signalGroup(signal.SIGKILL)
+            self._proc.kill()
+
+    def _signalGroup(self, sig: int) -> None:
+        try:
+            os.killpg(self._proc.pid, sig)  # the group is the process's own (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -48,8 +48,6 @@ def main(argv=None) -> int:
         slicer.mrmlScene = slicer.vtkMRMLScene()
     layer = _importSlicerLayer()
     from DRSegUNetLib.errors import CheckpointError, InputError
-    from DRSegUNetLib.imageio import read_ct
-    from DRSegUNetLib.report import write_report
 
     printed = []
 
@@ -61,6 +59,8 @@ def main(argv=None) -> int:
     try:
         if not str(args.output).endswith(".seg.nrrd"):
             raise InputError(f"--output must end with .seg.nrrd, got {args.output}")
+        from DRSegUNetLib.imageio import read_ct
+
         logic = layer.DRSegUNetLogic(scene=slicer.mrmlScene)
         image = read_ct(args.input)
         name = os.path.basename(os.path.normpath(args.input)).split(".")[0] or "CT"
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
         job = logic.segment(volume, model=args.model, device=args.device, progress=progress)
         logic.saveSegmentation(job.segmentationNode, args.output)
         if args.report:
+            from DRSegUNetLib.report import write_report  # scipy: installed with the requirements
+
             report = dict(job.report, input=str(args.input), model=job.modelPath)
             write_report(report, args.report)
     except (InputError, CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
@@ -85,10 +87,20 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    import slicer
+    # Whatever happens, end with a status: `Slicer --python-script` would otherwise stay open.
+    status = 1
+    try:
+        status = main()
+    except SystemExit as e:  # argparse: --help (0) or bad arguments (2)
+        status = e.code if isinstance(e.code, int) else 2
+    except BaseException:  # noqa: BLE001 - e.g. the module's packages are missing
+        import traceback
 
-    if _inSlicerApplication(slicer):
-        slicer.util.exit(status)
-    else:
-        sys.exit(status)
+        traceback.print_exc()
+    finally:
+        import slicer
+
+        if _inSlicerApplication(slicer):
+            slicer.util.exit(status)
+        else:
+            sys.exit(status)
