@@ -7,6 +7,7 @@ with ``weights_only=True``:
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import zipfile
@@ -40,14 +41,13 @@ class Checkpoint:
         """A network (the config's arch; DRSegUNet by default) in eval mode with these weights (float32)."""
         try:
             model = build_network(self.config.network)
-        except (ValueError, ImportError) as e:
+        except (ValueError, TypeError, ImportError) as e:
             raise CheckpointError(f"cannot build this checkpoint's network: {e}") from None
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in self.state_dict.items()}
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0] if str(e) else "state dict mismatch"
-            raise CheckpointError(f"checkpoint weights do not match its network config: {first}") from None
+        mismatch = _state_dict_mismatch(model.state_dict(), sd)
+        if mismatch:
+            raise CheckpointError(f"checkpoint weights do not match its network config: {mismatch}")
+        model.load_state_dict(sd, strict=True)
         return model.eval()
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +68,33 @@ class Checkpoint:
         if half:
             sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
         return cls(config=config, state_dict=sd, **kw)
+
+
+def _check_field_types(config: ModelConfig) -> None:
+    """TypeError naming the first field whose value is not of its default's type (int for a float is fine)."""
+    for part in dataclasses.fields(config):
+        sub = getattr(config, part.name)
+        for f in dataclasses.fields(sub):
+            value, default = getattr(sub, f.name), f.default
+            if default is dataclasses.MISSING or default is None:
+                continue  # no default type to hold the value to
+            want = (int, float) if isinstance(default, float) else type(default)
+            if isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, want):
+                raise TypeError(f"{part.name}.{f.name} is {value!r}, not a {type(default).__name__}")
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """The first few missing, unexpected and wrongly shaped keys of ``given``; "" if it fits."""
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} for {tuple(v.shape)}" for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]
+    parts = [f"{what} {few(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+    return "; ".join(parts)
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
@@ -96,13 +123,21 @@ def load_checkpoint(path: str | os.PathLike, expected_classes: tuple[str, ...] =
         )
     try:
         config = ModelConfig.from_dict(d["config"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} has an invalid config ({e})") from None
+        _check_field_types(config)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid config ({type(e).__name__}: {e})") from None
     if config.network.num_classes != len(names):
         raise CheckpointError(f"{path}: network has {config.network.num_classes} outputs for {len(names)} classes")
+    sd = d.get("state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path} has no state_dict of named tensors (found {type(sd).__name__})")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} has NaN or infinite weights ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): its training diverged; use another checkpoint")
     return Checkpoint(
         config=config,
-        state_dict=d["state_dict"],
+        state_dict=sd,
         class_names=names,
         fingerprint=d.get("fingerprint", {}),
         metrics=d.get("metrics", {}),

@@ -53,13 +53,30 @@ class ProgressPrinter:
             ProgressPrinter.line_open = False
 
 
+def _number(kind: type, low: float, open_low: bool = True):
+    """An argparse type: a finite ``kind`` above ``low`` (or from ``low`` with ``open_low=False``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (open_low and value == low):
+            raise argparse.ArgumentTypeError(f"want {'an integer' if kind is int else 'a number'} "
+                                             f"{'>' if open_low else '>='} {low:g}, not {text!r}")
+        return value
+    return parse
+
+
+_positive_int, _positive_float, _count = _number(int, 0), _number(float, 0.0), _number(int, 0, open_low=False)
+
+
 def _add_training_budget(p: argparse.ArgumentParser, epochs: int) -> None:
     """Options shared by train and crossval: the budget, crops, optimiser and loss."""
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=128, help="square crop size in pixels (native resolution)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=_positive_int, default=epochs)
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=50)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--crop", type=_positive_int, default=128, help="square crop size in pixels (native resolution)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce")
 
@@ -72,7 +89,7 @@ def _add_workers(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
 
@@ -119,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON split file naming validation and test slices (default: the bundled split)")
     p.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning / level 2)")
     _add_training_budget(p, epochs=40)
-    p.add_argument("--frozen-layers", type=int, default=0, help="freeze the first N layers (level 2: 2)")
+    p.add_argument("--frozen-layers", type=_count, default=0, help="freeze the first N layers (level 2: 2)")
     p.add_argument("--base-filters", type=int, default=16)
     p.add_argument("--upsampling", choices=("transpose", "upsample"), default="transpose")
     p.add_argument("--val-every", type=int, default=1)
@@ -245,11 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrections", required=True, help="corrections store folder")
     p.add_argument("--store", required=True, help="model store folder (the new version is added here)")
     p.add_argument("--model", default=None, help="checkpoint to start from (default: the store's active version)")
-    p.add_argument("--epochs", type=int, default=ft.epochs)
-    p.add_argument("--lr", type=float, default=ft.lr)
-    p.add_argument("--frozen-layers", type=int, default=ft.frozen_layers)
-    p.add_argument("--batch-size", type=int, default=ft.batch_size)
-    p.add_argument("--crop", type=int, default=ft.crop)
+    p.add_argument("--epochs", type=_positive_int, default=ft.epochs)
+    p.add_argument("--lr", type=_positive_float, default=ft.lr)
+    p.add_argument("--frozen-layers", type=_count, default=ft.frozen_layers)
+    p.add_argument("--batch-size", type=_positive_int, default=ft.batch_size)
+    p.add_argument("--crop", type=_positive_int, default=ft.crop)
     p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
                    help="resample the slices to this pixel size in mm first, the working pixel of segment "
                         f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
@@ -279,6 +296,22 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+    """InputError when an output path is an input (by any path to the same file) or another output."""
+    import os
+
+    from .errors import InputError
+
+    ins = [Path(p) for p in inputs if p]
+    outs = [Path(p) for p in outputs if p]
+    for i, out in enumerate(outs):
+        for inp in ins:
+            if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
+                raise InputError(f"output {out} is the input {inp}; write the output to another path")
+        if any(out.resolve() == other.resolve() for other in outs[:i]):
+            raise InputError(f"output {out} is given twice; give each output its own path")
 
 
 def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, report=None, overlay=None,
@@ -343,7 +376,7 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     """The decision rule, batch and working pixel of segment and segment-stream (see _predictor)."""
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
                    help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
-    p.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="slices per forward pass")
     _add_inference_options(p)
     p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
                    help=f"working pixel size of the network in mm (default {InferenceConfig.pixel_mm:g}, about the "
@@ -370,11 +403,14 @@ def _predictor(args: argparse.Namespace, batch_size: int):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .errors import CheckpointError, InputError
+    from .imageio import check_volume_output
 
     check_pixel_mm(args.pixel_mm)
     if args.out_dir is None:
         if len(args.paths) != 2 or args.list or args.shard:
             raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
+        check_volume_output(args.paths[1])
+        _check_outputs(args.paths[:1], [args.paths[1], args.seg_nrrd, args.report, args.overlay])
         predictor = _predictor(args, args.batch_size)
         written = _segment_one(predictor, args.paths[0], Path(args.paths[1]), args.seg_nrrd, args.report,
                                args.overlay, progress=ProgressPrinter())
@@ -402,6 +438,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise InputError(f"--shard must be K/N with 0 <= K < N, not {args.shard!r}") from None
         inputs, names = inputs[k::n], names[k::n]
     out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir} is a file; give a folder (it is created if missing)")
 
     def targets(name: str) -> dict[str, Optional[Path]]:
         return {"labels": out_dir / f"{name}.nii.gz",
@@ -409,6 +447,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 "report": out_dir / f"{name}.json" if "report" in wanted else None,
                 "overlay": out_dir / f"{name}.png" if "overlay" in wanted else None}
 
+    for p, nm in zip(inputs, names):
+        _check_outputs([p], list(targets(nm).values()))
     todo = [(p, nm) for p, nm in zip(inputs, names)
             if args.overwrite or not all(t.exists() for t in targets(nm).values() if t is not None)]
     log.info("%d input(s), %d already done, %d to segment", len(inputs), len(inputs) - len(todo), len(todo))
@@ -617,10 +657,19 @@ def _add_lung_threshold(p: argparse.ArgumentParser, st) -> None:
                    help="a fixed air/tissue level in (approx.) HU for every input; implies --threshold thesis")
 
 
-def _read_for_labels(path: str, threshold_hu: Optional[float], method: str = "auto"):
-    """(SliceInput, LungConfig) of a CT volume in HU or an .npz of 8-bit slices."""
+def _read_for_labels(path: str, threshold_hu: Optional[float], method: str = "auto",
+                     output: Optional[str] = None, other_inputs: Sequence[Optional[str]] = ()):
+    """(SliceInput, LungConfig) of a CT volume in HU or an .npz of 8-bit slices, after checking
+    that ``output`` is a label-map path _write_labels can write for it (without overwriting an input)."""
+    from .errors import InputError
+    from .imageio import check_volume_output
     from .selftrain import lung_config_for, read_slices
 
+    if output is not None:
+        check_volume_output(output, npz=True)
+        _check_outputs([path, *other_inputs], [output])
+        if Path(path).suffix.lower() == ".npz" and not output.lower().endswith(".npz"):
+            raise InputError(f"{path} holds 8-bit slices without CT geometry: write an .npz, not {Path(output).name}")
     inp = read_slices(path)
     return inp, lung_config_for(inp, threshold_hu=threshold_hu, method=method)
 
@@ -636,7 +685,6 @@ def _write_labels(inp, labels, output: str) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from .errors import InputError
     from .imageio import write_image
     from .orientation import axial_view
     from .selftrain import save_label_maps
@@ -644,8 +692,6 @@ def _write_labels(inp, labels, output: str) -> None:
     if output.lower().endswith(".npz"):
         save_label_maps(output, [inp.path], [labels])
         return
-    if inp.image is None:
-        raise InputError(f"{inp.path} holds 8-bit slices without CT geometry: write an .npz, not {Path(output).name}")
     _, inverse = axial_view(sitk.GetArrayViewFromImage(inp.image), inp.image.GetDirection())
     image = sitk.GetImageFromArray(np.ascontiguousarray(inverse(labels.astype(np.uint8))))
     image.CopyInformation(inp.image)
@@ -658,7 +704,7 @@ def cmd_lungs(args: argparse.Namespace) -> int:
 
     if not 0 < args.value < 256:
         raise InputError(f"--value must be 1..255, not {args.value}")
-    inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold)
+    inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output)
     masks = lung_masks(inp, cfg, progress=ProgressPrinter())
     _write_labels(inp, masks.astype("uint8") * args.value, args.output)
     log.info("lungs in %d of %d slices (threshold: %s): wrote %s", int(masks.any(axis=(1, 2)).sum()), len(inp),
@@ -674,7 +720,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
     from .selftrain import lung_masks, pseudo_labels
 
     printer = ProgressPrinter()
-    inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold)
+    inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output, [args.lung_mask])
     if args.lung_mask:
         import SimpleITK as sitk
 
@@ -851,6 +897,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ProgressPrinter.end_line()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be written, a path that is a file, a missing file
+        if getattr(args, "verbose", False):
+            raise
+        ProgressPrinter.end_line()
+        what = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"error: {what} ({e.strerror})" if what and e.strerror else f"error: {e}", file=sys.stderr)
+        return 1
     except Cancelled:
         ProgressPrinter.end_line()
         print("cancelled", file=sys.stderr)

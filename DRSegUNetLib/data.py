@@ -157,20 +157,49 @@ def read_medseg_folder(folder: str | Path, eight_bit: EightBitConfig = EightBitC
     return samples
 
 
+def read_npz(path: str | Path, what: str = ".npz") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read now; InputError with one line for a file that is
+    missing, empty, truncated or not an .npz (``what`` names it in the message)."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return {k: d[k] for k in d.files}
+    except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile, zlib.error) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise InputError(f"cannot read {path} as {what} ({why}); give a complete .npz file") from None
+
+
+def check_slices_npz(path: str | Path, d: dict[str, np.ndarray], masks: Sequence[str] = ()) -> np.ndarray:
+    """``d["ct_uint8"]`` after checking it is (N, H, W) uint8, that every array named in
+    ``masks`` is shaped like it and that ``group``/``source_index`` (if any) have N entries."""
+    if "ct_uint8" not in d:
+        raise InputError(f"{path} has no 'ct_uint8' array (N, H, W) uint8 of 8-bit slices; it has {sorted(d)}")
+    ct = d["ct_uint8"]
+    if ct.dtype != np.uint8 or ct.ndim != 3 or 0 in ct.shape:
+        raise InputError(f"{path}: 'ct_uint8' must be a non-empty (N, H, W) uint8 array, not {ct.dtype} {ct.shape}")
+    for name in masks:
+        if d[name].shape != ct.shape:
+            raise InputError(f"{path}: '{name}' is {d[name].shape}, but 'ct_uint8' is {ct.shape}; they must match")
+    for name in ("group", "source_index"):
+        if name in d and d[name].shape != (len(ct),):
+            raise InputError(f"{path}: '{name}' has shape {d[name].shape} for {len(ct)} slices; need ({len(ct)},)")
+    return ct
+
+
 def read_zenodo_npz(path: str | Path, eight_bit: EightBitConfig = EightBitConfig(),
                     groups: Sequence[int] | None = None) -> list[Sample]:
     """Read a COVID-19-CT-Seg ``.npz`` (ct_uint8, lung_mask, infection_mask, group)."""
-    try:
-        d = np.load(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {path} as .npz ({e})") from None
-    missing = {"ct_uint8", "lung_mask", "infection_mask"} - set(d.files)
+    d = read_npz(path)
+    missing = {"ct_uint8", "lung_mask", "infection_mask"} - set(d)
     if missing:
         raise InputError(f"{path} lacks arrays {sorted(missing)}")
-    grp = d["group"] if "group" in d.files else np.zeros(len(d["ct_uint8"]), dtype=int)
-    src = d["source_index"] if "source_index" in d.files else np.arange(len(grp))
+    ct = check_slices_npz(path, d, masks=("lung_mask", "infection_mask"))
+    grp = d["group"] if "group" in d else np.zeros(len(ct), dtype=int)
+    src = d["source_index"] if "source_index" in d else np.arange(len(grp))
     keep = np.arange(len(grp)) if groups is None else np.flatnonzero(np.isin(grp, list(groups)))
-    ct, lung, inf = d["ct_uint8"], d["lung_mask"], d["infection_mask"]
+    lung, inf = d["lung_mask"], d["infection_mask"]
     return [
         Sample(eight_bit_to_hu(ct[i], eight_bit), zenodo_allowed(lung[i], inf[i]), f"z{int(src[i])}", f"zenodo{int(grp[i])}")
         for i in keep
@@ -203,10 +232,19 @@ def fingerprint(paths: Iterable[str | Path]) -> dict[str, str]:
 
 
 def load_split(path: str | Path) -> dict:
+    """A split file: JSON with optional ``val``/``test`` parts (see apply_split); InputError if unreadable."""
     import json
 
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            split = json.load(f)
+    except OSError as e:
+        raise InputError(f"cannot read split file {path} ({e.strerror or e})") from None
+    except ValueError as e:
+        raise InputError(f"split file {path} is not valid JSON ({e}); fix it or give another --split") from None
+    if not isinstance(split, dict) or not all(isinstance(split.get(k, {}), dict) for k in ("val", "test")):
+        raise InputError(f"split file {path} must be a JSON object with 'val' and 'test' objects")
+    return split
 
 
 def _in_part(s: Sample, part: dict) -> bool:

@@ -1,8 +1,11 @@
 """Reading CT volumes (NIfTI, NRRD, MHA, DICOM file or series) and writing outputs atomically."""
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -10,6 +13,24 @@ import SimpleITK as sitk
 from .errors import InputError
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
+# Formats a label map is written in: one file each, 3D (.hdr/.mhd/.nhdr would leave a
+# second data file beside it; pictures hold one slice).
+VOLUME_OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def check_volume_output(path: str | os.PathLike, npz: bool = False) -> Path:
+    """``path`` as a Path if it names a label-map file to write; InputError otherwise.
+
+    Args:
+        npz: also accept ``.npz`` (label maps of 8-bit slices, selftrain.save_label_maps).
+    """
+    path = Path(path)
+    suffixes = VOLUME_OUTPUT_SUFFIXES + ((".npz",) if npz else ())
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder; give a file name ending in {', '.join(suffixes)}")
+    if not path.name.lower().endswith(suffixes):
+        raise InputError(f"output {path.name} is not a single-file 3D format; end its name in {', '.join(suffixes)}")
+    return path
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -28,7 +49,8 @@ def read_ct(path: str | os.PathLike) -> sitk.Image:
     """Read a CT volume; a single 2D DICOM slice becomes a one-slice 3D volume.
 
     Raises InputError with one line for anything that is not a readable 3D scalar
-    image with CT geometry. Values are checked for HU by inference, not here.
+    image with CT geometry (a truncated NIfTI file included). Values are checked
+    for HU by inference, not here.
     """
     path = Path(path)
     if not path.exists():
@@ -39,6 +61,7 @@ def read_ct(path: str | os.PathLike) -> sitk.Image:
         if path.suffix.lower() in PICTURE_SUFFIXES:
             raise InputError(f"{path.name} is a 2D picture with no CT geometry (spacing, position, "
                              "orientation); give a CT volume (NIfTI, NRRD, MHA or DICOM)")
+        _check_nifti_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError:
@@ -68,12 +91,75 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
+def _nifti_sizes(header: bytes) -> tuple[int, int] | None:
+    """(vox_offset, voxel data bytes) from the start of a NIfTI-1 or NIfTI-2 header; None if it is not one."""
+    for end in "<>":
+        if len(header) >= 348 and struct.unpack(end + "i", header[:4])[0] == 348:
+            dim = struct.unpack(end + "8h", header[40:56])
+            bitpix, offset = struct.unpack(end + "h", header[72:74])[0], struct.unpack(end + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(end + "i", header[:4])[0] == 540:
+            dim = struct.unpack(end + "8q", header[16:80])
+            bitpix, offset = struct.unpack(end + "h", header[14:16])[0], struct.unpack(end + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dim[0] <= 7 or bitpix <= 0 or any(n < 0 for n in dim[1:dim[0] + 1]):
+        return None
+    voxels = 1
+    for n in dim[1:dim[0] + 1]:
+        voxels *= n
+    return int(offset), voxels * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """InputError if a .nii/.nii.gz file ends before the voxel data its header announces
+    (SimpleITK reads such a file without error, the missing voxels as 0)."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    truncated = InputError(f"{path.name} is truncated (shorter than its NIfTI header says); copy or export it again")
+    try:
+        if name.endswith(".nii"):
+            with open(path, "rb") as f:
+                sizes = _nifti_sizes(f.read(540))
+            if sizes is not None and path.stat().st_size < sum(sizes):
+                raise truncated
+            return
+        with gzip.open(path, "rb") as f:
+            sizes = _nifti_sizes(f.read(540))
+        if sizes is None:
+            return
+        with open(path, "rb") as f:  # gzip's trailer: the data's length mod 2**32
+            f.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", f.read(4))[0] == sum(sizes) % 2**32:
+                return
+        # Not the length announced (or several gzip members): read the stream to its end.
+        n = 0
+        with gzip.open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                n += len(block)
+        if n < sum(sizes):
+            raise truncated
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        raise truncated from None
+    except OSError:
+        return  # unreadable: SimpleITK says so
+
+
 def atomic_output(path: str | os.PathLike) -> tuple[Path, Path]:
-    """A temporary path beside ``path`` with the same suffixes (for writers that infer the format)."""
+    """A temporary path beside ``path`` with the same format suffix (for writers that infer the format).
+
+    The temporary name has no other dots: NIfTI writers take a ".nii", ".img" or ".hdr"
+    anywhere in the name for the extension and would write elsewhere.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix or ".tmp"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    except OSError as e:  # name the file the user asked for, not the temporary one
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     from .atomic import default_file_mode
 
@@ -82,8 +168,8 @@ def atomic_output(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write with SimpleITK to a temporary file, then rename over ``path``."""
-    tmp, path = atomic_output(path)
+    """Write with SimpleITK to a temporary file, then rename over ``path`` (a name check_volume_output accepts)."""
+    tmp, path = atomic_output(check_volume_output(path))
     try:
         sitk.WriteImage(image, str(tmp), compress)
         os.replace(tmp, path)

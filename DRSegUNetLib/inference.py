@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device that ``device`` names: "auto" (CUDA when present), "gpu", "cpu", "cuda",
+    "cuda:N" or "mps"; InputError for a device this machine lacks or a name torch does not know."""
     if isinstance(device, torch.device):
         return device
     if device in ("auto", "gpu"):
@@ -38,7 +40,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if device == "gpu":
             raise InputError("a GPU was asked for, but torch sees no CUDA device")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("CUDA is not available on this machine; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"no device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             "numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("MPS is not available on this machine; use --device cpu or auto")
+    return dev
 
 
 def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:

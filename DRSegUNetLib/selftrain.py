@@ -54,7 +54,7 @@ import SimpleITK as sitk
 from .atomic import atomic_write_bytes
 from .config import (EightBitConfig, InferenceConfig, LungConfig, ModelConfig, NetworkConfig, PseudoLabelConfig,
                      SelfTrainConfig, TrainConfig, to_dict)
-from .data import Sample, labels_to_allowed, resample_sample
+from .data import Sample, check_slices_npz, labels_to_allowed, read_npz, resample_sample
 from .errors import InputError
 from .metrics import MetricAccumulator, region_mask
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
@@ -103,20 +103,10 @@ def read_slices(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) 
     if not p.exists():
         raise InputError(f"{p} does not exist")
     if p.suffix.lower() == ".npz":
-        try:
-            d = np.load(p)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read {p} as .npz ({e})") from None
-        with d:
-            if "ct_uint8" not in d.files:
-                raise InputError(f"{p} has no 'ct_uint8' array (N, H, W) uint8 of 8-bit slices; it has {sorted(d.files)}")
-            ct = d["ct_uint8"]
-            if ct.dtype != np.uint8 or ct.ndim != 3 or 0 in ct.shape:
-                raise InputError(f"{p}: 'ct_uint8' must be a non-empty (N, H, W) uint8 array, not {ct.dtype} {ct.shape}")
-            group = d["group"] if "group" in d.files else np.zeros(len(ct), dtype=int)
-            src = d["source_index"] if "source_index" in d.files else np.arange(len(ct))
-        if len(group) != len(ct) or len(src) != len(ct):
-            raise InputError(f"{p}: 'group'/'source_index' have {len(group)}/{len(src)} entries for {len(ct)} slices")
+        d = read_npz(p)
+        ct = check_slices_npz(p, d)
+        group = d["group"] if "group" in d else np.zeros(len(ct), dtype=int)
+        src = d["source_index"] if "source_index" in d else np.arange(len(ct))
         hu = np.stack([eight_bit_to_hu(s, eight_bit) for s in ct]).astype(np.float32, copy=False)
         # Names and groups as data.read_zenodo_npz gives them, so that scores line up.
         return SliceInput(str(p), hu, [f"z{int(s)}" for s in src], [f"zenodo{int(g)}" for g in group], True)
@@ -236,25 +226,24 @@ def labels_for_dataset(path: str | Path, data: str | Path, n: int) -> np.ndarray
     for several inputs, one of which is ``data`` (then that input's array is used).
     """
     p = Path(path)
-    try:
-        d = np.load(p)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read predictions {p} as .npz ({e})") from None
-    with d:
-        chosen = None
-        if "inputs" in d.files:
-            want = Path(data).resolve()
-            for i, s in enumerate(d["inputs"]):
-                if Path(str(s)).resolve() == want and f"input_{i}" in d.files:
-                    chosen = d[f"input_{i}"]
-        if chosen is None:
-            if "labels" not in d.files:
-                raise InputError(f"{p} has no 'labels' array (N, H, W) uint8 of label maps; it has {sorted(d.files)}")
-            chosen = d["labels"]
+    d = read_npz(p, "predictions .npz")
+    chosen = None
+    if "inputs" in d:
+        want = Path(data).resolve()
+        for i, s in enumerate(d["inputs"]):
+            if Path(str(s)).resolve() == want and f"input_{i}" in d:
+                chosen = d[f"input_{i}"]
+    if chosen is None:
+        if "labels" not in d:
+            raise InputError(f"{p} has no 'labels' array (N, H, W) uint8 of label maps; it has {sorted(d)}")
+        chosen = d["labels"]
     if chosen.ndim != 3 or len(chosen) != n:
         raise InputError(f"{p}: 'labels' {chosen.shape} does not match {data} ({n} slices): expected ({n}, H, W)")
-    if chosen.size and int(chosen.max()) >= NUM_CLASSES:
-        raise InputError(f"{p}: label value {int(chosen.max())} is not in the vocabulary (0-3)")
+    if not (np.issubdtype(chosen.dtype, np.integer) or chosen.dtype == bool):
+        raise InputError(f"{p}: labels are {chosen.dtype}; label maps are integers 0-3 (uint8)")
+    low, high = (int(chosen.min()), int(chosen.max())) if chosen.size else (0, 0)
+    if low < 0 or high >= NUM_CLASSES:
+        raise InputError(f"{p}: label value {low if low < 0 else high} is not in the vocabulary (0-3)")
     return chosen.astype(np.uint8, copy=False)
 
 

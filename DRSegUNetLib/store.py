@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence, Union
@@ -32,6 +35,7 @@ from typing import Any, BinaryIO, Iterator, Sequence, Union
 import numpy as np
 
 from .atomic import atomic_write_bytes, fsync_dir as _fsync_dir
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -314,16 +318,7 @@ class CorrectionsStore:
         """
         ct = np.asarray(ct_slice)
         labels = np.asarray(label_slice)
-        if ct.ndim != 2 or labels.shape != ct.shape:
-            raise ValueError(f"need a 2-D CT slice and labels of the same shape, got {ct.shape} and {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() > 3):
-            raise ValueError("labels must be 0 background, 1 GGO, 2 consolidation or 3 lung")
-        if len(spacing) != 2:
-            raise ValueError(f"spacing must be (row, column), got {tuple(spacing)}")
-        if known is not None:
-            from .vocabulary import check_class_names
-
-            check_class_names(known)
+        check_correction(ct, labels, spacing, known)
         ct_stored = _compact_hu(ct)
         self.root.mkdir(parents=True, exist_ok=True)
         cid = f"{time.time_ns() // 1000:017d}-{uuid.uuid4().hex[:8]}"
@@ -411,19 +406,50 @@ class CorrectionsStore:
             )
 
     def load(self, cid: str) -> Correction:
-        """The slice stored under ``cid`` (CT as float32 HU, labels as uint8)."""
-        with np.load(self.root / f"{cid}{self.SUFFIX}", allow_pickle=False) as z:
-            known = json.loads(str(z["known"])) if "known" in z.files else None
-            return Correction(
-                id=cid, ct_hu=z["ct_hu"].astype(np.float32), labels=z["labels"].astype(np.uint8),
-                spacing=tuple(float(s) for s in z["spacing"]),  # type: ignore[arg-type]
-                source=str(z["source"]), slice_index=int(z["slice_index"]), time=str(z["time"]),
-                known=tuple(known) if known is not None else None,
-            )
+        """The slice stored under ``cid`` (CT as float32 HU, labels as uint8).
+
+        Raises InputError naming the entry when its file is missing, unreadable or fails
+        the checks of :meth:`add` (a file written by another program or damaged on disk).
+        """
+        path = self.root / f"{cid}{self.SUFFIX}"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                known = json.loads(str(z["known"])) if "known" in z.files else None
+                ct, labels, spacing = z["ct_hu"], z["labels"], tuple(float(s) for s in z["spacing"])
+                known = tuple(known) if known is not None else None
+                check_correction(ct, labels, spacing, known)
+                return Correction(
+                    id=cid, ct_hu=ct.astype(np.float32), labels=labels.astype(np.uint8),
+                    spacing=spacing,  # type: ignore[arg-type]
+                    source=str(z["source"]), slice_index=int(z["slice_index"]), time=str(z["time"]),
+                    known=known,
+                )
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            raise InputError(f"correction {cid} in {self.root} is unusable ({why}); "
+                             f"remove {path.name} from the store") from None
 
     def fingerprint(self) -> str:
         """A short digest of the ids in the store (names the training data in a model card)."""
         return hashlib.sha256("\n".join(self._ids_on_disk()).encode()).hexdigest()[:16]
+
+
+def check_correction(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
+                     known: Sequence[str] | None) -> None:
+    """ValueError unless this is one accepted slice: (H, W) finite CT, labels 0-3 of the
+    same shape, (row, column) spacing > 0, and known class names (see CorrectionsStore.add)."""
+    if ct.ndim != 2 or labels.shape != ct.shape:
+        raise ValueError(f"need a 2-D CT slice and labels of the same shape, got {ct.shape} and {labels.shape}")
+    if not np.all(np.isfinite(ct)):
+        raise ValueError("the CT slice has NaN or infinite values")
+    if labels.size and (labels.min() < 0 or labels.max() > 3):
+        raise ValueError("labels must be 0 background, 1 GGO, 2 consolidation or 3 lung")
+    if len(spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be (row, column) in mm, both > 0, got {tuple(spacing)}")
+    if known is not None:
+        from .vocabulary import check_class_names
+
+        check_class_names(known)
 
 
 def _compact_hu(ct: np.ndarray) -> np.ndarray:

@@ -261,6 +261,12 @@ def _set_train_mode(model: DRSegUNet, frozen: Sequence[str]) -> None:
             modules[name].eval()
 
 
+def _diverged(epoch: int, what: str) -> InputError:
+    """The error that stops a run whose loss or weights became NaN or infinite."""
+    return InputError(f"training diverged in epoch {epoch} ({what}); lower the learning rate "
+                      "or start from another model")
+
+
 @dataclass
 class TrainResult:
     best_path: Path
@@ -362,8 +368,13 @@ def train(
                     sched.step()
                 step += 1
                 losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise _diverged(epoch, f"the loss became {losses[-1]} at step {step}")
                 report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
                        epoch=epoch, loss=losses[-1])
+            bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise _diverged(epoch, f"weights such as {bad[0]} became NaN or infinite")
             entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
             if rank != 0:
                 continue  # rank 0 validates and writes checkpoints

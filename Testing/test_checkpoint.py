@@ -93,3 +93,41 @@ def test_save_is_atomic_and_keeps_previous_file_on_failure(tmp_path, monkeypatch
         save_checkpoint(Checkpoint.from_model(model, cfg, metrics={"v": 2}), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def _saved_dict(tmp_path):
+    model, cfg = _model()
+    save_checkpoint(Checkpoint.from_model(model, cfg), tmp_path / "m.pt")
+    return torch.load(tmp_path / "m.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["config"]["network"].update(base_filters="16"), "network.base_filters"),
+    (lambda d: d["config"]["preprocess"].update(mean=[1.0]), "preprocess.mean"),
+    (lambda d: d["config"].update(network="drsegunet"), "invalid config"),
+    (lambda d: d.update(config=[1, 2]), "invalid config"),
+    (lambda d: d.update(state_dict=[1, 2]), "no state_dict"),
+    (lambda d: d.update(state_dict={"stem.conv1.weight": "x"}), "no state_dict"),
+    (lambda d: d["state_dict"]["stem.conv1.weight"].fill_(float("nan")), "NaN or infinite weights \\(stem.conv1.weight"),
+    (lambda d: d["state_dict"]["stem.bn1.running_var"].fill_(float("inf")), "NaN or infinite"),
+])
+def test_malformed_checkpoints_are_refused_in_one_line(tmp_path, change, message):
+    d = _saved_dict(tmp_path)
+    change(d)
+    torch.save(d, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(tmp_path / "bad.pt").build_model()
+    assert "\n" not in str(e.value)
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    d = _saved_dict(tmp_path)
+    del d["state_dict"]["stem.conv1.weight"]
+    d["state_dict"]["extra.weight"] = torch.zeros(1)
+    d["state_dict"]["stem.bn1.weight"] = torch.zeros(99)
+    torch.save(d, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "bad.pt").build_model()
+    text = str(e.value)
+    assert "missing stem.conv1.weight" in text and "unexpected extra.weight" in text
+    assert "wrong shape stem.bn1.weight (99,)" in text and "\n" not in text

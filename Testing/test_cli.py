@@ -266,3 +266,121 @@ def test_segment_stream_fills_the_shared_array_and_checks_it(tmp_path, tiny_chec
     np.save(labels, np.zeros(shape[1:], np.uint8))  # not the CT's shape
     assert main(["segment-stream", str(ct), str(labels), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 2
     assert "the CT needs uint8" in capsys.readouterr().err
+
+
+CT64 = TESTDATA / "cip_ct64" / "ct-64.nrrd"
+
+
+def _ct_copy(tmp_path, name="ct.nii.gz"):
+    path = tmp_path / name
+    sitk.WriteImage(sitk.ReadImage(str(CT64)), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["same", "dot-path", "report", "overlay", "out-dir", "lungs", "pseudolabel", "lung-mask"])
+def test_an_output_that_is_the_input_is_refused(tmp_path, capsys, case):
+    ct = _ct_copy(tmp_path)
+    before = ct.read_bytes()
+    model = str(tmp_path / "no-model.pt")  # refused before the model would load
+    argv = {"same": ["segment", ct, ct, "--model", model],
+            "dot-path": ["segment", ct, tmp_path / "." / "ct.nii.gz", "--model", model],
+            "report": ["segment", ct, tmp_path / "l.nii.gz", "--report", ct, "--model", model],
+            "overlay": ["segment", ct, tmp_path / "l.nii.gz", "--overlay", ct, "--model", model],
+            "out-dir": ["segment", ct, "--out-dir", tmp_path, "--model", model],
+            "lungs": ["lungs", ct, ct],
+            "pseudolabel": ["pseudolabel", ct, ct],
+            "lung-mask": ["pseudolabel", ct, tmp_path / "m.nii.gz", "--lung-mask", tmp_path / "m.nii.gz"]}[case]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is the input" in err[-1] and "Traceback" not in "\n".join(err)
+    assert ct.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["l.png", "l.hdr", "l.mhd", "l.nhdr", "l.foo", "labels", "folder"])
+def test_label_map_outputs_must_be_single_file_volumes(tmp_path, capsys, name):
+    ct = _ct_copy(tmp_path)
+    out = tmp_path / name
+    if name == "folder":
+        out.mkdir()
+    # Refused before the model loads (a missing model would be the other error).
+    assert main(["segment", str(ct), str(out), "--model", str(tmp_path / "no-model.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("single-file 3D format" in err[0] or "is a folder" in err[0])
+    assert main(["lungs", str(ct), str(out)]) == 2
+    assert ".npz" in capsys.readouterr().err  # lungs also writes .npz
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"ct.nii.gz", out.name} if name == "folder" else {"ct.nii.gz"})
+
+
+def test_label_map_named_like_two_extensions_is_written_there(tmp_path):
+    from DRSegUNetLib.imageio import write_image
+
+    image = sitk.ReadImage(str(CT64))
+    for name in ("a.nii.nii.gz", "img.nii", "b.img.nii", "c.hdr.nrrd"):
+        write_image(image, tmp_path / name)
+        assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name))).sum() == sitk.GetArrayFromImage(image).sum()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.nii.gz", "b.img.nii", "c.hdr.nrrd", "img.nii"]
+
+
+def test_os_errors_are_one_line(tmp_path, capsys, tiny_checkpoint):
+    assert main(["segment", "--list", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'missing.txt'} (No such file or directory)"]
+    (tmp_path / "file").write_text("")
+    assert main(["segment", str(CT64), "--out-dir", str(tmp_path / "file"), "--model", str(tiny_checkpoint)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    slab = tmp_path / "slab.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(CT64))[:, :, 30:33], str(slab))
+    out = tmp_path / "file" / "l.nii.gz"  # in a folder that cannot be made
+    assert main(["segment", str(slab), str(out), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {tmp_path / 'file'} (File exists)" and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("argv", [["finetune", "--epochs", "0"], ["finetune", "--batch-size", "0"],
+                                  ["finetune", "--crop", "0"], ["finetune", "--lr", "-1"], ["finetune", "--lr", "nan"],
+                                  ["finetune", "--frozen-layers", "-1"], ["train", "x", "--out", "o", "--epochs", "0"],
+                                  ["segment", "a", "b", "--threads", "-2"]])
+def test_numeric_options_out_of_range_are_argument_errors(argv, capsys):
+    if argv[0] == "finetune":
+        argv = [*argv, "--corrections", "c", "--store", "s"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"argument {argv[1] if argv[0] == 'finetune' else argv[-2]}" in capsys.readouterr().err
+
+
+def _corrections(root, n=2):
+    from DRSegUNetLib.store import CorrectionsStore
+
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(CT64))).astype(np.float32)
+    store = CorrectionsStore(root)
+    for z in range(30, 30 + 10 * n, 10):
+        labels = np.where(ct[z] < -500, 3, 0).astype(np.uint8)
+        labels[20:30, 20:30] = 1
+        store.add(ct[z], labels, (1.0, 1.0), "ct-64", z)
+    return store
+
+
+def test_finetune_that_diverges_adds_no_version(tmp_path, capsys, tiny_checkpoint):
+    from DRSegUNetLib.store import ModelStore
+
+    _corrections(tmp_path / "c")
+    models = tmp_path / "models"
+    argv = ["finetune", "--corrections", str(tmp_path / "c"), "--store", str(models), "--model", str(tiny_checkpoint),
+            "--epochs", "3", "--crop", "32", "--device", "cpu"]
+    assert main(argv + ["--lr", "1e12"]) == 2
+    assert "training diverged" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not models.exists() or not any(p.name.startswith("v") for p in models.iterdir())
+    assert main(argv + ["--epochs", "1"]) == 0
+    assert ModelStore(models).active().version == 2
+    assert main(argv + ["--lr", "1e12"]) == 2
+    assert ModelStore(models).active().version == 2 and [v.version for v in ModelStore(models).versions()] == [2]
+
+
+def test_finetune_refuses_a_damaged_correction(tmp_path, capsys, tiny_checkpoint):
+    store = _corrections(tmp_path / "c", n=1)
+    (cid,) = store.ids()
+    (tmp_path / "c" / f"{cid}.npz").write_bytes(b"")
+    assert main(["finetune", "--corrections", str(tmp_path / "c"), "--store", str(tmp_path / "m"),
+                 "--model", str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and cid in err[0] and not (tmp_path / "m").exists()

@@ -152,3 +152,36 @@ def test_working_pixel_size_resamples_for_the_network_and_back(tiny_checkpoint):
     assert q.working_size((96, 80), (0.7, 0.7)) is None
     # A spacing no chest CT has (cm read as mm, or a thumbnail) keeps the own grid, not a huge one.
     assert p.working_size((512, 512), (70.0, 70.0)) is None and p.working_size((512, 512), (0.01, 0.01)) is None
+
+
+def test_devices_this_machine_lacks_are_one_line_errors(monkeypatch):
+    import torch
+
+    from DRSegUNetLib.inference import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(InputError, match="CUDA is not available on this machine; use --device cpu or auto"):
+            resolve_device(name)
+    for name in ("tpu", "cuda:x", "meta", ""):
+        with pytest.raises(InputError, match="unknown device"):
+            resolve_device(name)
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(InputError, match="MPS is not available"):
+        resolve_device("mps")
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nii"])
+def test_truncated_nifti_is_refused(tmp_path, name):
+    from DRSegUNetLib.imageio import read_ct
+
+    image = _phantom((6, 40, 48))
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    assert read_ct(path).GetSize() == image.GetSize()
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 1):
+        (tmp_path / f"cut-{name}").write_bytes(data[:cut])
+        with pytest.raises(InputError, match="is truncated"):
+            read_ct(tmp_path / f"cut-{name}")

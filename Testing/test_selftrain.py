@@ -319,3 +319,68 @@ def test_weak_ceiling_best_cut_matches_brute_force():
     assert wc.best_cut_dice(row, np.ones_like(row, bool), row >= 2, 4) == 1.0
     # Truth wholly outside the allowed region: nothing can be found.
     assert wc.best_cut_dice(row, row < 2, row >= 2, 4) == 0.0
+
+
+def _mini(**changes):
+    with np.load(MINI) as d:
+        arrays = {k: d[k] for k in d.files}
+    arrays.update(changes)
+    return arrays
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "cannot read"), ("truncated", "cannot read"), ("not-npz", "cannot read"),
+    ("lung-size", "'lung_mask' is \\(4, 256, 200\\)"), ("infection-slices", "'infection_mask' is \\(3, 256, 256\\)"),
+    ("ct-2d", "non-empty \\(N, H, W\\) uint8"), ("ct-float", "not float32"), ("short-group", "'group' has shape \\(2,\\)"),
+])
+def test_broken_slice_npz_is_one_line_error(tmp_path, capsys, case, message):
+    from DRSegUNetLib.data import read_zenodo_npz
+    from DRSegUNetLib.selftrain import read_slices
+
+    path = tmp_path / "d.npz"
+    ct = _mini()["ct_uint8"]
+    if case in ("empty", "truncated", "not-npz"):
+        path.write_bytes({"empty": b"", "truncated": MINI.read_bytes()[:5000], "not-npz": b"PK\x03\x04 nope"}[case])
+    else:
+        np.savez(path, **_mini(**{"lung-size": {"lung_mask": ct[:, :, :200]},
+                                  "infection-slices": {"infection_mask": ct[:3]},
+                                  "ct-2d": {"ct_uint8": ct[0]}, "ct-float": {"ct_uint8": ct.astype(np.float32)},
+                                  "short-group": {"group": np.zeros(2, int)}}[case]))
+    with pytest.raises(InputError, match=message):
+        read_zenodo_npz(path)
+    if case not in ("lung-size", "infection-slices"):  # read_slices needs no masks
+        with pytest.raises(InputError, match=message):
+            read_slices(path)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(path), "--predictions", str(tmp_path / "p.npz"), "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and not out.exists()
+
+
+@pytest.mark.parametrize("labels,message", [
+    (np.full((4, 256, 256), np.nan, np.float32), "float32"), (np.ones((4, 256, 256), np.float64), "float64"),
+    (np.full((4, 256, 256), -1, np.int16), "label value -1 "), (np.full((4, 256, 256), 3, np.int16), None),
+])
+def test_evaluate_predictions_must_be_label_values(tmp_path, capsys, labels, message):
+    pred = tmp_path / "p.npz"
+    np.savez(pred, labels=labels)
+    if message is None:
+        assert labels_for_dataset(pred, MINI, 4).dtype == np.uint8
+        return
+    with pytest.raises(InputError, match=message):
+        labels_for_dataset(pred, MINI, 4)
+    pred.write_bytes(pred.read_bytes()[:300])
+    assert main(["evaluate", str(MINI), "--predictions", str(pred), "--json", str(tmp_path / "m.json")]) == 2
+    assert "as predictions .npz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"val": [1]}', ""])
+def test_a_bad_split_file_is_one_line_error(tmp_path, capsys, text):
+    split = tmp_path / "split.json"
+    split.write_text(text)
+    pred = tmp_path / "p.npz"
+    np.savez(pred, labels=np.zeros((4, 256, 256), np.uint8))
+    assert main(["evaluate", str(MINI), "--predictions", str(pred), "--json", str(tmp_path / "m.json"),
+                 "--split", str(split), "--split-part", "test"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"split file {split}" in err[0]

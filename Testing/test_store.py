@@ -285,3 +285,49 @@ def test_corrections_are_resampled_to_the_working_pixel_size() -> None:
     assert r.hu.min() >= -800.0 and r.hu.max() <= 40.0
     assert resample_sample(s, (1.4, 1.4), 1.4) is s and resample_sample(s, (0.7, 0.7), None) is s
     assert resample_sample(s, (0.7, 1.4), 1.4).hu.shape == (50, 80)
+
+
+def _rewrite(path: Path, **changes) -> None:
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del arrays[k]
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("empty", "unusable"), ("truncated", "unusable"), ("missing", "No such file"), ("no-labels", "labels"),
+    ("shape", "same shape"), ("label-7", "labels must be"), ("nan", "NaN"), ("spacing", "spacing"),
+    ("known", "unknown class names"),
+])
+def test_a_damaged_correction_is_refused_by_name(tmp_path: Path, damage: str, message: str) -> None:
+    from DRSegUNetLib.errors import InputError
+
+    s = CorrectionsStore(tmp_path / "c")
+    cid = s.add(np.full((4, 5), -800, np.int16), np.zeros((4, 5), np.uint8), (0.7, 0.8), "v", 0)
+    path = tmp_path / "c" / f"{cid}.npz"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        _rewrite(path, **{"no-labels": {"labels": None}, "shape": {"labels": np.zeros((4, 4), np.uint8)},
+                          "label-7": {"labels": np.full((4, 5), 7, np.uint8)},
+                          "nan": {"ct_hu": np.full((4, 5), np.nan, np.float32)},
+                          "spacing": {"spacing": np.array([0.0, 0.8])},
+                          "known": {"known": np.array('["Lung"]')}}[damage])
+    with pytest.raises(InputError, match=message) as e:
+        s.load(cid)
+    assert cid in str(e.value) and "\n" not in str(e.value)
+
+
+def test_add_refuses_nan_ct_and_bad_spacing(tmp_path: Path) -> None:
+    s = CorrectionsStore(tmp_path / "c")
+    with pytest.raises(ValueError, match="NaN"):
+        s.add(np.full((3, 3), np.nan), np.zeros((3, 3), np.uint8), (1, 1), "v", 0)
+    with pytest.raises(ValueError, match="spacing"):
+        s.add(np.zeros((3, 3)), np.zeros((3, 3), np.uint8), (1, -1), "v", 0)
+    assert len(s) == 0
