@@ -137,13 +137,16 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- actions
     def onSegment(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation.")):
+            self.logic.setupPythonRequirements(askUser=self.askUser)  # asks first: no busy cursor over the question
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            self.logic.setupPythonRequirements(askUser=self.askUser)
             if not self.ui.outputSegmentationSelector.currentNode():
                 self.ui.outputSegmentationSelector.addNode()
             self._job = self.logic.startSegmentation(
                 self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(),
                 self.selectedModelPath(), self.ui.deviceComboBox.currentText, self.ui.pixelSizeSpinBox.value)
+            if self.ui.modelComboBox.currentData == self.FILE_MODEL:
+                self.ui.modelPathLineEdit.addCurrentPathToHistory()  # remembered under its settingKey
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = self._job.message
             self._timer.start()
@@ -159,8 +162,9 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshModels()
 
     def onAcceptCorrections(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to store the corrections."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to store the corrections.")):
             self.logic.setupPythonRequirements(askUser=self.askUser, withTorch=False)
+        with slicer.util.tryWithErrorDisplay(_("Failed to store the corrections."), waitCursor=True):
             sliceRange = None
             if self.ui.acceptRangeRadioButton.checked:
                 sliceRange = (self.ui.rangeFirstSpinBox.value - 1, self.ui.rangeLastSpinBox.value - 1)
@@ -175,8 +179,9 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onFineTune(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning.")):
             self.logic.setupPythonRequirements(askUser=self.askUser)
+        with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
             self.ui.fineTuneLog.plainText = ""
             self._fineTune = self.logic.startFineTune(
                 epochs=self.ui.epochsSpinBox.value, lr=self.ui.learningRateSpinBox.value,
