@@ -307,6 +307,8 @@ def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
     ins = [Path(p) for p in inputs if p]
     outs = [Path(p) for p in outputs if p]
     for i, out in enumerate(outs):
+        if out.is_dir():  # found now, not after the other outputs were replaced
+            raise InputError(f"output {out} is a folder; give a file name")
         for inp in ins:
             if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
                 raise InputError(f"output {out} is the input {inp}; write the output to another path")

@@ -384,3 +384,13 @@ def test_finetune_refuses_a_damaged_correction(tmp_path, capsys, tiny_checkpoint
                  "--model", str(tiny_checkpoint)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and cid in err[0] and not (tmp_path / "m").exists()
+
+
+def test_an_extra_output_that_is_a_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    ct = _ct_copy(tmp_path)
+    (tmp_path / "overlays").mkdir()
+    argv = ["segment", ct, tmp_path / "l.nii.gz", "--report", tmp_path / "r.json", "--overlay", tmp_path / "overlays",
+            "--model", tmp_path / "no-model.pt"]
+    assert main([str(a) for a in argv]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "overlays"]
