@@ -200,6 +200,17 @@ class SegmentationJob(Job):
         return image
 
 
+def _jsonEvent(stream: str, line: str) -> Optional[Dict[str, Any]]:
+    """A progress event (``--json-progress`` / segment-stream line with a "stage") or None for other output."""
+    if stream != "out" or not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "stage" in event else None
+
+
 class _SliceThread:
     """The predictor of ``logic.predictorFactory`` in a worker thread; events through a queue."""
 
@@ -296,13 +307,8 @@ class _SliceProcess:
     def _read(self) -> None:
         rc = self.process.returnCode()  # before reading: once it is known, every line is queued
         for stream, line in self.process.readLines():
-            event = None
-            if stream == "out" and line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    event = None
-            if not isinstance(event, dict):
+            event = _jsonEvent(stream, line)
+            if event is None:
                 if stream == "err" and line.strip():
                     self._stderr = (self._stderr + [line])[-20:]
                 continue
@@ -363,13 +369,8 @@ class FineTuneJob(Job):
             self.process.terminate()
         log = []
         for stream, line in self.process.readLines():
-            event = None
-            if stream == "out" and line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    event = None
-            if isinstance(event, dict) and "stage" in event:
+            event = _jsonEvent(stream, line)
+            if event is not None:
                 self._onEvent(event)
                 log.append(self.message)
             else:
