@@ -368,6 +368,7 @@ class FineTuneJob(Job):
             self._cancelSent = True
             self.process.terminate()
         log = []
+        rc = self.process.returnCode()  # before reading: once it is known, every line is queued
         for stream, line in self.process.readLines():
             event = _jsonEvent(stream, line)
             if event is not None:
@@ -377,7 +378,6 @@ class FineTuneJob(Job):
                 if stream == "err":
                     self._stderr = (self._stderr + [line])[-20:]
                 log.append(line)
-        rc = self.process.returnCode()
         if rc is not None:
             if self._cancelSent:
                 self.state = "cancelled"
