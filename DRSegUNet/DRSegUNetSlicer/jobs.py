@@ -102,7 +102,6 @@ class SegmentationJob(Job):
         self.image = image
         self.modelPath = modelPath
         self.pixelMM = pixelMM  # working pixel size (mm); 0: the CT's grid; None: the predictor's own
-        self.settings: Optional[Dict[str, Any]] = None  # the predictor's, for the report
         self.labels = np.zeros(image.GetSize()[::-1], dtype=np.uint8)  # (z, y, x) like the input
         self.total = axial_view(self.labels, image.GetDirection())[0].shape[0]
         self.done = np.zeros(self.total, dtype=bool)  # per axial slice: written
@@ -114,6 +113,11 @@ class SegmentationJob(Job):
             self._source: Any = _SliceProcess(logic, image, modelPath, device, pixelMM)
         else:
             self._source = _SliceThread(logic, image, modelPath, device, pixelMM, self._cancel)
+
+    @property
+    def settings(self) -> Optional[Dict[str, Any]]:
+        """The predictor's decision rule and numerics (for the report), once it is loaded."""
+        return self._source.settings
 
     def abort(self) -> None:
         """Cancel and stop the computation now (module cleanup, scene close)."""
@@ -175,7 +179,6 @@ class SegmentationJob(Job):
 
     def _finish(self, state: str) -> None:
         self.state = state
-        self.settings = self._source.settings
         self._source.close()
         if state == "failed":
             self.message = _("Failed: {error}").format(error=self.error)
