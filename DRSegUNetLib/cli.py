@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=st.batch_size)
     p.add_argument("--crop", type=int, default=st.crop, help="square training crop in pixels")
     p.add_argument("--loss", choices=("ce", "ce+dice"), default=st.loss)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=st.lr_schedule,
+                   help="every level: constant (default, thesis) or cosine decay to 2%% of the level's rate")
     p.add_argument("--base-filters", type=int, default=st.base_filters, help="network width (16 = the thesis's network)")
     p.add_argument("--seed", type=int, default=st.seed)
     p.add_argument("--threshold", choices=("auto", "thesis", "otsu"), default="auto",
@@ -758,7 +760,7 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
                           level2_lr=args.level2_lr, level2_epochs=args.level2_epochs, frozen_layers=args.frozen_layers,
                           steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, crop=args.crop,
                           loss=args.loss, seed=args.seed, base_filters=args.base_filters,
-                          eight_bit_lung_threshold_hu=args.eight_bit_threshold_hu)
+                          lr_schedule=args.lr_schedule, eight_bit_lung_threshold_hu=args.eight_bit_threshold_hu)
     if args.threshold == "otsu" and args.threshold_hu is not None:
         raise InputError("--threshold-hu is a fixed level: not with --threshold otsu")
     lung = LungConfig(threshold_method=args.threshold)

@@ -190,6 +190,7 @@ class SelfTrainConfig:
     loss: str = "ce"
     seed: int = 0
     base_filters: int = 16
+    lr_schedule: str = "constant"  # every level: "constant" (thesis) or "cosine" (decays to 2% of its rate)
     # Lung threshold for 8-bit COVID-19-CT-Seg slices mapped to approx. HU (EightBitConfig):
     # they are min-max normalised and CLAHE-enhanced, which puts soft tissue near -500
     # approx. HU, so the thesis's -170 HU finds no lung (see Testing/test_lungs.py).

@@ -311,6 +311,8 @@ def check_config(cfg: SelfTrainConfig) -> None:
         problems.append(f"frozen_layers must be >= 0 (got {cfg.frozen_layers})")
     if cfg.loss not in ("ce", "ce+dice"):
         problems.append(f"loss must be 'ce' or 'ce+dice' (got {cfg.loss!r})")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"lr_schedule must be 'constant' or 'cosine' (got {cfg.lr_schedule!r})")
     if problems:
         raise InputError("bad self-training settings: " + "; ".join(problems))
 
@@ -347,7 +349,7 @@ def level_train_config(cfg: SelfTrainConfig, level: int, n_slices: int) -> Train
     return TrainConfig(epochs=cfg.level1_epochs if first else cfg.level2_epochs, steps_per_epoch=steps,
                        batch_size=cfg.batch_size, crop=cfg.crop, lr=cfg.level1_lr if first else cfg.level2_lr,
                        loss=cfg.loss, seed=cfg.seed + level - 1, frozen_layers=0 if first else cfg.frozen_layers,
-                       lr_schedule="constant", val_every=1)
+                       lr_schedule=cfg.lr_schedule, val_every=1)
 
 
 def predict_labels(checkpoint: Path, inputs: Sequence[SliceInput], device: str = "auto", batch_size: int = 8,
@@ -446,6 +448,8 @@ def run_selftrain(
                     "frozen_layers": 0 if first else config.frozen_layers,
                     **{k: getattr(config, k) for k in ("steps_per_epoch", "batch_size", "crop", "loss", "seed",
                                                        "base_filters")}}
+        if config.lr_schedule != "constant":
+            settings["lr_schedule"] = config.lr_schedule  # absent for the default: older runs keep their keys
         if any(d.spacing is not None for d in data):
             settings["pixel_mm"] = InferenceConfig.pixel_mm  # part of the key only where it applies
         keys.append(_key(f"level{level}", keys[-1], settings, identities[len(inputs):] if first else None))

@@ -110,6 +110,17 @@ def test_changed_setting_redoes_that_level_and_later_ones(tmp_path):
     assert json.loads((out / "level2" / "metrics.json").read_text())["train_config"]["lr"] == 5e-4
 
 
+def test_cosine_schedule_is_part_of_every_level_and_of_its_key(tmp_path):
+    out = tmp_path / "out"
+    run_selftrain([MINI], out, tiny(), device="cpu")
+    result = run_selftrain([MINI], out, tiny(lr_schedule="cosine"), device="cpu")
+    assert result.skipped == ["level0"]  # a new schedule redoes level 1 and everything after it
+    for level in (1, 2):
+        assert json.loads((out / f"level{level}" / "metrics.json").read_text())["train_config"]["lr_schedule"] == "cosine"
+    with pytest.raises(InputError, match="lr_schedule must be"):
+        run_selftrain([MINI], tmp_path / "bad", tiny(lr_schedule="step"), device="cpu")
+
+
 def test_interrupted_level_restarts_from_its_beginning(tmp_path):
     out = tmp_path / "out"
     stop = {"now": False}
