@@ -157,15 +157,16 @@ def read_medseg_folder(folder: str | Path, eight_bit: EightBitConfig = EightBitC
     return samples
 
 
-def read_npz(path: str | Path, what: str = ".npz") -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, read now; InputError with one line for a file that is
+def read_npz(path: str | Path, what: str = ".npz", only: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, read now: every one, or those of ``only`` that it has
+    (the others are never decompressed). InputError with one line for a file that is
     missing, empty, truncated or not an .npz (``what`` names it in the message)."""
     import zipfile
     import zlib
 
     try:
         with np.load(path, allow_pickle=False) as d:
-            return {k: d[k] for k in d.files}
+            return {k: d[k] for k in d.files if only is None or k in only}
     except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile, zlib.error) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         raise InputError(f"cannot read {path} as {what} ({why}); give a complete .npz file") from None

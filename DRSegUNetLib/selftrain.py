@@ -103,8 +103,8 @@ def read_slices(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) 
     if not p.exists():
         raise InputError(f"{p} does not exist")
     if p.suffix.lower() == ".npz":
-        d = read_npz(p)
-        ct = check_slices_npz(p, d)
+        d = read_npz(p, only=("ct_uint8", "group", "source_index"))  # expert masks, if any, stay unread
+        ct = check_slices_npz(p, d if "ct_uint8" in d else read_npz(p))  # the error names what the file has
         group = d["group"] if "group" in d else np.zeros(len(ct), dtype=int)
         src = d["source_index"] if "source_index" in d else np.arange(len(ct))
         hu = np.stack([eight_bit_to_hu(s, eight_bit) for s in ct]).astype(np.float32, copy=False)

@@ -179,7 +179,7 @@ def test_ct_volume_in_hu_trains_and_predicts_at_the_working_pixel_size(tmp_path,
 
 
 @pytest.mark.parametrize("case,message", [
-    ("missing", "does not exist"), ("no_ct", "no 'ct_uint8'"), ("float_ct", "uint8"), ("png", "2D picture"),
+    ("missing", "does not exist"), ("no_ct", "no 'ct_uint8' array (N, H, W) uint8 of 8-bit slices; it has ['images']"), ("float_ct", "uint8"), ("png", "2D picture"),
     ("twice", "given twice"), ("levels", "levels must be >= 1"), ("lr", "level2_lr must be a positive"),
     ("out_file", "not a folder"), ("no_lung", "no slice has lung"),
 ])
@@ -395,3 +395,17 @@ def test_a_bad_split_file_is_one_line_error(tmp_path, capsys, text):
                  "--split", str(split), "--split-part", "test"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"split file {split}" in err[0]
+
+
+def test_read_slices_reads_only_the_arrays_it_uses(tmp_path):
+    from DRSegUNetLib.data import read_npz
+    from DRSegUNetLib.selftrain import read_slices
+
+    # An array that cannot be loaded (a pickle, refused with allow_pickle=False) stands in for
+    # the expert masks: read_slices must never decompress it.
+    path = tmp_path / "d.npz"
+    np.savez(path, **_mini(), notes=np.array([{"not": "loadable"}], dtype=object))
+    with pytest.raises(InputError, match="cannot read"):
+        read_npz(path)
+    inp = read_slices(path)
+    assert inp.hu.shape == (4, 256, 256) and len(inp.groups) == 4
