@@ -349,6 +349,7 @@ def train(
     meta = {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),
             "init": (init.extra.get("name") if init else None), **(extra or {})}
     step = 0
+    final: Optional[Checkpoint] = None
     t0 = time.time()
     try:
         for epoch in range(1, config.epochs + 1):
@@ -372,9 +373,10 @@ def train(
                     raise _diverged(epoch, f"the loss became {losses[-1]} at step {step}")
                 report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
                        epoch=epoch, loss=losses[-1])
-            bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            if bad:
-                raise _diverged(epoch, f"weights such as {bad[0]} became NaN or infinite")
+            floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+            if not bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):  # one sync
+                bad = next(k for k, v in floats.items() if not bool(torch.isfinite(v).all()))
+                raise _diverged(epoch, f"weights such as {bad} became NaN or infinite")
             entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
             if rank != 0:
                 continue  # rank 0 validates and writes checkpoints
@@ -389,7 +391,9 @@ def train(
                                          metrics={"epoch": epoch, **{k: v for k, v in entry.items() if k != "epoch"}},
                                          extra={**meta, "history": history})
             save_checkpoint(ckpt, last_path)
-            if "val_dice" in entry and score > best_score or not val_samples:
+            if not val_samples:  # best is the last epoch: best.pt is written once, after the last one
+                best_score, best_epoch, final = score, epoch, ckpt
+            elif "val_dice" in entry and score > best_score:
                 best_score, best_epoch = score, epoch
                 save_checkpoint(ckpt, best_path)
             report(progress, "epoch", epoch, config.epochs,
@@ -405,6 +409,8 @@ def train(
         dist.barrier()
         if rank != 0:
             return TrainResult(best_path, last_path, best_score, best_epoch, history, model)
+    if final is not None:
+        save_checkpoint(final, best_path)
     if not best_path.exists():
         save_checkpoint(Checkpoint.from_model(model, mcfg, fingerprint=fingerprint or {}, extra=meta), best_path)
     return TrainResult(best_path, last_path, best_score, best_epoch, history, model)

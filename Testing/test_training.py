@@ -113,3 +113,23 @@ def test_crop_workers_are_seeded_and_the_default_draws_in_process(tmp_path):
     a, b = run("a"), run("b")
     assert a.history[0]["loss"] == b.history[0]["loss"]
     assert not multiprocessing.active_children()  # the crop workers are gone when train() returns
+
+
+def test_without_validation_best_is_the_last_epoch_written_once(tmp_path, monkeypatch):
+    import DRSegUNetLib.training as training
+
+    written = []
+    save = training.save_checkpoint
+
+    def spy(ckpt, path):
+        written.append(path.name)
+        return save(ckpt, path)
+
+    monkeypatch.setattr(training, "save_checkpoint", spy)
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    res = train(ms[:2], [], tmp_path, TrainConfig(epochs=3, steps_per_epoch=1, batch_size=2, crop=32, seed=0),
+                ModelConfig(network=NetworkConfig(base_filters=16)), device="cpu")
+    assert written == ["last.pt"] * 3 + ["best.pt"]
+    best, last = load_checkpoint(res.best_path), load_checkpoint(res.last_path)
+    assert res.best_epoch == 3 and best.metrics["epoch"] == 3
+    assert all(torch.equal(best.state_dict[k], last.state_dict[k]) for k in last.state_dict)
