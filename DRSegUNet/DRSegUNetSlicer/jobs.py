@@ -110,7 +110,7 @@ class SegmentationJob(Job):
         self.message = _("Loading the model...")
         logic.prepareSegments(segmentationNode, volumeNode)
         if logic.predictorFactory is None:
-            self._source: Any = _SliceProcess(logic, image, modelPath, device, pixelMM)
+            self._source: Any = _SliceProcess(logic, image, modelPath, device, pixelMM, self.total)
         else:
             self._source = _SliceThread(logic, image, modelPath, device, pixelMM, self._cancel)
 
@@ -276,9 +276,10 @@ class _SliceProcess:
     """
 
     def __init__(self, logic: "DRSegUNetLogic", image: sitk.Image, modelPath: str, device: str,
-                 pixelMM: Optional[float]):
+                 pixelMM: Optional[float], total: int):
         self.settings: Optional[Dict[str, Any]] = None
         self.direction = image.GetDirection()
+        self.total = total  # axial slices (the job's count)
         self.folder = Path(tempfile.mkdtemp(prefix="drsegunet-segment-"))
         self.process: Optional[RunningProcess] = None
         self._labels: Optional[np.ndarray] = None
@@ -290,7 +291,6 @@ class _SliceProcess:
             sitk.WriteImage(image, str(ct))
             np.lib.format.open_memmap(labels, mode="w+", dtype=np.uint8, shape=tuple(image.GetSize()[::-1])).flush()
             self._labels = np.load(labels, mmap_mode="r")
-            self.total = axial_view(self._labels, self.direction)[0].shape[0]
             command = logic.libraryCommand("segment-stream", str(ct), str(labels), "--model", str(modelPath),
                                            "--device", device)
             if pixelMM is not None:
