@@ -320,31 +320,33 @@ def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
 
 def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, report=None, overlay=None,
                  progress=None) -> list[str]:
-    from .imageio import read_ct, write_image
+    """Segment one CT and write its outputs all-or-nothing (a failure leaves every old file as it was)."""
+    from .imageio import output_set, read_ct, write_image
 
     image = read_ct(input_path)
     labels = predictor.predict(image, progress=progress)
     outputs = []
-    if seg_nrrd:
-        from .segio import write_seg_nrrd
+    with output_set() as stage:
+        if seg_nrrd:
+            from .segio import write_seg_nrrd
 
-        write_seg_nrrd(labels, seg_nrrd)
-        outputs.append(str(seg_nrrd))
-    if report:
-        from .report import compute_report, write_report
+            write_seg_nrrd(labels, stage(seg_nrrd))
+            outputs.append(str(seg_nrrd))
+        if report:
+            from .report import compute_report, write_report
 
-        rep = compute_report(labels)
-        rep.update(input=str(input_path), model=str(predictor.source), inference=predictor.settings())
-        write_report(rep, report)
-        outputs.append(str(report))
-    if overlay:
-        from .overlay import write_overlay
+            rep = compute_report(labels)
+            rep.update(input=str(input_path), model=str(predictor.source), inference=predictor.settings())
+            write_report(rep, stage(report))
+            outputs.append(str(report))
+        if overlay:
+            from .overlay import write_overlay
 
-        write_overlay(image, labels, overlay)
-        outputs.append(str(overlay))
-    # The label map last: its presence marks a finished input for reruns.
-    write_image(labels, labels_path)
-    outputs.append(str(labels_path))
+            write_overlay(image, labels, stage(overlay))
+            outputs.append(str(overlay))
+        # The label map last: its presence marks a finished input for reruns.
+        write_image(labels, stage(labels_path))
+        outputs.append(str(labels_path))
     return outputs
 
 

@@ -6,7 +6,9 @@ import os
 import struct
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import SimpleITK as sitk
 
@@ -165,6 +167,35 @@ def atomic_output(path: str | os.PathLike) -> tuple[Path, Path]:
 
     os.chmod(tmp, default_file_mode())
     return Path(tmp), path
+
+
+@contextmanager
+def output_set() -> Iterator[Callable[[str | os.PathLike], Path]]:
+    """Several outputs written all-or-nothing: ``with output_set() as stage: write(x, stage(path))``.
+
+    ``stage(path)`` gives a temporary name beside ``path`` (same format suffix) to write to.
+    When the block ends normally, every staged file is renamed over its path, in the order
+    staged; when it raises, the temporary files are removed and no path is touched.
+    """
+    from .atomic import fsync_dir
+
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(path: str | os.PathLike) -> Path:
+        tmp, final = atomic_output(path)
+        staged.append((tmp, final))
+        return tmp
+
+    try:
+        yield stage
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    for folder in {final.parent for _, final in staged}:
+        fsync_dir(folder)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:

@@ -394,3 +394,28 @@ def test_an_extra_output_that_is_a_folder_is_refused_before_anything_is_written(
     assert main([str(a) for a in argv]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "overlays"]
+
+
+def test_segment_writes_its_outputs_all_or_nothing(tmp_path, sample_ct_path, tiny_checkpoint, monkeypatch):
+    import DRSegUNetLib.imageio as imageio
+
+    ct = tmp_path / "ct.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(sample_ct_path))[200:232, 200:232, :], str(ct))
+    outs = {"labels": tmp_path / "l.nii.gz", "seg": tmp_path / "s.seg.nrrd", "report": tmp_path / "r.json",
+            "overlay": tmp_path / "o.png"}
+    for p in outs.values():
+        p.write_text("old")
+    args = ["segment", str(ct), str(outs["labels"]), "--seg-nrrd", str(outs["seg"]), "--report", str(outs["report"]),
+            "--overlay", str(outs["overlay"]), "--model", str(tiny_checkpoint), "--device", "cpu"]
+
+    def disk_full(image, path, compress=True):  # the label map, written last, fails
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(imageio, "write_image", disk_full)
+    assert main(args) == 1
+    assert all(p.read_text() == "old" for p in outs.values())  # the seg, report and overlay were not replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ct.nrrd", *(p.name for p in outs.values())])
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert all(p.read_bytes() != b"old" for p in outs.values())
+    assert sitk.ReadImage(str(outs["labels"])).GetSize() == (32, 32, sitk.ReadImage(str(ct)).GetSize()[2])
