@@ -793,6 +793,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     store = ModelStore(args.store, bundled=default_model_path())
     parent = store.active()
     start = Path(args.model) if args.model else parent.path
+    if args.model:  # the card's parent is the version trained from: the one whose checkpoint is --model, if any
+        def _is_start(v):
+            try:
+                return v.path.samefile(start)
+            except OSError:
+                return False
+        parent = next((v for v in store.versions() if _is_start(v)), None)
     corrections = CorrectionsStore(args.corrections)
     ids = corrections.ids()
     if not ids:
@@ -808,9 +815,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     init = load_checkpoint(start)
     with tempfile.TemporaryDirectory(prefix="drsegunet-finetune-") as tmp:
         result = train(samples, [], tmp, cfg, init=init, device=args.device, progress=printer,
-                       fingerprint={"corrections": corrections.fingerprint(), "n_slices": len(samples)})
+                       fingerprint={"corrections": corrections.fingerprint(ids), "n_slices": len(samples)})
         version = store.add_version(result.last_path, card={
-            "level": 2, "corrections_fingerprint": corrections.fingerprint(), "corrections_used": ids,
+            "level": 2, "corrections_fingerprint": corrections.fingerprint(ids), "corrections_used": ids,
             "pixel_mm": args.pixel_mm or None, "crop": args.crop,
             "epochs": args.epochs, "lr": args.lr, "frozen_layers": args.frozen_layers,
             "started_from": str(start), "loss_history": [h["loss"] for h in result.history]}, parent=parent)

@@ -214,8 +214,11 @@ class ModelStore:
             full_card.update(parent=parent_no, created=_now_iso(), checkpoint_sha256=digest.hexdigest())
             full_card.setdefault("level", 2)
             # The number is only known when the folder lands; retry if another writer won it.
+            # A taken name that is not a version (a folder without its checkpoint) is skipped:
+            # versions() ignores it, so without ``floor`` every retry would pick it again.
+            floor = BUNDLED_VERSION
             for _ in range(1000):
-                number = max([v.version for v in self.versions()] + [BUNDLED_VERSION]) + 1
+                number = max([v.version for v in self.versions()] + [floor]) + 1
                 full_card["version"] = number
                 _write_file_atomic(tmp / self.CARD, (json.dumps(full_card, indent=2, default=str) + "\n").encode("utf-8"))
                 _fsync_dir(tmp)
@@ -224,6 +227,7 @@ class ModelStore:
                     os.rename(tmp, target)
                 except OSError:
                     if target.exists():
+                        floor = number
                         continue
                     raise
                 _fsync_dir(self.root)
@@ -336,7 +340,10 @@ class CorrectionsStore:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         _write_file_atomic(self.root / f"{cid}{self.SUFFIX}", buf.getvalue())
-        self._append_index(meta)
+        try:
+            self._append_index(meta)
+        except OSError as e:  # the slice is stored (the file is the truth): do not report it as lost
+            log.warning("correction %s is stored but not indexed (%s); it is read from its file", cid, e)
         return cid
 
     def _append_index(self, meta: dict[str, Any]) -> None:
@@ -429,9 +436,11 @@ class CorrectionsStore:
             raise InputError(f"correction {cid} in {self.root} is unusable ({why}); "
                              f"remove {path.name} from the store") from None
 
-    def fingerprint(self) -> str:
-        """A short digest of the ids in the store (names the training data in a model card)."""
-        return hashlib.sha256("\n".join(self._ids_on_disk()).encode()).hexdigest()[:16]
+    def fingerprint(self, ids: Sequence[str] | None = None) -> str:
+        """A short digest of ``ids`` (default: the ids in the store now); names the training
+        data in a model card, so pass the ids that were trained on (others may add meanwhile)."""
+        ids = self._ids_on_disk() if ids is None else sorted(ids)
+        return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 def check_correction(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
@@ -442,7 +451,9 @@ def check_correction(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float
         raise ValueError(f"need a 2-D CT slice and labels of the same shape, got {ct.shape} and {labels.shape}")
     if not np.all(np.isfinite(ct)):
         raise ValueError("the CT slice has NaN or infinite values")
-    if labels.size and (labels.min() < 0 or labels.max() > 3):
+    whole = labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.array_equal(labels, np.round(labels)))  # NaN fails too
+    if labels.size and (not whole or labels.min() < 0 or labels.max() > 3):
         raise ValueError("labels must be 0 background, 1 GGO, 2 consolidation or 3 lung")
     if len(spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be (row, column) in mm, both > 0, got {tuple(spacing)}")

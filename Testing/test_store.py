@@ -331,3 +331,97 @@ def test_add_refuses_nan_ct_and_bad_spacing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="spacing"):
         s.add(np.zeros((3, 3)), np.zeros((3, 3), np.uint8), (1, -1), "v", 0)
     assert len(s) == 0
+
+
+# ----------------------------------------------------------------- review: failures, concurrency, validation
+
+
+def test_a_folder_that_is_not_a_version_does_not_block_new_versions(models: ModelStore) -> None:
+    """A vNNNN folder without its checkpoint (damaged, or emptied by hand) is not a version;
+    add_version must number past it, not retry the same taken name until it gives up."""
+    models.add_version(b"a", {}, parent=1)
+    (models.root / "v0003").mkdir()
+    (models.root / "v0003" / "card.json").write_text("{}")  # not empty: the rename onto it fails
+    v = models.add_version(b"b", {}, parent=2)
+    assert v.version == 4 and v.path.read_bytes() == b"b" and models.get(4).card["version"] == 4
+    assert [x.version for x in models.versions()] == [1, 2, 4]
+    assert not [n for n in _visible(models.root) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("bad", [np.nan, 2.5])
+def test_labels_that_are_not_class_numbers_are_refused(tmp_path: Path, bad: float) -> None:
+    from DRSegUNetLib.errors import InputError
+
+    s = CorrectionsStore(tmp_path / "c")
+    labels = np.array([[0, 1], [bad, 3]])
+    with pytest.raises(ValueError, match="labels must be"):
+        s.add(np.zeros((2, 2)), labels, (1, 1), "v", 0)
+    assert len(s) == 0
+    assert s.load(s.add(np.zeros((2, 2)), np.array([[0.0, 1.0], [2.0, 3.0]]), (1, 1), "v", 0)).labels.tolist() == [[0, 1], [2, 3]]
+    cid = s.add(np.zeros((2, 2), np.int16), np.zeros((2, 2), np.uint8), (1, 1), "v", 0)
+    _rewrite(s.root / f"{cid}.npz", labels=labels)  # written by another program
+    with pytest.raises(InputError, match="labels must be"):
+        s.load(cid)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_while_indexing_does_not_report_a_stored_slice_as_lost(tmp_path: Path) -> None:
+    """The .npz is the truth and the index may miss a line: once the file has landed, add
+    returns its id (raising would make the caller accept the slice again: a duplicate)."""
+    s = CorrectionsStore(tmp_path / "c")
+    first = s.add(*_slice(1), (1, 1), "vol", 1)
+    index = s.root / "index.jsonl"
+    index.unlink()
+    index.symlink_to("/dev/full")  # every write to the index fails with ENOSPC
+    try:
+        second = s.add(*_slice(2), (1, 1), "vol", 2)
+    finally:
+        index.unlink()
+    assert s.ids() == [first, second]
+    assert [i.slice_index for i in CorrectionsStore(s.root).items()] == [1, 2]
+    assert np.array_equal(s.load(second).labels, _slice(2)[1])
+
+
+def test_finetune_card_names_what_it_trained_on(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+    """Another Slicer accepts a slice while finetune trains: the card's fingerprint must name
+    the slices trained on (corrections_used), not the store at the end; and its parent is the
+    version trained from (--model, as Slicer passes it), not whichever version is active by then."""
+    import hashlib
+
+    import torch
+
+    import DRSegUNetLib.training as training
+    from DRSegUNetLib.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    c = CorrectionsStore(tmp_path / "c")
+
+    def accept(i: int) -> str:
+        labels = np.zeros((40, 40), np.uint8)
+        labels[6:34, 6:34] = 3
+        labels[16:24, 16:24] = 1
+        return c.add(np.where(labels > 0, -800, 40).astype(np.int16), labels, (1, 1), "vol", i)
+
+    first = accept(0)
+    real_train = training.train
+
+    def train_while_another_instance_accepts(*a, **k):
+        accept(1)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(training, "train", train_while_another_instance_accepts)
+    models = ModelStore(tmp_path / "models")
+    v2 = models.add_version(tiny_checkpoint, {}, parent=1)
+    models.set_active(models.add_version(b"switched to meanwhile", {}, parent=1))
+    try:
+        rc = main(["finetune", "--corrections", str(c.root), "--store", str(models.root), "--model", str(v2.path),
+                   "--epochs", "1", "--crop", "32", "--device", "cpu", "--pixel-mm", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0 and len(c) == 2
+    card = ModelStore(models.root).active().card
+    assert card["version"] == 4 and card["corrections_used"] == [first]
+    assert card["corrections_fingerprint"] == hashlib.sha256(first.encode()).hexdigest()[:16]
+    assert card["parent"] == 2  # trained from v2, not from v3 that was active when it started
+    assert c.fingerprint([first]) == card["corrections_fingerprint"] != c.fingerprint()
