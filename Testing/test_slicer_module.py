@@ -415,6 +415,7 @@ class FakeProcess:
         out, self.lines = self.lines[:1], self.lines[1:]
         if not self.lines and self.finish and self.rc is None and not self.terminated:
             v = self.store.add_version(b"fine-tuned", {"note": "fake"}, parent=self.store.active())
+            self.store.set_active(v.version)  # as cmd_finetune does
             out.append(("out", json.dumps({"stage": "done", "version": v.version})))
             self.rc = 0
         return out
@@ -424,7 +425,8 @@ class FakeProcess:
 
     def terminate(self):
         self.terminated = True
-        self.rc = -15
+        if self.rc is None:  # a process that has ended keeps its exit code
+            self.rc = -15
 
 
 class FakeRunner:
@@ -477,6 +479,34 @@ def test_fine_tune_cancel_keeps_the_active_model(scene, stores, ct_image):
     job.cancel()
     job.wait(timeout=10)
     assert job.state == "cancelled" and logic.modelStore.active().version == 1
+
+
+def test_fine_tune_cancel_after_the_process_finished_reports_the_new_model(scene, stores, ct_image):
+    logic = _logic_with_corrections(scene, stores, ct_image, FakeRunner(store_root=stores[0].root,
+                                                                        bundled=stores[0].bundled))
+    job = logic.startFineTune(epochs=2, lr=1e-4)
+    unread = []
+    while job.process.rc is None:  # the process runs to its end before the panel reads a line
+        unread += job.process.readLines()
+    job.process.lines = unread
+    job.cancel()
+    job.wait(timeout=10)
+    assert job.state == "completed" and job.version == 2 and logic.modelStore.active().version == 2
+    assert "v2 is active" in job.message
+
+
+def test_fine_tune_cancelled_after_it_activated_its_model_says_so(scene, stores, ct_image):
+    runner = FakeRunner(store_root=stores[0].root, bundled=stores[0].bundled, finish=False)
+    logic = _logic_with_corrections(scene, stores, ct_image, runner)
+    job = logic.startFineTune(epochs=2, lr=1e-4)
+    job.poll()
+    # The command saves and activates its model, and is killed before it prints the "done" line.
+    v = logic.modelStore.add_version(b"fine-tuned", {"note": "fake"}, parent=logic.modelStore.active())
+    logic.modelStore.set_active(v.version)
+    job.cancel()
+    job.wait(timeout=10)
+    assert job.state == "cancelled" and job.version is None
+    assert "v2 is active" in job.message and "unchanged" not in job.message
 
 
 def test_fine_tune_needs_corrections(logic):

@@ -382,14 +382,14 @@ class FineTuneJob(Job):
                     self._stderr = (self._stderr + [line])[-20:]
                 log.append(line)
         if rc is not None:
-            if self._cancelSent:
-                self.state = "cancelled"
-                self.message = _("Fine-tuning cancelled; the active model is unchanged.")
-            elif rc == 0 and self.version is not None:
-                self.logic.modelStore.set_active(self.version)
+            if rc == 0 and self.version is not None:  # saved (and made active by the command), even if a
+                self.logic.modelStore.set_active(self.version)  # Cancel came after it had finished
                 self.state = "completed"
                 self.message = _("New model v{version} is active (previous: v{parent}).").format(
                     version=self.version, parent=self.parent.version)
+            elif self._cancelSent:
+                self.state = "cancelled"
+                self.message = self._cancelledMessage()
             else:
                 detail = "\n".join(self._stderr[-5:]) or _("no error output")
                 self.error = RuntimeError(f"fine-tuning ended with exit code {rc} without a new model:\n{detail}")
@@ -404,7 +404,15 @@ class FineTuneJob(Job):
             self._cancelSent = True
             self.process.terminate()
             self.state = "cancelled"
-            self.message = _("Fine-tuning cancelled; the active model is unchanged.")
+            self.message = self._cancelledMessage()
+
+    def _cancelledMessage(self) -> str:
+        """What a cancel left: the command may have saved and activated its model just before it ended."""
+        active = self.logic.modelStore.active().version
+        if active == self.parent.version:
+            return _("Fine-tuning cancelled; the active model is unchanged.")
+        return _("Fine-tuning cancelled, but only after it had saved model v{version}; v{version} is active "
+                 "(previous: v{parent}).").format(version=active, parent=self.parent.version)
 
     def _onEvent(self, event: Dict[str, Any]) -> None:
         self.stage = str(event.get("stage", ""))
