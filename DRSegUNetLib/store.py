@@ -197,6 +197,7 @@ class ModelStore:
             The new version. It is not made active: call :meth:`set_active`.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        self.clean_temporary()  # leftovers of writers that died (each holds a checkpoint copy)
         parent_no = parent.version if isinstance(parent, ModelVersion) else parent
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
         try:
@@ -244,7 +245,10 @@ class ModelStore:
         removed = 0
         now = time.time()
         for p in self.root.iterdir():
-            if not p.name.startswith(_TMP_PREFIX) or now - p.stat().st_mtime <= older_than_s:
+            try:
+                if not p.name.startswith(_TMP_PREFIX) or now - p.stat().st_mtime <= older_than_s:
+                    continue
+            except FileNotFoundError:  # another writer renamed or removed it meanwhile
                 continue
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,16 @@ def test_leftovers_of_a_killed_writer_are_ignored_and_cleanable(models: ModelSto
     os.utime(dead, (0, 0))
     assert models.clean_temporary(older_than_s=60) == 1
     assert not dead.exists()
+
+
+def test_adding_a_version_removes_leftovers_older_than_an_hour(models: ModelStore) -> None:
+    old, recent = models.root / ".tmp-died-yesterday", models.root / ".tmp-maybe-writing-now"
+    for d in (old, recent):
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(b"copy")
+    os.utime(old, (time.time() - 2 * 3600,) * 2)
+    models.add_version(b"a", {}, parent=1)
+    assert not old.exists() and recent.is_dir()
 
 
 def test_corrupt_pointer_falls_back_to_bundled(models: ModelStore) -> None:
