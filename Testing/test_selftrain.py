@@ -332,6 +332,36 @@ def test_weak_ceiling_best_cut_matches_brute_force():
     assert wc.best_cut_dice(row, row < 2, row >= 2, 4) == 0.0
 
 
+def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
+    # bench/weak_band.py (docs/weak_supervision.md): level 2 taught only where level 1 is sure.
+    import importlib.util
+
+    from conftest import REPO
+    from DRSegUNetLib.data import bit
+
+    spec = importlib.util.spec_from_file_location("weak_band", REPO / "bench" / "weak_band.py")
+    wb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wb)
+    labels = np.array([[0, 1, 3, 1, 3, 0]], np.uint8)
+    top = np.array([[0.4, 0.6, 0.6, 0.9, 0.95, 0.99]], np.float32)
+    allowed = wb.allowed_sets(labels, top, 0.7)
+    assert allowed.tolist() == [[bit(0), bit(1, 3), bit(1, 3), bit(1), bit(3), bit(0)]]  # background stays decided
+    assert np.array_equal(wb.allowed_sets(labels, top, 0.0), (np.uint8(1) << labels))  # 0: every pixel decided
+
+    run_selftrain([MINI], tmp_path / "st", tiny(levels=1), device="cpu")
+    level1 = tmp_path / "st" / "level1" / "best.pt"
+    out = tmp_path / "band"
+    assert wb.main([str(MINI), str(level1), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
+                    "--batch-size", "2", "--crop", "32", "--lr", "1e-3"]) == 0
+    _, (labels2,) = load_label_maps(out / "labels.npz")
+    assert labels2.shape == (4, 256, 256) and set(np.unique(labels2)) <= {0, 1, 2, 3}
+    info = json.loads((out / "band.json").read_text())
+    assert 0.0 <= info["unsure_fraction_of_lung_field"] <= 1.0 and info["n_train_slices"] >= 1
+    w1, w2 = weights(level1), weights(out / "best.pt")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith(FROZEN))
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 def _mini(**changes):
     with np.load(MINI) as d:
         arrays = {k: d[k] for k in d.files}

@@ -1,0 +1,103 @@
+"""Level 2 of the self-training without reinforcing level 1's unsure pixels (an experiment).
+
+``selftrain`` trains level 2 on level 1's argmax labels, every pixel decided. This script
+tries the usual remedy for noisy self-labels: where level 1's top softmax probability is
+below ``--unsure-below``, a pixel it labels GGO or lung is left open between the two
+(the marginal loss of ``training.train``), so level 2 is taught only where level 1 is
+confident. ``--flip-tta`` averages level 1's probabilities with those of the mirrored
+slice first. Level 2 is trained as ``selftrain`` trains it (same ``training.train``, first
+two layers frozen), then labels every slice; score the labels with ``evaluate``:
+
+    python bench/weak_band.py ../shared/data/zenodo20/zenodo20_dev.npz runs/weak6/st/level1/best.pt \\
+        --out runs/weak6_band --unsure-below 0.7 --flip-tta
+    python -m DRSegUNetLib evaluate ../shared/data/zenodo20/zenodo20_dev.npz \\
+        --predictions runs/weak6_band/labels.npz --by-group --json runs/weak6_band/eval.json
+
+The defaults are the sixth run's level-2 settings (docs/weak_supervision.md). Expert
+masks in DATA are never read here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
+from DRSegUNetLib.config import ModelConfig, TrainConfig  # noqa: E402
+from DRSegUNetLib.data import Sample, bit  # noqa: E402
+from DRSegUNetLib.inference import Predictor  # noqa: E402
+from DRSegUNetLib.selftrain import predict_labels, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.training import train  # noqa: E402
+from DRSegUNetLib.vocabulary import GGO, LUNG  # noqa: E402
+
+
+def level1_labels(predictor: Predictor, hu: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Level 1's labels (N, H, W) uint8 and top softmax probability (N, H, W) float32."""
+    labels = np.zeros(hu.shape, np.uint8)
+    top = np.zeros(hu.shape, np.float32)
+    for s in range(0, len(hu), chunk):
+        lab, prob = predictor.labels(hu[s:s + chunk])
+        labels[s:s + chunk] = lab
+        top[s:s + chunk] = prob.max(1).values.cpu().numpy()
+    return labels, top
+
+
+def allowed_sets(labels: np.ndarray, top: np.ndarray, unsure_below: float) -> np.ndarray:
+    """Allowed-class bitmasks: level 1's label, or {GGO, lung} where it is unsure between them."""
+    allowed = (np.uint8(1) << labels).astype(np.uint8)
+    allowed[(top < unsure_below) & np.isin(labels, (GGO, LUNG))] = bit(GGO, LUNG)
+    return allowed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data", help=".npz of 8-bit slices (ct_uint8), e.g. zenodo20_dev.npz")
+    ap.add_argument("level1", help="level 1's checkpoint (selftrain OUT/level1/best.pt)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--unsure-below", type=float, default=0.7, help="0: every pixel decided, as selftrain")
+    ap.add_argument("--flip-tta", action="store_true")
+    ap.add_argument("--lr", type=float, default=9.8e-5)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--steps-per-epoch", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--loss", default="ce+dice")
+    ap.add_argument("--frozen-layers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1, help="selftrain's level 2 uses seed + 1 = 1")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    inp = read_slices(args.data)
+    predictor = Predictor.from_checkpoint(args.level1, args.device, batch_size=8, flip_tta=args.flip_tta)
+    labels, top = level1_labels(predictor, inp.hu)
+    allowed = allowed_sets(labels, top, args.unsure_below)
+    field = np.isin(labels, (GGO, LUNG))
+    unsure = float(((allowed == bit(GGO, LUNG)) & field).sum() / max(1, field.sum()))
+    save_label_maps(out / "level1_labels.npz", [inp.path], [labels])
+    samples = [Sample(inp.hu[j], allowed[j], inp.names[j], inp.groups[j]) for j in range(len(inp)) if labels[j].any()]
+    init = load_checkpoint(args.level1)
+    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                      crop=args.crop, lr=args.lr, loss=args.loss, seed=args.seed, frozen_layers=args.frozen_layers)
+    res = train(samples, [], out, cfg, ModelConfig(network=init.config.network, eight_bit=init.config.eight_bit),
+                init=init, device=args.device)
+    (level2,) = predict_labels(res.best_path, [inp], args.device)
+    save_label_maps(out / "labels.npz", [inp.path], [level2])
+    info = {"level1": args.level1, "unsure_below": args.unsure_below, "flip_tta": args.flip_tta,
+            "unsure_fraction_of_lung_field": round(unsure, 4), "n_train_slices": len(samples),
+            "seconds": round(time.time() - t0, 1)}
+    (out / "band.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
