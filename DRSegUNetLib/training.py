@@ -295,8 +295,11 @@ def train(
 
     ``init``: start from this checkpoint (level 2 / fine-tuning); its model config is
     kept. Otherwise the network is built from ``model_config`` with z-score
-    constants estimated on ``train_samples``. Without ``val_samples`` the last epoch
-    is also the best. Checkpoints are written atomically after every epoch.
+    constants estimated on ``train_samples``. Checkpoints are written atomically:
+    ``last.pt`` after every epoch, ``best.pt`` when validation Dice improves. Without
+    ``val_samples`` the last epoch is the best, and ``best.pt`` is written once when
+    training ends (an older ``best.pt`` in ``out_dir`` is removed at the start, so an
+    interrupted run never leaves one that is not its own).
     """
     if not train_samples:
         raise ValueError("no training samples")
@@ -346,6 +349,8 @@ def train(
     val_predictor = Predictor(model, mcfg, dev, val_cfg, channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+    if not val_samples and rank == 0:
+        best_path.unlink(missing_ok=True)
     meta = {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),
             "init": (init.extra.get("name") if init else None), **(extra or {})}
     step = 0

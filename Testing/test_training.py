@@ -133,3 +133,15 @@ def test_without_validation_best_is_the_last_epoch_written_once(tmp_path, monkey
     best, last = load_checkpoint(res.best_path), load_checkpoint(res.last_path)
     assert res.best_epoch == 3 and best.metrics["epoch"] == 3
     assert all(torch.equal(best.state_dict[k], last.state_dict[k]) for k in last.state_dict)
+
+    # A second run into the same folder, interrupted after its first epoch, leaves no best.pt
+    # that could be taken for its own.
+    from DRSegUNetLib.errors import Cancelled
+
+    epochs = []
+    with pytest.raises(Cancelled):
+        train(ms[:2], [], tmp_path, TrainConfig(epochs=3, steps_per_epoch=1, batch_size=2, crop=32, seed=1),
+              ModelConfig(network=NetworkConfig(base_filters=16)), device="cpu",
+              progress=lambda stage, *a, **k: epochs.append(stage) if stage == "epoch" else None,
+              cancel=lambda: bool(epochs))
+    assert not res.best_path.exists() and load_checkpoint(res.last_path).extra["train_config"]["seed"] == 1
