@@ -506,7 +506,7 @@ def test_fine_tune_cancelled_after_it_activated_its_model_says_so(scene, stores,
     job.cancel()
     job.wait(timeout=10)
     assert job.state == "cancelled" and job.version is None
-    assert "v2 is active" in job.message and "unchanged" not in job.message
+    assert "active model is now v2" in job.message and "unchanged" not in job.message
 
 
 def test_fine_tune_needs_corrections(logic):

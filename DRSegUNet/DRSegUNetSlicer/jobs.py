@@ -411,8 +411,9 @@ class FineTuneJob(Job):
         active = self.logic.modelStore.active().version
         if active == self.parent.version:
             return _("Fine-tuning cancelled; the active model is unchanged.")
-        return _("Fine-tuning cancelled, but only after it had saved model v{version}; v{version} is active "
-                 "(previous: v{parent}).").format(version=active, parent=self.parent.version)
+        # Most likely the command's own new model, saved just before the cancel; say only what is known.
+        return _("Fine-tuning cancelled. The active model is now v{version}; it was v{parent} when fine-tuning "
+                 "started.").format(version=active, parent=self.parent.version)
 
     def _onEvent(self, event: Dict[str, Any]) -> None:
         self.stage = str(event.get("stage", ""))
