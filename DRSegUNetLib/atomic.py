@@ -8,9 +8,18 @@ from pathlib import Path
 
 def default_file_mode() -> int:
     """The mode ``open()`` would give a new file (0o666 less the umask); mkstemp gives 0o600."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode ``mkdir()`` would give a new folder (0o777 less the umask); mkdtemp gives 0o700."""
+    return default_file_mode() | (0o111 & ~_umask())
+
+
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Iterator, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_write_bytes, fsync_dir as _fsync_dir
+from .atomic import atomic_write_bytes, default_dir_mode, fsync_dir as _fsync_dir
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ class ModelStore:
         parent_no = parent.version if isinstance(parent, ModelVersion) else parent
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
         try:
+            os.chmod(tmp, default_dir_mode())  # a version folder is as readable as the store (not mkdtemp's 0700)
             digest = hashlib.sha256()
             with open(tmp / self.CHECKPOINT, "wb") as dst:
                 if isinstance(checkpoint, (bytes, bytearray, memoryview)):

@@ -436,3 +436,14 @@ def test_finetune_card_names_what_it_trained_on(tmp_path: Path, tiny_checkpoint:
     assert card["corrections_fingerprint"] == hashlib.sha256(first.encode()).hexdigest()[:16]
     assert card["parent"] == 2  # trained from v2, not from v3 that was active when it started
     assert c.fingerprint([first]) == card["corrections_fingerprint"] != c.fingerprint()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_version_folder_gets_the_mode_mkdir_would_give(models: ModelStore) -> None:
+    old = os.umask(0o022)
+    try:
+        v = models.add_version(b"a", {}, parent=1)
+    finally:
+        os.umask(old)
+    assert v.path.parent.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0o700
+    assert v.path.stat().st_mode & 0o777 == 0o644
