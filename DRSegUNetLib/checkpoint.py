@@ -83,6 +83,15 @@ def _check_field_types(config: ModelConfig) -> None:
                 raise TypeError(f"{part.name}.{f.name} is {value!r}, not a {type(default).__name__}")
 
 
+def nonfinite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity ([] if none): one device
+    sync when all are finite, as they are after every healthy training epoch."""
+    floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):
+        return []
+    return [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
+
+
 def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
     """The first few missing, unexpected and wrongly shaped keys of ``given``; "" if it fits."""
     def few(keys: list[str]) -> str:
@@ -131,7 +140,7 @@ def load_checkpoint(path: str | os.PathLike, expected_classes: tuple[str, ...] =
     sd = d.get("state_dict")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CheckpointError(f"{path} has no state_dict of named tensors (found {type(sd).__name__})")
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_keys(sd)
     if bad:
         raise CheckpointError(f"{path} has NaN or infinite weights ({', '.join(bad[:3])}"
                               f"{', ...' if len(bad) > 3 else ''}): its training diverged; use another checkpoint")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, nonfinite_keys, save_checkpoint
 from .config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig, to_dict
 from .data import Sample, bit
 from .errors import InputError
@@ -378,10 +378,9 @@ def train(
                     raise _diverged(epoch, f"the loss became {losses[-1]} at step {step}")
                 report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
                        epoch=epoch, loss=losses[-1])
-            floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-            if not bool(torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()):  # one sync
-                bad = next(k for k, v in floats.items() if not bool(torch.isfinite(v).all()))
-                raise _diverged(epoch, f"weights such as {bad} became NaN or infinite")
+            bad = nonfinite_keys(model.state_dict())
+            if bad:
+                raise _diverged(epoch, f"weights such as {bad[0]} became NaN or infinite")
             entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
             if rank != 0:
                 continue  # rank 0 validates and writes checkpoints
