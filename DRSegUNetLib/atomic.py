@@ -13,7 +13,7 @@ def default_file_mode() -> int:
 
 def default_dir_mode() -> int:
     """The mode ``mkdir()`` would give a new folder (0o777 less the umask); mkdtemp gives 0o700."""
-    return default_file_mode() | (0o111 & ~_umask())
+    return 0o777 & ~_umask()
 
 
 def _umask() -> int:

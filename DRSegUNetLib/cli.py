@@ -791,15 +791,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     check_pixel_mm(args.pixel_mm)
     store = ModelStore(args.store, bundled=default_model_path())
-    parent = store.active()
+    # The card's parent is the version trained from: with --model, the one whose checkpoint it is (if any).
+    parent = store.version_of(args.model) if args.model else store.active()
     start = Path(args.model) if args.model else parent.path
-    if args.model:  # the card's parent is the version trained from: the one whose checkpoint is --model, if any
-        def _is_start(v):
-            try:
-                return v.path.samefile(start)
-            except OSError:
-                return False
-        parent = next((v for v in store.versions() if _is_start(v)), None)
     corrections = CorrectionsStore(args.corrections)
     ids = corrections.ids()
     if not ids:

@@ -159,6 +159,16 @@ class ModelStore:
         """The checkpoint file of ``version``."""
         return self.get(version).path
 
+    def version_of(self, checkpoint: str | os.PathLike) -> ModelVersion | None:
+        """The version whose checkpoint file is ``checkpoint`` (by any path to it), or None."""
+        for v in self.versions():
+            try:
+                if v.path.samefile(checkpoint):
+                    return v
+            except OSError:
+                continue
+        return None
+
     def active(self) -> ModelVersion:
         """The active version: the pointer's, else the newest, else the bundled one.
 
