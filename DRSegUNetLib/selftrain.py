@@ -226,17 +226,18 @@ def labels_for_dataset(path: str | Path, data: str | Path, n: int) -> np.ndarray
     for several inputs, one of which is ``data`` (then that input's array is used).
     """
     p = Path(path)
-    d = read_npz(p, "predictions .npz")
-    chosen = None
-    if "inputs" in d:
+    what = "predictions .npz"
+    name = "labels"
+    inputs = read_npz(p, what, only=("inputs",)).get("inputs")
+    if inputs is not None:  # only the array of ``data`` is decompressed, not every input's
         want = Path(data).resolve()
-        for i, s in enumerate(d["inputs"]):
-            if Path(str(s)).resolve() == want and f"input_{i}" in d:
-                chosen = d[f"input_{i}"]
+        for i, s in enumerate(inputs):
+            if Path(str(s)).resolve() == want:
+                name = f"input_{i}"
+    d = read_npz(p, what, only=(name, "labels"))
+    chosen = d.get(name, d.get("labels"))
     if chosen is None:
-        if "labels" not in d:
-            raise InputError(f"{p} has no 'labels' array (N, H, W) uint8 of label maps; it has {sorted(d)}")
-        chosen = d["labels"]
+        raise InputError(f"{p} has no 'labels' array (N, H, W) uint8 of label maps; it has {sorted(read_npz(p, what))}")
     if chosen.ndim != 3 or len(chosen) != n:
         raise InputError(f"{p}: 'labels' {chosen.shape} does not match {data} ({n} slices): expected ({n}, H, W)")
     if not (np.issubdtype(chosen.dtype, np.integer) or chosen.dtype == bool):

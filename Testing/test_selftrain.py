@@ -300,6 +300,19 @@ def test_labels_for_dataset_picks_the_dataset_among_several_inputs(tmp_path):
         labels_for_dataset(path, tmp_path / "unknown.npz", 4)  # falls back to the stacked 'labels' (6 slices)
 
 
+def test_labels_for_dataset_decompresses_only_the_chosen_input(tmp_path, monkeypatch):
+    import DRSegUNetLib.selftrain as st
+
+    a, b = np.zeros((4, 8, 8), np.uint8), np.full((2, 8, 8), 3, np.uint8)
+    path = tmp_path / "l.npz"
+    save_label_maps(path, [str(tmp_path / "other.npz"), str(MINI)], [b, a + 1])
+    read = []
+    real = st.read_npz
+    monkeypatch.setattr(st, "read_npz", lambda *args, **kw: read.append(sorted(r := real(*args, **kw))) or r)
+    np.testing.assert_array_equal(st.labels_for_dataset(path, MINI, 4), a + 1)
+    assert read and all("input_0" not in names for names in read), read  # the other input's labels stay packed
+
+
 @pytest.mark.parametrize("command", ["lungs", "pseudolabel", "selftrain"])
 def test_new_commands_have_help(command, capsys):
     with pytest.raises(SystemExit) as e:
