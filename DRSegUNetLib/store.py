@@ -338,7 +338,10 @@ class CorrectionsStore:
         ct = np.asarray(ct_slice)
         labels = np.asarray(label_slice)
         check_correction(ct, labels, spacing, known)
-        ct_stored = _compact_hu(ct)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, not warned about
+            ct_stored = _compact_hu(ct)
+        if not np.all(np.isfinite(ct_stored)):  # e.g. float64 1e39: stored as float32 it would be inf
+            raise ValueError("the CT slice has values beyond float32's range (about 3.4e38); this is not CT in HU")
         self.root.mkdir(parents=True, exist_ok=True)
         cid = f"{time.time_ns() // 1000:017d}-{uuid.uuid4().hex[:8]}"
         stamp = _now_iso()

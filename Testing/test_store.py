@@ -341,6 +341,10 @@ def test_add_refuses_nan_ct_and_bad_spacing(tmp_path: Path) -> None:
         s.add(np.full((3, 3), np.nan), np.zeros((3, 3), np.uint8), (1, 1), "v", 0)
     with pytest.raises(ValueError, match="spacing"):
         s.add(np.zeros((3, 3)), np.zeros((3, 3), np.uint8), (1, -1), "v", 0)
+    huge = np.zeros((3, 3))
+    huge[1, 1] = 1e39  # finite as float64, inf once stored as float32: load would then refuse the slice
+    with pytest.raises(ValueError, match="float32"):
+        s.add(huge, np.zeros((3, 3), np.uint8), (1, 1), "v", 0)
     assert len(s) == 0
 
 
