@@ -207,6 +207,29 @@ def test_saving_half_way_merges_layers_and_later_slices_still_land_in_their_own_
     _check_segments(logic, job, volume, ThresholdPredictor().predict_array(ct_image))
 
 
+def test_an_edit_made_before_saving_half_way_survives_the_rest_of_the_run(logic, scene, ct_image, tmp_path):
+    """Saving merges layers; the segment's own layer is then rebuilt from what it holds, edits included."""
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.startSegmentation(volume, None, None, "cpu")
+    while job.step < 30:
+        job.poll(maxSlices=1)
+    node = job.segmentationNode
+    ggo = slicer.util.arrayFromSegmentBinaryLabelmap(node, "ggo", volume)
+    edited = tuple(a[:25] for a in np.nonzero((job.labels == LUNG) & (ggo == 0)))  # lung voxels of finished slices
+    assert len(edited[0]) == 25
+    ggo[edited] = 1  # the user paints GGO there, as the Segment Editor writes it
+    slicer.util.updateSegmentBinaryLabelmapFromArray(ggo, node, "ggo", volume)
+    logic.saveSegmentation(node, str(tmp_path / "half.seg.nrrd"))
+    assert node.GetSegmentation().GetNumberOfLayers() == 2  # GGO and consolidation now share a layer
+    job.wait(timeout=120)
+    assert job.state == "completed"
+    after = logic.labelsFromSegmentation(node, volume)
+    assert np.all(after[edited] == GGO)  # the edit is still there
+    untouched = np.ones(after.shape, bool)
+    untouched[edited] = False
+    np.testing.assert_array_equal(after[untouched], ThresholdPredictor().predict_array(ct_image)[untouched])
+
+
 def test_reading_the_segments_back_leaves_no_nodes_behind(logic, scene, ct_image):
     volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=120)

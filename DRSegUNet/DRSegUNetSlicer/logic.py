@@ -174,8 +174,9 @@ class DRSegUNetLogic:
         """A writable (k, j, i) view of the segment's own full-size labelmap, or None if the user removed it.
 
         If the segment no longer has its own full-size 0/1 layer (saving merges layers,
-        editing crops them), it is given one again, filled from ``labels`` (the slices
-        finished so far).
+        editing crops them), it is given one again, filled with what the segment holds now
+        on the volume's grid (the slices finished so far and the user's edits); only if that
+        cannot be read, from ``labels``.
         """
         segmentation = segmentationNode.GetSegmentation()
         segment = segmentation.GetSegment(segmentId)
@@ -186,7 +187,13 @@ class DRSegUNetLogic:
                and segment.GetLabelValue() == 1  # a merged layer numbers its segments 1, 2, ...
                and image.GetDimensions() == labels.shape[::-1] and image.GetExtent()[::2] == (0, 0, 0))
         if not own:
-            segment.AddRepresentation(BINARY_LABELMAP, orientedImageFromMask(volumeNode, np.isin(labels, values)))
+            try:
+                mask = self._exportSegment(segmentationNode, segmentId, volumeNode) > 0
+            except RuntimeError:
+                mask = None
+            if mask is None or mask.shape != labels.shape:
+                mask = np.isin(labels, values)
+            segment.AddRepresentation(BINARY_LABELMAP, orientedImageFromMask(volumeNode, mask))
             segment.SetLabelValue(1)
         return slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentId)
 
