@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
@@ -293,8 +294,10 @@ class DRSegUNetTest(ScriptedLoadableModuleTest):
             segmentation = job.segmentationNode.GetSegmentation()
             self.assertEqual([segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())],
                              [s.name for s in SEGMENTS])
-            for s in SEGMENTS:
-                self.assertEqual(segmentation.GetSegment(s.segment_id).GetTerminology(), s.terminology)
+            for s in SEGMENTS:  # GetTag, not vtkSegment.GetTerminology: that one came with Slicer 5.10
+                terminology = vtk.reference("")
+                segmentation.GetSegment(s.segment_id).GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+                self.assertEqual(terminology.get(), s.terminology)
             self.assertIn("volume_ml", job.report)
             np.testing.assert_array_equal(logic.labelsFromSegmentation(job.segmentationNode, volume), job.labels)
             self.delayDisplay("Segmented")

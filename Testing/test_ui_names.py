@@ -54,3 +54,30 @@ def test_cmake_installs_every_python_file_of_the_module() -> None:
     listed = set(re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", cmake, re.S).group(1).split())
     present = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
     assert listed == present
+
+
+# Slicer 5.6 and 5.8 run Python 3.9.10 and lack the API Slicer 5.10 added; the slicer-core of
+# these tests is newer (Python 3.11), so a 3.10+ construct or a 5.10-only call would pass here.
+NEWER_THAN_SLICER_5_6 = ("GetTerminology(", "SetTerminology(")
+
+
+def _code_run_inside_slicer() -> list[Path]:
+    repo = MODULE_DIR.parent
+    return sorted(MODULE_DIR.rglob("*.py")) + sorted((repo / "DRSegUNetLib").rglob("*.py"))
+
+
+def test_code_run_inside_slicer_parses_as_python_3_9() -> None:
+    bad = []
+    for path in _code_run_inside_slicer():
+        try:
+            ast.parse(path.read_text(), str(path), feature_version=(3, 9))
+        except SyntaxError as e:
+            bad.append(f"{path.name}:{e.lineno}: {e.msg}")
+    assert bad == []
+
+
+def test_the_module_calls_no_segment_api_newer_than_slicer_5_6() -> None:
+    bad = [f"{path.name}:{n}: {line.strip()}" for path in sorted(MODULE_DIR.rglob("*.py"))
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if any(call in line for call in NEWER_THAN_SLICER_5_6)]
+    assert bad == []
