@@ -141,11 +141,11 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation.")):
             self.logic.setupPythonRequirements(askUser=self.askUser)  # asks first: no busy cursor over the question
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            if not self.ui.outputSegmentationSelector.currentNode():
-                self.ui.outputSegmentationSelector.addNode()
+            # None: the logic creates "<volume> DRSegUNet", and only once the inputs passed its checks.
             self._job = self.logic.startSegmentation(
                 self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(),
                 self.selectedModelPath(), self.ui.deviceComboBox.currentText, self.ui.pixelSizeSpinBox.value)
+            self.ui.outputSegmentationSelector.setCurrentNode(self._job.segmentationNode)
             if self.ui.modelComboBox.currentData == self.FILE_MODEL:
                 self.ui.modelPathLineEdit.addCurrentPathToHistory()  # remembered under its settingKey
             self.ui.progressBar.value = 0
