@@ -183,6 +183,20 @@ def test_segment_real_ct_slice_by_slice(logic, scene, ct_image, oblique):
     assert json.loads(job.segmentationNode.GetAttribute(lib.ATTR_REPORT)) == rep
 
 
+@pytest.mark.parametrize("stop", ["completed", "cancelled"])
+def test_a_finished_job_lets_go_of_its_copy_of_the_ct(logic, scene, ct_image, stop):
+    img = _oblique_image(ct_image)
+    volume = lib.volumeNodeFromSitkImage(img, "CT", scene)
+    job = logic.startSegmentation(volume, None, None, "cpu")
+    assert job.image is not None
+    job.wait(cancel=(lambda: job.step >= 3) if stop == "cancelled" else None, timeout=120, maxSlices=1)
+    assert job.state == stop and job.image is None  # the panel keeps the last job: not a second CT in memory
+    labels = job.labelImage()  # still in the input's geometry
+    assert (labels.GetSpacing(), labels.GetOrigin(), labels.GetDirection()) == \
+        (img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), job.labels)
+
+
 def test_segment_again_into_the_same_node_replaces_the_segments(logic, scene, ct_image):
     volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     first = logic.segment(volume, device="cpu", timeout=120)

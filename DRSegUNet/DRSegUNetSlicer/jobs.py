@@ -99,7 +99,8 @@ class SegmentationJob(Job):
         self.logic = logic
         self.volumeNode = volumeNode
         self.segmentationNode = segmentationNode
-        self.image = image
+        self.image: Optional[sitk.Image] = image  # the CT; released when the job finishes
+        self.geometry = (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
         self.modelPath = modelPath
         self.pixelMM = pixelMM  # working pixel size (mm); 0: the CT's grid; None: the predictor's own
         self.labels = np.zeros(image.GetSize()[::-1], dtype=np.uint8)  # (z, y, x) like the input
@@ -178,6 +179,12 @@ class SegmentationJob(Job):
         self.message = _("Segmented {step}/{total} slices").format(step=self.step, total=self.total)
 
     def _finish(self, state: str) -> None:
+        try:
+            self._conclude(state)
+        finally:
+            self.image = None  # a copy of the whole CT: the panel keeps the last job until the next one
+
+    def _conclude(self, state: str) -> None:
         self.state = state
         self._source.close()
         if state == "failed":
@@ -199,7 +206,10 @@ class SegmentationJob(Job):
     def labelImage(self) -> sitk.Image:
         """The labels so far (0 bg, 1 GGO, 2 consolidation, 3 lung) as a SimpleITK image in the input's geometry."""
         image = sitk.GetImageFromArray(self.labels)
-        image.CopyInformation(self.image)
+        spacing, origin, direction = self.geometry
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        image.SetDirection(direction)
         return image
 
 
