@@ -613,6 +613,37 @@ def test_headless_script_rejects_bad_input_with_one_line(tmp_path, tiny_checkpoi
     assert not (tmp_path / "x.seg.nrrd").exists()
 
 
+@pytest.mark.parametrize("install", [False, True])
+def test_headless_script_stops_with_one_line_when_slicer_lacks_the_requirements(tmp_path, monkeypatch, capsys, install):
+    """Inside Slicer the script sets up torch and scipy as the panel does; asked nothing, it names what is missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("drsegunet_segment_script", REPO / "DRSegUNet" / "Scripts" / "segment.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    answers = []
+
+    def setup(self, askUser, withTorch=True):  # what the logic does in Slicer when scipy is missing
+        answers.append(askUser("install scipy?"))
+        if not answers[-1]:
+            raise RuntimeError("Required Python packages were not installed: scipy")
+        raise RuntimeError("PyTorch could not be installed; use the PyTorch Utils module.")
+
+    monkeypatch.setattr(lib.DRSegUNetLogic, "setupPythonRequirements", setup)
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.mrmlScene)  # main() gives plain Python a new scene; put it back
+    out = tmp_path / "x.seg.nrrd"
+    code = script.main(["--input", str(CT64), "--output", str(out), "--device", "cpu",
+                        *(["--install-requirements"] if install else [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and answers == [install] and len(err) == 1, err
+    if install:
+        assert err[0] == "segment.py: error: PyTorch could not be installed; use the PyTorch Utils module."
+    else:
+        assert err[0].startswith("segment.py: error: Required Python packages were not installed: scipy")
+        assert "--install-requirements" in err[0]
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------- "Additional module paths"
 
 

@@ -2,7 +2,8 @@
 
 In Slicer:
     Slicer --no-main-window --python-script DRSegUNet/Scripts/segment.py -- \
-        --input CT --output SEG.seg.nrrd [--model MODEL] [--device auto|cpu|cuda] [--report REPORT.json]
+        --input CT --output SEG.seg.nrrd [--model MODEL] [--device auto|cpu|cuda] [--report REPORT.json] \
+        [--install-requirements]
 In plain Python with slicer-core installed (``pip install slicer-core``):
     python DRSegUNet/Scripts/segment.py --input CT --output SEG.seg.nrrd ...
 
@@ -23,6 +24,9 @@ def parseArgs(argv):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--report", default=None, help="also write the JSON report (volumes, %% of lung involved)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--install-requirements", action="store_true",
+                   help="inside Slicer: install PyTorch and the Python packages the module needs if they are "
+                        "missing (without it, the script stops and names them)")
     if argv and argv[0] == "--":
         argv = argv[1:]
     return p.parse_args(argv)
@@ -62,6 +66,11 @@ def main(argv=None) -> int:
         from DRSegUNetLib.imageio import read_ct
 
         logic = layer.DRSegUNetLogic(scene=slicer.mrmlScene)
+        try:  # inside Slicer: torch (PyTorch extension) and scipy; nothing to do in plain Python
+            logic.setupPythonRequirements(askUser=lambda message: args.install_requirements)
+        except RuntimeError as e:
+            hint = "" if args.install_requirements else " (run again with --install-requirements to install them)"
+            raise InputError(f"{e}{hint}") from None
         image = read_ct(args.input)
         name = os.path.basename(os.path.normpath(args.input)).split(".")[0] or "CT"
         volume = layer.volumeNodeFromSitkImage(image, name, slicer.mrmlScene)
