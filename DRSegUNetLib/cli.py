@@ -728,17 +728,13 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
     printer = ProgressPrinter()
     inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output, [args.lung_mask])
     if args.lung_mask:
-        import SimpleITK as sitk
-
-        from .imageio import read_ct
+        from .imageio import mask_on_grid, read_ct
         from .orientation import axial_view
 
         if inp.image is None:
             raise InputError("--lung-mask works with CT volumes, not with 8-bit .npz slices")
-        mask = read_ct(args.lung_mask)
-        if mask.GetSize() != inp.image.GetSize():
-            raise InputError(f"lung mask size {mask.GetSize()} differs from the CT's {inp.image.GetSize()}")
-        view, _ = axial_view(sitk.GetArrayViewFromImage(mask), inp.image.GetDirection())
+        mask = mask_on_grid(read_ct(args.lung_mask), inp.image, f"lung mask {args.lung_mask}")
+        view, _ = axial_view(mask, inp.image.GetDirection())
         lungs = np.ascontiguousarray(view) != 0
     else:
         lungs = lung_masks(inp, cfg, progress=printer)

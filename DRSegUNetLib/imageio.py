@@ -207,3 +207,43 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def mask_on_grid(mask: sitk.Image, image: sitk.Image, what: str = "mask"):
+    """``mask`` as a (z, y, x) array on ``image``'s voxel array.
+
+    The two may store the same voxel grid differently (another axis order or flipped axes,
+    e.g. a DICOM series and a NIfTI written by another tool): the mask is then brought onto
+    the image's array by where its voxels lie, not by their order in the file. A mask whose
+    voxels are not the image's voxels (another size, spacing or position) is refused.
+    """
+    import numpy as np
+
+    if mask.GetDimension() != image.GetDimension():
+        raise InputError(f"{what} is {mask.GetDimension()}D; the CT is {image.GetDimension()}D")
+    dim = image.GetDimension()
+    tol = 1e-3 * min(image.GetSpacing())  # mm: far below a voxel, above rounding in file headers
+    di = np.asarray(image.GetDirection()).reshape(dim, dim)
+    dm = np.asarray(mask.GetDirection()).reshape(dim, dim)
+    pairing = dm.T @ di  # [a, b]: cosine between the mask's index axis a and the image's index axis b
+    axis_of = np.abs(pairing).argmax(axis=0)  # the mask's axis along each of the image's
+    fits = (sorted(axis_of) == list(range(dim))
+            and np.all(np.abs(pairing[axis_of, range(dim)]) > 1 - 1e-4)
+            and all(mask.GetSize()[a] == image.GetSize()[b] for b, a in enumerate(axis_of))
+            and all(abs(mask.GetSpacing()[a] - image.GetSpacing()[b]) * (image.GetSize()[b] - 1) < tol
+                    for b, a in enumerate(axis_of)))
+    if fits:  # same axes and voxel sizes: the voxel centres coincide if the image's corners are the mask's
+        size = image.GetSize()
+        corner_ids = np.array(np.meshgrid(*[[0, n - 1] for n in size], indexing="ij")).reshape(dim, -1).T
+        ours = np.array([image.TransformIndexToPhysicalPoint([int(v) for v in c]) for c in corner_ids])
+        theirs = np.array([mask.TransformIndexToPhysicalPoint([int(v) for v in c])
+                           for c in np.array(np.meshgrid(*[[0, n - 1] for n in mask.GetSize()], indexing="ij"))
+                           .reshape(dim, -1).T])
+        fits = bool(np.all(np.linalg.norm(ours[:, None] - theirs[None], axis=2).min(axis=1) < tol))
+    if not fits:
+        raise InputError(f"{what} does not lie on the CT's voxels (size {mask.GetSize()} vs {image.GetSize()}; "
+                         f"or its spacing, origin or direction differ); give a mask made on this CT")
+    if np.allclose(dm, di, atol=1e-4):
+        return sitk.GetArrayFromImage(mask)  # stored as the image is
+    onto = sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
+    return sitk.GetArrayFromImage(onto)

@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from .config import LungConfig, PseudoLabelConfig
 from .errors import InputError
+from .imageio import mask_on_grid
 from .lungs import extract_lungs
 from .orientation import axial_view
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
@@ -225,7 +226,8 @@ def pseudolabel_volume(image: sitk.Image, cfg_lung: LungConfig = LungConfig(),
         image: 3D CT in HU, any direction matrix.
         cfg_lung: lung extraction constants (ignored when ``lung_mask`` is given).
         cfg_pl: k-means and morphology constants.
-        lung_mask: a lung mask of ``image`` to use instead of extracting one.
+        lung_mask: a lung mask of ``image`` to use instead of extracting one: on the CT's
+            voxels, stored in any axis order (imageio.mask_on_grid); InputError otherwise.
         progress: called as ``progress("pseudolabels", slice, n_slices)``.
         cancel: returns True to stop (raises Cancelled).
 
@@ -235,12 +237,12 @@ def pseudolabel_volume(image: sitk.Image, cfg_lung: LungConfig = LungConfig(),
     if image.GetDimension() != 3:
         raise InputError(f"CT image is {image.GetDimension()}D; pseudo labels need a 3D volume")
     if lung_mask is None:
-        lung_mask = extract_lungs(image, cfg_lung)
-    elif lung_mask.GetSize() != image.GetSize():
-        raise InputError(f"lung mask size {lung_mask.GetSize()} differs from the image's {image.GetSize()}")
+        lung_array = sitk.GetArrayViewFromImage(extract_lungs(image, cfg_lung))
+    else:  # on the CT's voxels, however the mask's file orders them
+        lung_array = mask_on_grid(lung_mask, image, "lung mask")
     direction = image.GetDirection()
     hu, inverse = axial_view(sitk.GetArrayViewFromImage(image), direction)
-    lung, _ = axial_view(sitk.GetArrayViewFromImage(lung_mask), direction)
+    lung, _ = axial_view(lung_array, direction)
     out = np.zeros(hu.shape, dtype=np.uint8)
     n = hu.shape[0]
     for z in range(n):

@@ -244,6 +244,32 @@ def test_lungs_and_pseudolabel_of_a_ct_volume_keep_its_geometry(tmp_path):
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m.nrrd"))))) == {0, 1}
 
 
+def test_a_lung_mask_stored_in_another_axis_order_is_used_where_its_voxels_lie(tmp_path, capsys):
+    """The CIP expert mask written flipped and permuted (as another tool might store it) gives the
+    same pseudo-labels as the mask itself; a mask on other voxels (shifted origin) is refused."""
+    expert = sitk.ReadImage(str(TESTDATA / "cip_lungs" / "wholeLung-64.nrrd"))
+    assert main(["pseudolabel", str(CT64), str(tmp_path / "plain.nrrd"), "--lung-mask",
+                 str(TESTDATA / "cip_lungs" / "wholeLung-64.nrrd")]) == 0
+    plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain.nrrd")))
+    other = sitk.Flip(sitk.PermuteAxes(expert, [1, 0, 2]), [True, False, True])
+    assert other.GetDirection() != expert.GetDirection()
+    sitk.WriteImage(other, str(tmp_path / "other.nii.gz"))
+    assert main(["pseudolabel", str(CT64), str(tmp_path / "other.nrrd"), "--lung-mask", str(tmp_path / "other.nii.gz")]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "other.nrrd"))), plain)
+    from DRSegUNetLib.pseudolabels import pseudolabel_volume
+
+    ct = sitk.ReadImage(str(CT64))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(pseudolabel_volume(ct, lung_mask=other)), plain)
+    shifted = sitk.Image(expert)
+    shifted.SetOrigin([o + 5.0 for o in expert.GetOrigin()])
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nrrd"))
+    capsys.readouterr()
+    assert main(["pseudolabel", str(CT64), str(tmp_path / "s.nrrd"), "--lung-mask", str(tmp_path / "shifted.nrrd")]) == 2
+    assert "does not lie on the CT's voxels" in capsys.readouterr().err and not (tmp_path / "s.nrrd").exists()
+    with pytest.raises(InputError, match="does not lie on the CT's voxels"):
+        pseudolabel_volume(ct, lung_mask=shifted)
+
+
 def test_evaluate_scores_lungs_and_pseudolabels_of_an_npz_against_expert_masks(tmp_path):
     lungs, pl = tmp_path / "lungs.npz", tmp_path / "pl.npz"
     assert main(["lungs", str(MINI), str(lungs)]) == 0
