@@ -676,6 +676,9 @@ def _read_for_labels(path: str, threshold_hu: Optional[float], method: str = "au
         _check_outputs([path, *other_inputs], [output])
         if Path(path).suffix.lower() == ".npz" and not output.lower().endswith(".npz"):
             raise InputError(f"{path} holds 8-bit slices without CT geometry: write an .npz, not {Path(output).name}")
+        if Path(path).suffix.lower() != ".npz" and output.lower().endswith(".npz"):
+            raise InputError(f"{path} is a CT volume: write a volume (.nii.gz, .nrrd, .mha), which keeps its "
+                             f"geometry, not {Path(output).name}")
     inp = read_slices(path)
     return inp, lung_config_for(inp, threshold_hu=threshold_hu, method=method)
 
@@ -704,6 +707,18 @@ def _write_labels(inp, labels, output: str) -> None:
     write_image(image, output)
 
 
+def _require_lung(inp, lungs, where: str) -> None:
+    """InputError when an input has no lung at all (slices above or below the lungs may have none)."""
+    from .errors import InputError
+
+    if lungs.any():
+        return
+    h, w = inp.hu.shape[1:]
+    hint = (f"its axial slices are {h}x{w} px: is it a coronal or sagittal image?" if min(h, w) < 16
+            else "is it a chest CT in HU?")
+    raise InputError(f"no lung found in {inp.path} ({len(inp)} axial slice(s), {where}); {hint}")
+
+
 def cmd_lungs(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .selftrain import lung_masks
@@ -712,6 +727,7 @@ def cmd_lungs(args: argparse.Namespace) -> int:
         raise InputError(f"--value must be 1..255, not {args.value}")
     inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output)
     masks = lung_masks(inp, cfg, progress=ProgressPrinter())
+    _require_lung(inp, masks, f"threshold: {_threshold_text(cfg)}")
     _write_labels(inp, masks.astype("uint8") * args.value, args.output)
     log.info("lungs in %d of %d slices (threshold: %s): wrote %s", int(masks.any(axis=(1, 2)).sum()), len(inp),
              _threshold_text(cfg), args.output)
@@ -736,8 +752,10 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
         mask = mask_on_grid(read_ct(args.lung_mask), inp.image, f"lung mask {args.lung_mask}")
         view, _ = axial_view(mask, inp.image.GetDirection())
         lungs = np.ascontiguousarray(view) != 0
+        _require_lung(inp, lungs, f"the lung mask {args.lung_mask} is empty")
     else:
         lungs = lung_masks(inp, cfg, progress=printer)
+        _require_lung(inp, lungs, f"threshold: {_threshold_text(cfg)}")
     labels = pseudo_labels(inp, lungs, PseudoLabelConfig(cluster_domain=args.cluster_domain), progress=printer)
     _write_labels(inp, labels, args.output)
     log.info("pseudo-labels: %d GGO and %d lung pixels in %d slices: wrote %s", int((labels == 1).sum()),
@@ -761,9 +779,12 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
                           lr_schedule=args.lr_schedule, eight_bit_lung_threshold_hu=args.eight_bit_threshold_hu)
     if args.threshold == "otsu" and args.threshold_hu is not None:
         raise InputError("--threshold-hu is a fixed level: not with --threshold otsu")
-    lung = LungConfig(threshold_method=args.threshold)
-    if args.threshold_hu is not None:
-        lung = LungConfig(threshold_method=args.threshold, threshold_hu=args.threshold_hu)
+    try:
+        lung = LungConfig(threshold_method=args.threshold)
+        if args.threshold_hu is not None:
+            lung = LungConfig(threshold_method=args.threshold, threshold_hu=args.threshold_hu)
+    except ValueError as e:  # e.g. a threshold outside [air, bone]
+        raise InputError(str(e)) from None
     printer = ProgressPrinter(json_lines=args.json_progress)
     t0 = time.time()
     result = run_selftrain(inputs, args.out, cfg, extras=extras, lung=lung,

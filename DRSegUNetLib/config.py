@@ -96,6 +96,9 @@ class LungConfig:
         if not (self.otsu_bins >= 2 and self.otsu_sigma_px >= 0):
             raise ValueError(f"Otsu needs otsu_bins >= 2 and otsu_sigma_px >= 0 "
                              f"(got {self.otsu_bins}, {self.otsu_sigma_px:g})")
+        if not self.window_low < self.threshold_hu < self.window_high:  # NaN fails too
+            raise ValueError(f"the lung threshold must lie between the HU of air and bone "
+                             f"({self.window_low:g} and {self.window_high:g}), not {self.threshold_hu:g}")
 
 
 @dataclass(frozen=True)

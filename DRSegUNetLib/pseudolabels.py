@@ -237,7 +237,7 @@ def pseudolabel_volume(image: sitk.Image, cfg_lung: LungConfig = LungConfig(),
     if image.GetDimension() != 3:
         raise InputError(f"CT image is {image.GetDimension()}D; pseudo labels need a 3D volume")
     if lung_mask is None:
-        lung_array = sitk.GetArrayViewFromImage(extract_lungs(image, cfg_lung))
+        lung_array = sitk.GetArrayFromImage(extract_lungs(image, cfg_lung))  # a copy: the image is temporary
     else:  # on the CT's voxels, however the mask's file orders them
         lung_array = mask_on_grid(lung_mask, image, "lung mask")
     direction = image.GetDirection()

@@ -146,12 +146,17 @@ def lung_config_for(inp: SliceInput, cfg: SelfTrainConfig = SelfTrainConfig(),
     if threshold_hu is not None:
         if method == "otsu":
             raise InputError("a fixed lung threshold (threshold_hu) and the Otsu threshold exclude each other")
-        return dataclasses.replace(lung, threshold_method="thesis", threshold_hu=float(threshold_hu))
-    if method == "auto":
-        method = "otsu" if inp.eight_bit else "thesis"
-    if method == "thesis" and inp.eight_bit:
-        return dataclasses.replace(lung, threshold_method="thesis", threshold_hu=cfg.eight_bit_lung_threshold_hu)
-    return dataclasses.replace(lung, threshold_method=method)
+        changes = dict(threshold_method="thesis", threshold_hu=float(threshold_hu))
+    else:
+        if method == "auto":
+            method = "otsu" if inp.eight_bit else "thesis"
+        changes = dict(threshold_method=method)
+        if method == "thesis" and inp.eight_bit:
+            changes["threshold_hu"] = cfg.eight_bit_lung_threshold_hu
+    try:
+        return dataclasses.replace(lung, **changes)
+    except ValueError as e:  # e.g. a threshold outside [air, bone]
+        raise InputError(str(e)) from None
 
 
 def lung_masks(inp: SliceInput, cfg: LungConfig, progress: Optional[ProgressCallback] = None,

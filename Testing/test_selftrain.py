@@ -270,6 +270,41 @@ def test_a_lung_mask_stored_in_another_axis_order_is_used_where_its_voxels_lie(t
         pseudolabel_volume(ct, lung_mask=shifted)
 
 
+@pytest.mark.parametrize("command,case,message", [
+    (command, case, message) for case, message in [
+        ("no_lung", "no lung found in"), ("coronal", "is it a coronal or sagittal image?"),
+        ("threshold", "between the HU of air and bone"), ("nan", "between the HU of air and bone"),
+        ("npz_out", "write a volume")] for command in ("lungs", "pseudolabel")
+] + [("pseudolabel", "empty_mask", "is empty")])
+def test_lungs_and_pseudolabel_refuse_inputs_without_lung(tmp_path, capsys, command, case, message):
+    """A body without lung, a one-voxel-thick coronal cut of a real chest CT, a threshold outside
+    [air, bone], geometry-less output of a volume and an empty lung mask: exit 2, one line, nothing written."""
+    ct = sitk.ReadImage(str(CT64))
+    below = tmp_path / "body.nrrd"  # CT64's geometry, a soft-tissue body in air: HU, but no lung
+    yy, xx = np.mgrid[:64, :64]
+    body = np.where((yy - 32) ** 2 / 26 ** 2 + (xx - 32) ** 2 / 30 ** 2 < 1, 40, -1000).astype(np.int16)
+    phantom = sitk.GetImageFromArray(np.repeat(body[None], 3, axis=0))
+    phantom.CopyInformation(ct[:, :, :3])
+    sitk.WriteImage(phantom, str(below))
+    coronal = tmp_path / "coronal.nrrd"
+    sitk.WriteImage(ct[:, 32:33, :], str(coronal))
+    empty = tmp_path / "empty.nrrd"
+    mask = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(ct)
+    sitk.WriteImage(mask, str(empty))
+    out = tmp_path / ("out.npz" if case == "npz_out" else "out.nrrd")
+    args = {"no_lung": [str(below)], "coronal": [str(coronal)], "threshold": [str(CT64), "--threshold-hu", "500"],
+            "nan": [str(CT64), "--threshold-hu", "nan"], "npz_out": [str(CT64)],
+            "empty_mask": [str(CT64), "--lung-mask", str(empty)]}[case]
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(TESTDATA / "cip_lungs" / "wholeLung-64.nrrd")))
+    assert truth[:, 32, :].any()  # the coronal cut goes through the lungs
+    capsys.readouterr()
+    assert main([command, args[0], str(out), *args[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not out.exists()
+
+
 def test_evaluate_scores_lungs_and_pseudolabels_of_an_npz_against_expert_masks(tmp_path):
     lungs, pl = tmp_path / "lungs.npz", tmp_path / "pl.npz"
     assert main(["lungs", str(MINI), str(lungs)]) == 0
