@@ -232,13 +232,12 @@ def mask_on_grid(mask: sitk.Image, image: sitk.Image, what: str = "mask"):
             and all(mask.GetSize()[a] == image.GetSize()[b] for b, a in enumerate(axis_of))
             and all(abs(mask.GetSpacing()[a] - image.GetSpacing()[b]) * (image.GetSize()[b] - 1) < tol
                     for b, a in enumerate(axis_of)))
+    def corners(img: sitk.Image) -> np.ndarray:  # physical points of the first and last voxel along each axis
+        ids = np.array(np.meshgrid(*[[0, n - 1] for n in img.GetSize()], indexing="ij")).reshape(dim, -1).T
+        return np.array([img.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in ids])
+
     if fits:  # same axes and voxel sizes: the voxel centres coincide if the image's corners are the mask's
-        size = image.GetSize()
-        corner_ids = np.array(np.meshgrid(*[[0, n - 1] for n in size], indexing="ij")).reshape(dim, -1).T
-        ours = np.array([image.TransformIndexToPhysicalPoint([int(v) for v in c]) for c in corner_ids])
-        theirs = np.array([mask.TransformIndexToPhysicalPoint([int(v) for v in c])
-                           for c in np.array(np.meshgrid(*[[0, n - 1] for n in mask.GetSize()], indexing="ij"))
-                           .reshape(dim, -1).T])
+        ours, theirs = corners(image), corners(mask)
         fits = bool(np.all(np.linalg.norm(ours[:, None] - theirs[None], axis=2).min(axis=1) < tol))
     if not fits:
         raise InputError(f"{what} does not lie on the CT's voxels (size {mask.GetSize()} vs {image.GetSize()}; "

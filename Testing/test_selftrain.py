@@ -305,6 +305,30 @@ def test_lungs_and_pseudolabel_refuse_inputs_without_lung(tmp_path, capsys, comm
     assert not out.exists()
 
 
+def test_mask_on_grid_follows_voxels_through_permutations_and_flips_and_refuses_other_grids():
+    """Geometry only (a random mask on an anisotropic grid)."""
+    from DRSegUNetLib.imageio import mask_on_grid
+
+    rng = np.random.default_rng(0)
+    a = (rng.random((5, 6, 7)) > 0.5).astype(np.uint8)
+    image = sitk.GetImageFromArray(np.zeros((5, 6, 7), np.float32))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    mask = sitk.GetImageFromArray(a)
+    mask.CopyInformation(image)
+    for stored in (mask, sitk.Flip(mask, [True, False, False]), sitk.Flip(mask, [False, True, True]),
+                   sitk.PermuteAxes(mask, [1, 0, 2]), sitk.Flip(sitk.PermuteAxes(mask, [2, 0, 1]), [True, False, True])):
+        np.testing.assert_array_equal(mask_on_grid(stored, image), a)
+    for change in (lambda m: m.SetOrigin((10.5, -20.0, 30.0)), lambda m: m.SetSpacing((0.7, 0.8, 2.0)),
+                   lambda m: m.SetSpacing((0.8, 0.7, 2.5))):
+        other = sitk.Image(mask)
+        change(other)
+        with pytest.raises(InputError, match="does not lie on the CT's voxels"):
+            mask_on_grid(other, image)
+    with pytest.raises(InputError, match="does not lie on the CT's voxels"):
+        mask_on_grid(sitk.GetImageFromArray(a[:, :, :6].copy()), image)
+
+
 def test_evaluate_scores_lungs_and_pseudolabels_of_an_npz_against_expert_masks(tmp_path):
     lungs, pl = tmp_path / "lungs.npz", tmp_path / "pl.npz"
     assert main(["lungs", str(MINI), str(lungs)]) == 0
