@@ -727,10 +727,11 @@ def cmd_lungs(args: argparse.Namespace) -> int:
         raise InputError(f"--value must be 1..255, not {args.value}")
     inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output)
     masks = lung_masks(inp, cfg, progress=ProgressPrinter())
-    _require_lung(inp, masks, f"threshold: {_threshold_text(cfg)}")
+    threshold = _threshold_text(cfg)
+    _require_lung(inp, masks, f"threshold: {threshold}")
     _write_labels(inp, masks.astype("uint8") * args.value, args.output)
     log.info("lungs in %d of %d slices (threshold: %s): wrote %s", int(masks.any(axis=(1, 2)).sum()), len(inp),
-             _threshold_text(cfg), args.output)
+             threshold, args.output)
     return 0
 
 

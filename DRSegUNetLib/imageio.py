@@ -223,6 +223,11 @@ def mask_on_grid(mask: sitk.Image, image: sitk.Image, what: str = "mask"):
         raise InputError(f"{what} is {mask.GetDimension()}D; the CT is {image.GetDimension()}D")
     dim = image.GetDimension()
     tol = 1e-3 * min(image.GetSpacing())  # mm: far below a voxel, above rounding in file headers
+
+    def corners(img: sitk.Image) -> np.ndarray:  # physical points of the first and last voxel along each axis
+        ids = np.array(np.meshgrid(*[[0, n - 1] for n in img.GetSize()], indexing="ij")).reshape(dim, -1).T
+        return np.array([img.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in ids])
+
     di = np.asarray(image.GetDirection()).reshape(dim, dim)
     dm = np.asarray(mask.GetDirection()).reshape(dim, dim)
     pairing = dm.T @ di  # [a, b]: cosine between the mask's index axis a and the image's index axis b
@@ -232,10 +237,6 @@ def mask_on_grid(mask: sitk.Image, image: sitk.Image, what: str = "mask"):
             and all(mask.GetSize()[a] == image.GetSize()[b] for b, a in enumerate(axis_of))
             and all(abs(mask.GetSpacing()[a] - image.GetSpacing()[b]) * (image.GetSize()[b] - 1) < tol
                     for b, a in enumerate(axis_of)))
-    def corners(img: sitk.Image) -> np.ndarray:  # physical points of the first and last voxel along each axis
-        ids = np.array(np.meshgrid(*[[0, n - 1] for n in img.GetSize()], indexing="ij")).reshape(dim, -1).T
-        return np.array([img.TransformIndexToPhysicalPoint([int(v) for v in i]) for i in ids])
-
     if fits:  # same axes and voxel sizes: the voxel centres coincide if the image's corners are the mask's
         ours, theirs = corners(image), corners(mask)
         fits = bool(np.all(np.linalg.norm(ours[:, None] - theirs[None], axis=2).min(axis=1) < tol))
