@@ -14,7 +14,8 @@
 #      ../shared/data/zenodo20/zenodo20_dev.npz), STEPS (800), BATCH (16), CROP (256),
 #      WORKERS (8), MODELS (drsegunet,monai-unet,drsegunet-upsample), LIMIT_S (560),
 #      DEVICE (cuda; "cpu" with tiny STEPS is a smoke test of this script).
-# Timing on a GPU has never been measured: no GPU was available when this was written.
+# Measured on an NVIDIA H200 (docs/crossval.md, "First GPU run"): 21 s per DRSegUNet fold at 800
+# steps, 55 s at 2,000. On the lent machine, see bench/device_pack.sh and bench/device_run.sh.
 set -u -o pipefail
 
 OUT=${1:?usage: bash bench/gpu_crossval.sh OUTDIR}
