@@ -460,6 +460,42 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_weak_lungfield_posterior_fill_and_rows(tmp_path):
+    # bench/weak_lungfield.py (docs/weak_supervision.md): the pseudo-labels in other lung fields.
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("weak_lungfield", REPO / "bench" / "weak_lungfield.py")
+    wl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wl)
+    # Two lungs (columns 2-17 and 22-37 of 40; the halves split at column 19). The left one
+    # has a notch cut into its back (rows 12-15, columns 8-11): no lung lies behind it, so it
+    # is filled; a notch in its front, with lung behind it, is not.
+    mask = np.zeros((20, 40), bool)
+    mask[4:16, 2:18] = True
+    mask[4:16, 22:38] = True
+    mask[12:16, 8:12] = False  # dependent notch, open to the back
+    mask[4:7, 8:12] = False  # notch in front: lung lies behind it
+    filled = wl.posterior_fill(mask, 3.0)
+    # A closing fills a notch up to where a 3-px disk no longer reaches round its corners:
+    # rows 12-14 here, not the last row, which lies on the lung's back edge.
+    assert filled[12:15, 8:12].all() and not filled[15, 8:12].any()
+    assert not filled[4:7, 8:12].any()
+    assert (filled & ~mask).sum() == 12
+    assert np.array_equal(wl.posterior_fill(np.zeros((5, 5), bool), 3.0), np.zeros((5, 5), bool))
+
+    out = tmp_path / "lf.json"
+    assert wl.main([str(MINI), "--closing-mm", "15", "--posterior-fill", "20", "--json", str(out)]) == 0
+    rows = {r["field"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 6
+    assert rows["expert"]["lung_dice"]["all"] == 1.0 and rows["expert"]["infection_in_field"] == 1.0
+    assert rows["extracted ∪ expert"]["infection_in_field"] == 1.0
+    assert rows["extracted ∩ expert"]["infection_in_field"] == pytest.approx(rows["extracted"]["infection_in_field"])
+    assert 0.5 < rows["extracted"]["lung_dice"]["all"] < 1.0
+    assert all(0.0 <= r["pl_infection_dice"]["all"] <= 1.0 for r in rows.values())
+
+
 def _mini(**changes):
     with np.load(MINI) as d:
         arrays = {k: d[k] for k in d.files}
