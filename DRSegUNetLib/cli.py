@@ -516,6 +516,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     samples = [s for d in args.data for s in read_dataset(d)]
     split = load_split(args.split) if args.split else {}
     tr, val, test = apply_split(samples, split)
+    if not tr:
+        split_name = Path(args.split).name if args.split else "no split"
+        raise InputError(f"no training slices: the split ({split_name}) puts all {len(samples)} slices of the data "
+                         f"in validation ({len(val)}) or test ({len(test)}); train on other data, or pass "
+                         f"--split {Path(__file__).parent / 'splits' / 'all.json'} to train on every slice")
     slice_mm = dict(_parse_weights(args.slice_pixel_mm, "--slice-pixel-mm", "MM", *PIXEL_MM_RANGE))
     if slice_mm:
         # Slices of the named sources are taken as that pixel size and resampled to the

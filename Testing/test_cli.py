@@ -249,6 +249,16 @@ def test_train_takes_a_source_at_a_pixel_size(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err
 
 
+def test_train_refuses_a_split_that_leaves_no_training_slices(tmp_path, capsys):
+    # The default split holds groups 3, 5 and 6 out: all four slices of zenodo_mini. Before,
+    # train stopped with a ValueError traceback ("no training samples").
+    assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no training slices" in err and "validation (2) or test (2)" in err and "all.json" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_segment_stream_fills_the_shared_array_and_checks_it(tmp_path, tiny_checkpoint, capsys):
     """The Slicer module's worker: the labels segment writes, one JSON line per slice written."""
     ct = TESTDATA / "cip_ct64" / "ct-64.nrrd"
