@@ -90,6 +90,29 @@ def test_holes_are_filled():
     assert mask.sum() == 2 * lung
 
 
+def test_fill_holes_is_scipys_binary_fill_holes():
+    # lungs.fill_holes replaces ndimage.binary_fill_holes on the hot path (body mask of every
+    # segmented slice); it must give the same pixels, also for empty, full, 1-pixel-wide and 3D masks.
+    from scipy import ndimage
+
+    from DRSegUNetLib.lungs import fill_holes
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 7), (7, 1), (5, 5), (40, 33), (9, 8, 7)]:
+        for p in (0.0, 0.3, 0.55, 0.7, 0.9, 1.0):
+            for _ in range(10):
+                m = rng.random(shape) < p
+                assert np.array_equal(fill_holes(m), ndimage.binary_fill_holes(m)), (shape, p)
+    ring = np.zeros((7, 7), bool)
+    ring[1:6, 1:6] = True
+    ring[2:5, 2:5] = False
+    ring[3, 3] = True  # an island inside the hole stays, and the hole around it fills
+    assert fill_holes(ring).sum() == 25 and fill_holes(ring)[1:6, 1:6].all()
+    open_ring = ring.copy()
+    open_ring[3, 1] = False  # opened to the outside through a 4-connected gap: no hole left
+    assert fill_holes(open_ring).sum() == open_ring.sum()
+
+
 def test_lesion_at_the_lung_border_is_filled_by_closing_only():
     hu = chest()
     lung = put(hu, slice(20, 70), slice(20, 50))
