@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "Testing" / "data" / "zenodo_mini.npz"
 
-pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and /proc")
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs POSIX signals and /proc (Linux)")
 
 
 def _alive(pid: int) -> bool:
@@ -76,5 +76,10 @@ def test_the_work_process_ends_when_its_parent_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+            parent.wait(timeout=30)
+        parent.stdout.close()
         if child is not None and _alive(child):
-            os.killpg(child, signal.SIGKILL)
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
