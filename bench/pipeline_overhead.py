@@ -1,8 +1,8 @@
 """Time per slice of ``Predictor.predict`` outside the network (stand-in network that costs nothing).
 
-On the H200 the library segmented 97 slices/s, with the network's own arithmetic a small
-part of that (docs/bench_gpu_h200_2026-11-27.md): the rest runs on the CPU around it. This
-script measures that rest on any machine: the bundled real slice repeated N times (shifted
+On the H200 the library segmented 97 slices/s, and the network's arithmetic was not what
+limited it (docs/bench_gpu_h200_2026-11-27.md). This script measures the rest on a CPU,
+where every stage runs on the CPU (on a GPU, resampling and the decision run there): the bundled real slice repeated N times (shifted
 by up to ±4 px) as a 512x512xN int16 volume, the bundled model's preprocessing and
 decision rule, and a network replaced by one that returns its input as the lung logit.
 Prints the median total per slice over the repeats, then the cumulative time per slice of
