@@ -484,6 +484,8 @@ def test_weak_lungfield_posterior_fill_and_rows(tmp_path):
     assert not filled[4:7, 8:12].any()
     assert (filled & ~mask).sum() == 12
     assert np.array_equal(wl.posterior_fill(np.zeros((5, 5), bool), 3.0), np.zeros((5, 5), bool))
+    # A slice stored upside down (back at the top, zenodo20_dev's group 8): the same fill, mirrored.
+    assert np.array_equal(wl.posterior_fill(mask[::-1], 3.0, back_at_top=True), filled[::-1])
 
     out = tmp_path / "lf.json"
     assert wl.main([str(MINI), "--closing-mm", "15", "--posterior-fill", "20", "--json", str(out)]) == 0

@@ -15,11 +15,13 @@ every result against the expert masks:
 - ``--posterior-fill R``: the extraction, then per side of the body a closing with a disk
   of R mm whose added pixels are kept only where no lung lies behind them in the same
   column (an attempt at dependent consolidation; throwaway rule, not in the library).
+  "Behind" is further down the image, except in the groups named by ``--upside-down-groups``
+  (zenodo20_dev's group 8, Radiopaedia, is stored with the back at the top).
 
 Rows that use the expert lung peek at the answers: they are bounds, not methods.
 
     python bench/weak_lungfield.py ../shared/data/zenodo20/zenodo20_dev.npz \\
-        --closing-mm 15,20,30 --posterior-fill 20,30,45 --json out/weak_lungfield.json
+        --closing-mm 15,20,30 --posterior-fill 20,30,45 --upside-down-groups 8 --json out/weak_lungfield.json
 
 Per-slice Dice (a slice empty in both counts 1; every slice of zenodo20_dev has expert lung
 and infection), averaged over groups 0-4 (the lung rules were chosen on them), 5-8 (held
@@ -56,8 +58,11 @@ def _closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
     return (ndimage.distance_transform_edt(dilated) > radius_px)[pad:-pad, pad:-pad]
 
 
-def posterior_fill(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Per half of the mask's column range: closing pixels with no mask pixel behind them (larger row)."""
+def posterior_fill(mask: np.ndarray, radius_px: float, back_at_top: bool = False) -> np.ndarray:
+    """Per half of the mask's column range: closing pixels with no mask pixel behind them
+    (at a larger row; at a smaller row when ``back_at_top``)."""
+    if back_at_top:
+        return posterior_fill(mask[::-1], radius_px)[::-1]
     out = mask.copy()
     cols = np.flatnonzero(mask.any(axis=0))
     if cols.size == 0:
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("npz", help="COVID-19-CT-Seg .npz with ct_uint8, lung_mask, infection_mask, group")
     p.add_argument("--closing-mm", default="", help="extra closing radii to try, comma-separated")
     p.add_argument("--posterior-fill", default="", help="posterior-fill radii (mm) to try, comma-separated")
+    p.add_argument("--upside-down-groups", default="",
+                   help="groups stored with the patient's back at the top of the image, comma-separated")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
 
@@ -100,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in filter(None, a.closing_mm.split(",")):
         fields[f"extracted, closing {float(r):g} mm"] = lung_masks(
             inp, dataclasses.replace(cfg, closing_radius_mm=float(r)))
+    upside_down = {int(k) for k in filter(None, a.upside_down_groups.split(","))}
     for r in filter(None, a.posterior_fill.split(",")):
         fields[f"extracted + posterior fill {float(r):g} mm"] = np.stack(
-            [posterior_fill(m, float(r) / px) for m in extracted])
+            [posterior_fill(m, float(r) / px, int(k) in upside_down) for m, k in zip(extracted, group)])
 
     rows = []
     print("| lung field | lung Dice 0-4 / 5-8 / all | infection in field | PL infection Dice 0-4 / 5-8 / all "
