@@ -498,6 +498,39 @@ def test_weak_lungfield_posterior_fill_and_rows(tmp_path):
     assert all(0.0 <= r["pl_infection_dice"]["all"] <= 1.0 for r in rows.values())
 
 
+def test_weak_openband_leaves_only_a_band_round_the_lung_field_open(tmp_path):
+    # bench/weak_openband.py (docs/weak_supervision.md): level 1 not taught to call the tissue
+    # right round the lung field background.
+    import importlib.util
+
+    from conftest import REPO
+    from DRSegUNetLib.data import bit
+
+    spec = importlib.util.spec_from_file_location("weak_openband", REPO / "bench" / "weak_openband.py")
+    wo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wo)
+    labels = np.zeros((1, 12), np.uint8)
+    labels[0, 4:7] = (3, 1, 3)  # lung field: columns 4-6
+    body = np.ones((1, 12), bool)
+    body[0, 9:] = False  # outside the body from column 9
+    allowed = wo.open_band_allowed(labels, body, 2.0)
+    open_ = bit(0, 1, 3)
+    assert allowed[0].tolist() == [bit(0), bit(0), open_, open_, bit(3), bit(1), bit(3), open_, open_, bit(0), bit(0),
+                                   bit(0)]
+    assert np.array_equal(wo.open_band_allowed(labels, body, 0.0), np.uint8(1) << labels)  # 0: as selftrain
+    empty = np.zeros((3, 3), np.uint8)
+    assert np.array_equal(wo.open_band_allowed(empty, np.ones((3, 3), bool), 5.0), np.full((3, 3), bit(0)))
+
+    run_selftrain([MINI], tmp_path / "st", tiny(levels=1), device="cpu")
+    out = tmp_path / "open"
+    assert wo.main([str(MINI), str(tmp_path / "st" / "level0" / "labels.npz"), "--out", str(out), "--epochs", "1",
+                    "--steps-per-epoch", "2", "--batch-size", "2", "--crop", "32", "--base-filters", "4"]) == 0
+    _, (labels1,) = load_label_maps(out / "labels.npz")
+    assert labels1.shape == (4, 256, 256) and set(np.unique(labels1)) <= {0, 1, 2, 3}
+    info = json.loads((out / "openband.json").read_text())
+    assert info["n_train_slices"] >= 1 and 0.0 < info["band_pixels_per_field_pixel"] < 5.0
+
+
 def _mini(**changes):
     with np.load(MINI) as d:
         arrays = {k: d[k] for k in d.files}
