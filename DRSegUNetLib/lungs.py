@@ -170,6 +170,21 @@ def apply_mask(hu: np.ndarray, mask: np.ndarray, cfg: LungConfig = LungConfig())
     return np.where(mask, hu, np.float32(cfg.window_low))
 
 
+def assumed_spacing(shape: tuple[int, ...], cfg: LungConfig = LungConfig()) -> Spacing:
+    """(row, col) pixel size in mm of a slice of ``shape`` (H, W) whose spacing is unknown:
+    ``cfg.assumed_fov_mm`` across its larger side."""
+    return (cfg.assumed_fov_mm / max(shape),) * 2
+
+
+def disk_closing(mask: np.ndarray, radius_px: tuple[float, float]) -> np.ndarray:
+    """Binary closing of a 2D mask with a disk of ``radius_px`` (row, col) pixels: a round
+    disk in mm also for anisotropic pixels (distances in units of the radius)."""
+    pad = int(np.ceil(max(radius_px))) + 1
+    unit = (1.0 / radius_px[0], 1.0 / radius_px[1])
+    dilated = ndimage.distance_transform_edt(~np.pad(mask, pad), sampling=unit) <= 1.0
+    return mask | (ndimage.distance_transform_edt(dilated, sampling=unit) > 1.0)[pad:-pad, pad:-pad]
+
+
 def extract_lungs_slice(
     hu: np.ndarray,
     cfg: LungConfig = LungConfig(),
@@ -195,7 +210,7 @@ def extract_lungs_slice(
         raise InputError(f"a CT slice must be 2D (H, W); got an array of shape {hu.shape}")
     _check_hu(hu, cfg, "CT slice")
     if spacing is None:
-        spacing = (cfg.assumed_fov_mm / max(hu.shape),) * 2
+        spacing = assumed_spacing(hu.shape, cfg)
     mask = _lungs_of_slice(hu.astype(np.float32, copy=False), cfg, (float(spacing[0]), float(spacing[1])))
     if require and not mask.any():
         raise InputError("no lung found in this CT slice: no air region inside the body large enough "
@@ -338,11 +353,7 @@ def _close_and_fill(lung: np.ndarray, spacing: Spacing, cfg: LungConfig) -> np.n
     crop = lung[r0:r1, c0:c1]
     radius_px = (cfg.closing_radius_mm / spacing[0], cfg.closing_radius_mm / spacing[1])
     if min(radius_px) >= 1:
-        pad = int(np.ceil(max(radius_px))) + 1
-        # Distances in units of the radius: a round disk in mm even for anisotropic pixels.
-        unit = (1.0 / radius_px[0], 1.0 / radius_px[1])
-        dilated = ndimage.distance_transform_edt(~np.pad(crop, pad), sampling=unit) <= 1.0
-        crop = crop | (ndimage.distance_transform_edt(dilated, sampling=unit) > 1.0)[pad:-pad, pad:-pad]
+        crop = disk_closing(crop, radius_px)
     out = np.zeros_like(lung)
     out[r0:r1, c0:c1] = fill_holes(crop)
     return out

@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from DRSegUNetLib.lungs import assumed_spacing, disk_closing, fill_holes  # noqa: E402
 from DRSegUNetLib.selftrain import lung_config_for, lung_masks, pseudo_labels, read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import GGO  # noqa: E402
 
@@ -50,12 +50,6 @@ def dice_per_slice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     inter = (pred & truth).sum(axis=(1, 2))
     total = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
     return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
-
-
-def _closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    pad = int(np.ceil(radius_px)) + 1
-    dilated = ndimage.distance_transform_edt(~np.pad(mask, pad)) <= radius_px
-    return (ndimage.distance_transform_edt(dilated) > radius_px)[pad:-pad, pad:-pad]
 
 
 def posterior_fill(mask: np.ndarray, radius_px: float, back_at_top: bool = False) -> np.ndarray:
@@ -73,12 +67,12 @@ def posterior_fill(mask: np.ndarray, radius_px: float, back_at_top: bool = False
         side[half] = mask[half]
         if not side.any():
             continue
-        added = _closing(side, radius_px) & ~side
+        added = disk_closing(side, (radius_px, radius_px)) & ~side
         at_or_behind = np.flip(np.logical_or.accumulate(np.flip(side, 0), 0), 0)
         behind = np.zeros_like(side)
         behind[:-1] = at_or_behind[1:]
         out |= added & ~behind
-    return ndimage.binary_fill_holes(out)
+    return fill_holes(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         group = z["group"]
     parts = {"groups 0-4": group <= 4, "groups 5-8": group >= 5, "all": np.ones(len(group), bool)}
     cfg = lung_config_for(inp)
-    px = (inp.spacing or (cfg.assumed_fov_mm / inp.hu.shape[2],) * 2)[1]
+    px = (inp.spacing or assumed_spacing(inp.hu.shape[1:], cfg))[1]
 
     t0 = time.time()
     extracted = lung_masks(inp, cfg)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DRSegUNetLib.config import EightBitConfig, ModelConfig, NetworkConfig, TrainConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
-from DRSegUNetLib.lungs import air_mask, body_mask  # noqa: E402
+from DRSegUNetLib.lungs import air_mask, assumed_spacing, body_mask  # noqa: E402
 from DRSegUNetLib.selftrain import (labels_for_dataset, lung_config_for, predict_labels, read_slices,  # noqa: E402
                                     save_label_maps)
 from DRSegUNetLib.training import train  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         sys.exit(f"{args.level0} holds {labels.shape[0]} label maps of {labels.shape[1:]}; {args.data} has "
                  f"{len(inp)} slices of {inp.hu.shape[1:]}")
     cfg = lung_config_for(inp)
-    px = (inp.spacing or (cfg.assumed_fov_mm / inp.hu.shape[2],) * 2)[1]
+    px = (inp.spacing or assumed_spacing(inp.hu.shape[1:], cfg))[1]
     samples, band_px, field_px = [], 0, 0
     for j in range(len(inp)):
         if not labels[j].any():
