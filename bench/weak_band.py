@@ -55,6 +55,24 @@ def allowed_sets(labels: np.ndarray, top: np.ndarray, unsure_below: float) -> np
     return allowed
 
 
+def add_training_options(ap: argparse.ArgumentParser, lr: float, epochs: int, seed: int, seed_help: str) -> None:
+    """The training options of the weak-supervision experiments (this script, weak_openband.py)."""
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--steps-per-epoch", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--loss", default="ce+dice")
+    ap.add_argument("--seed", type=int, default=seed, help=seed_help)
+    ap.add_argument("--device", default="cpu")
+
+
+def training_config(args: argparse.Namespace, **more) -> TrainConfig:
+    """TrainConfig from the options of :func:`add_training_options` (and ``more``)."""
+    return TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                       crop=args.crop, lr=args.lr, loss=args.loss, seed=args.seed, **more)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("data", help=".npz of 8-bit slices (ct_uint8), e.g. zenodo20_dev.npz")
@@ -62,15 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--unsure-below", type=float, default=0.7, help="0: every pixel decided, as selftrain")
     ap.add_argument("--flip-tta", action="store_true")
-    ap.add_argument("--lr", type=float, default=9.8e-5)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--steps-per-epoch", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--loss", default="ce+dice")
     ap.add_argument("--frozen-layers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=1, help="selftrain's level 2 uses seed + 1 = 1")
-    ap.add_argument("--device", default="cpu")
+    add_training_options(ap, lr=9.8e-5, epochs=10, seed=1, seed_help="selftrain's level 2 uses seed + 1 = 1")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -85,8 +96,7 @@ def main(argv=None) -> int:
     save_label_maps(out / "level1_labels.npz", [inp.path], [labels])
     samples = [Sample(inp.hu[j], allowed[j], inp.names[j], inp.groups[j]) for j in range(len(inp)) if labels[j].any()]
     init = load_checkpoint(args.level1)
-    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                      crop=args.crop, lr=args.lr, loss=args.loss, seed=args.seed, frozen_layers=args.frozen_layers)
+    cfg = training_config(args, frozen_layers=args.frozen_layers)
     res = train(samples, [], out, cfg, ModelConfig(network=init.config.network, eight_bit=init.config.eight_bit),
                 init=init, device=args.device)
     (level2,) = predict_labels(res.best_path, [inp], args.device)

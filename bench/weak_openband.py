@@ -30,14 +30,16 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from DRSegUNetLib.config import EightBitConfig, ModelConfig, NetworkConfig, TrainConfig  # noqa: E402
+from DRSegUNetLib.config import EightBitConfig, ModelConfig, NetworkConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
 from DRSegUNetLib.lungs import air_mask, assumed_spacing, body_mask  # noqa: E402
 from DRSegUNetLib.selftrain import (labels_for_dataset, lung_config_for, predict_labels, read_slices,  # noqa: E402
                                     save_label_maps)
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, GGO, LUNG  # noqa: E402
+from weak_band import add_training_options, training_config  # noqa: E402  (bench/)
 
 
 def open_band_allowed(labels: np.ndarray, body: np.ndarray, radius_px: float) -> np.ndarray:
@@ -57,15 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("level0", help="the level-0 pseudo-labels (selftrain OUT/level0/labels.npz)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--open-mm", type=float, default=15.0, help="band width round the lung field; 0: as selftrain")
-    ap.add_argument("--lr", type=float, default=9.8e-4)
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--steps-per-epoch", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--loss", default="ce+dice")
     ap.add_argument("--base-filters", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0, help="selftrain's level 1 uses seed 0")
-    ap.add_argument("--device", default="cpu")
+    add_training_options(ap, lr=9.8e-4, epochs=60, seed=0, seed_help="selftrain's level 1 uses seed 0")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -86,8 +81,7 @@ def main(argv=None) -> int:
         band_px += int((allowed == bit(BACKGROUND, GGO, LUNG)).sum())
         field_px += int(np.isin(labels[j], (GGO, LUNG)).sum())
         samples.append(Sample(inp.hu[j], allowed, inp.names[j], inp.groups[j]))
-    tcfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                       crop=args.crop, lr=args.lr, loss=args.loss, seed=args.seed)
+    tcfg = training_config(args)
     mcfg = ModelConfig(network=NetworkConfig(base_filters=args.base_filters),
                        eight_bit=EightBitConfig())
     res = train(samples, [], out, tcfg, mcfg, device=args.device)
