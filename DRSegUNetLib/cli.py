@@ -517,8 +517,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = load_split(args.split) if args.split else {}
     tr, val, test = apply_split(samples, split)
     if not tr:
-        split_name = Path(args.split).name if args.split else "no split"
-        raise InputError(f"no training slices: the split ({split_name}) puts all {len(samples)} slices of the data "
+        # Only a split can leave nothing: without one every slice trains (empty data fails earlier).
+        raise InputError(f"no training slices: the split ({Path(args.split).name}) puts all {len(samples)} slices of the data "
                          f"in validation ({len(val)}) or test ({len(test)}); train on other data, or pass "
                          f"--split {Path(__file__).parent / 'splits' / 'all.json'} to train on every slice")
     slice_mm = dict(_parse_weights(args.slice_pixel_mm, "--slice-pixel-mm", "MM", *PIXEL_MM_RANGE))
