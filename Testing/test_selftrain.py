@@ -428,6 +428,10 @@ def test_weak_ceiling_best_cut_matches_brute_force():
     assert wc.best_cut_dice(row, np.ones_like(row, bool), row >= 2, 4) == 1.0
     # Truth wholly outside the allowed region: nothing can be found.
     assert wc.best_cut_dice(row, row < 2, row >= 2, 4) == 0.0
+    # The area rules' top-k: exactly the k highest pixels, none for k = 0, all for k > size.
+    score = np.array([[0.5, 0.9, 0.1], [0.7, 0.2, 0.8]])
+    assert wc.top_k(score, 3).tolist() == [[False, True, False], [True, False, True]]
+    assert not wc.top_k(score, 0).any() and wc.top_k(score, 99).all()
 
 
 def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):

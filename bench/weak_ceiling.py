@@ -11,7 +11,12 @@ against the expert infection masks of a COVID-19-CT-Seg ``.npz`` (zenodo20_dev.n
   best one picked per slice *with the expert mask*). No intensity rule applied per slice,
   k-means included, can beat it;
 - ``level K argmax``: the checkpoint's labels (as ``selftrain`` labels the slices);
-- ``level K P(infection) > t``: the summed GGO + consolidation softmax cut at a fixed t;
+- ``level K P(infection) > t``: the summed GGO + consolidation softmax cut at a fixed t
+  (``--cuts``);
+- ``level K top a x PL area`` / ``top a x argmax area``: per slice, the k pixels of highest
+  P(infection), k = a times the slice's pseudo-label infection area, or a times the level's
+  own argmax infection area (``--area-factors``). Like the fixed cuts these use no expert
+  mask: they are candidate rules for turning a level's output into the next level's labels;
 - ``oracle threshold of level K P(infection)``: per slice, the best of 101 cuts
   (0, 0.01, ..., 1), chosen with the expert mask. No relabelling of the slices that keeps
   the network's ranking of pixels, level 2's included, can beat it.
@@ -40,7 +45,8 @@ from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.selftrain import labels_for_dataset, read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO  # noqa: E402
 
-CUTS = (0.3, 0.5, 0.7, 0.9)
+CUTS = "0.1,0.2,0.3,0.5,0.7,0.9"
+AREA_FACTORS = "1,1.5,2"
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -58,18 +64,32 @@ def best_cut_dice(score: np.ndarray, inside: np.ndarray, truth: np.ndarray, leve
     return float(np.where(denom > 0, 2.0 * n_tp / np.maximum(denom, 1), 1.0).max())
 
 
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` highest pixels of ``score`` (ties broken arbitrarily)."""
+    out = np.zeros(score.size, dtype=bool)
+    k = int(min(max(k, 0), score.size))
+    if k:
+        out[np.argpartition(-score.ravel(), k - 1)[:k]] = True
+    return out.reshape(score.shape)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", help="COVID-19-CT-Seg .npz with ct_uint8, infection_mask, group")
     ap.add_argument("--pseudolabels", required=True, help="selftrain's level0/labels.npz (or pseudolabel's output)")
     ap.add_argument("--model", action="append", default=[], metavar="CKPT",
                     help="a level's checkpoint (repeatable), e.g. runs/weak5/st/level1/best.pt")
+    ap.add_argument("--cuts", default=CUTS, help=f"fixed cuts of P(infection) (default {CUTS})")
+    ap.add_argument("--area-factors", default=AREA_FACTORS,
+                    help=f"top-k rules: k = factor x pseudo-label / argmax infection area (default {AREA_FACTORS})")
     ap.add_argument("--held-out-from", type=int, default=5, help="first held-out group (default 5)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="write the table as JSON here too")
     args = ap.parse_args(argv)
 
+    cuts = [float(c) for c in args.cuts.split(",") if c]
+    factors = [float(a) for a in args.area_factors.split(",") if a]
     with np.load(args.data) as d:
         ct, truth_all, group = d["ct_uint8"], d["infection_mask"] > 0, d["group"]
     pl = labels_for_dataset(args.pseudolabels, args.data, len(ct))
@@ -87,15 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.model:
         name = Path(path).parent.name or path
         predictor = Predictor.from_checkpoint(path, args.device, batch_size=args.batch_size)
-        per: dict[str, list[float]] = {"argmax": [], **{f"P(infection) > {c:g}": [] for c in CUTS}, "oracle": []}
+        per: dict[str, list[float]] = {"argmax": [], **{f"P(infection) > {c:g}": [] for c in cuts},
+                                       **{f"top {a:g} x {w} area": [] for w in ("PL", "argmax") for a in factors},
+                                       "oracle": []}
         for start in range(0, len(ct), args.batch_size):
             labels, prob = predictor.labels(hu[start:start + args.batch_size])
             p_inf = (prob[:, GGO] + prob[:, CONSOLIDATION]).float().cpu().numpy()
             for j in range(len(labels)):
                 t = truth_all[start + j]
-                per["argmax"].append(dice(np.isin(labels[j], (GGO, CONSOLIDATION)), t))
-                for c in CUTS:
+                am = np.isin(labels[j], (GGO, CONSOLIDATION))
+                per["argmax"].append(dice(am, t))
+                for c in cuts:
                     per[f"P(infection) > {c:g}"].append(dice(p_inf[j] > c, t))
+                for w, area in (("PL", int(pl_inf[start + j].sum())), ("argmax", int(am.sum()))):
+                    for a in factors:
+                        per[f"top {a:g} x {w} area"].append(dice(top_k(p_inf[j], round(a * area)), t))
                 q = np.clip(np.floor(p_inf[j] * 100 + 1e-6), 0, 100).astype(np.int64)
                 per["oracle"].append(best_cut_dice(q, np.ones_like(t), t, 101))
         for k, v in per.items():
