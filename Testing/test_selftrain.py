@@ -449,6 +449,13 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     allowed = wb.allowed_sets(labels, top, 0.7)
     assert allowed.tolist() == [[bit(0), bit(1, 3), bit(1, 3), bit(1), bit(3), bit(0)]]  # background stays decided
     assert np.array_equal(wb.allowed_sets(labels, top, 0.0), (np.uint8(1) << labels))  # 0: every pixel decided
+    # --infection-above: infection wherever P(GGO) + P(consolidation) > cut, the larger of the
+    # two; a pixel the argmax called infection below the cut becomes the larger of lung/background.
+    prob = np.array([[[[0.7, 0.2, 0.3, 0.45]], [[0.1, 0.5, 0.1, 0.2]], [[0.05, 0.2, 0.3, 0.25]],
+                      [[0.15, 0.1, 0.3, 0.1]]]], np.float32)  # (N=1, C=4, H=1, W=4): P(bg, GGO, cons, lung)
+    cut_labels = np.array([[[0, 3, 2, 1]]], np.uint8)  # P(infection) per pixel: 0.15, 0.7, 0.4, 0.45
+    assert wb.cut_infection(cut_labels, prob, 0.3).tolist() == [[[0, 1, 2, 2]]]
+    assert wb.cut_infection(cut_labels, prob, 0.5).tolist() == [[[0, 1, 3, 0]]]
 
     run_selftrain([MINI], tmp_path / "st", tiny(levels=1), device="cpu")
     level1 = tmp_path / "st" / "level1" / "best.pt"
@@ -464,7 +471,7 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
-def test_weak_lungfield_posterior_fill_and_rows(tmp_path):
+def test_weak_lungfield_posterior_fill_and_rows(tmp_path, bundled_model):
     # bench/weak_lungfield.py (docs/weak_supervision.md): the pseudo-labels in other lung fields.
     import importlib.util
 
@@ -500,6 +507,13 @@ def test_weak_lungfield_posterior_fill_and_rows(tmp_path):
     assert rows["extracted ∩ expert"]["infection_in_field"] == pytest.approx(rows["extracted"]["infection_in_field"])
     assert 0.5 < rows["extracted"]["lung_dice"]["all"] < 1.0
     assert all(0.0 <= r["pl_infection_dice"]["all"] <= 1.0 for r in rows.values())
+    # --model: the lung field a network predicts (here the bundled model's), alone and joined
+    # with the extraction; the union holds at least the infection either holds.
+    assert wl.main([str(MINI), "--model", str(bundled_model), "--json", str(out)]) == 0
+    rows = {r["field"]: r for r in json.loads(out.read_text())["rows"]}
+    net, both = rows["network (--model), P(background) < 0.5"], rows["network ∪ extracted"]
+    assert len(rows) == 6 and net["lung_dice"]["all"] > 0.8
+    assert both["infection_in_field"] >= max(net["infection_in_field"], rows["extracted"]["infection_in_field"])
 
 
 def test_weak_openband_leaves_only_a_band_round_the_lung_field_open(tmp_path):

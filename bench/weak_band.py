@@ -6,7 +6,11 @@ below ``--unsure-below``, a pixel it labels GGO or lung is left open between the
 (the marginal loss of ``training.train``), so level 2 is taught only where level 1 is
 confident. ``--flip-tta`` averages level 1's probabilities with those of the mirrored
 slice first. Level 2 is trained as ``selftrain`` trains it (same ``training.train``, first
-two layers frozen), then labels every slice; score the labels with ``evaluate``:
+two layers frozen), then labels every slice; score the labels with ``evaluate``.
+``--infection-above CUT`` first relabels level 1's output: GGO or consolidation (the more
+probable of the two) wherever their summed probability exceeds CUT, and lung or
+background (the more probable) where level 1's argmax said infection below it; this is a
+fixed cut of ``bench/weak_ceiling.py``, used as level 2's labels:
 
     python bench/weak_band.py ../shared/data/zenodo20/zenodo20_dev.npz runs/weak6/st/level1/best.pt \\
         --out runs/weak6_band --unsure-below 0.7 --flip-tta
@@ -34,18 +38,37 @@ from DRSegUNetLib.data import Sample, bit  # noqa: E402
 from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.selftrain import predict_labels, read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
-from DRSegUNetLib.vocabulary import GGO, LUNG  # noqa: E402
+from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
 
 
-def level1_labels(predictor: Predictor, hu: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Level 1's labels (N, H, W) uint8 and top softmax probability (N, H, W) float32."""
+def level1_labels(predictor: Predictor, hu: np.ndarray, chunk: int = 32,
+                  infection_above: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Level 1's labels (N, H, W) uint8 and top softmax probability (N, H, W) float32.
+
+    With ``infection_above``, the labels are cut at that summed GGO + consolidation
+    probability instead of the argmax (:func:`cut_infection`).
+    """
     labels = np.zeros(hu.shape, np.uint8)
     top = np.zeros(hu.shape, np.float32)
     for s in range(0, len(hu), chunk):
         lab, prob = predictor.labels(hu[s:s + chunk])
+        if infection_above is not None:
+            lab = cut_infection(lab, prob.float().cpu().numpy(), infection_above)
         labels[s:s + chunk] = lab
         top[s:s + chunk] = prob.max(1).values.cpu().numpy()
     return labels, top
+
+
+def cut_infection(labels: np.ndarray, prob: np.ndarray, cut: float) -> np.ndarray:
+    """Labels with infection wherever P(GGO) + P(consolidation) > ``cut`` (the more probable
+    of the two) and, where the argmax said infection at or below it, lung or background."""
+    p_inf = prob[:, GGO] + prob[:, CONSOLIDATION]
+    out = labels.copy()
+    is_inf = p_inf > cut
+    out[is_inf] = np.where(prob[:, CONSOLIDATION] > prob[:, GGO], CONSOLIDATION, GGO)[is_inf]
+    was_inf = ~is_inf & np.isin(labels, (GGO, CONSOLIDATION))
+    out[was_inf] = np.where(prob[:, LUNG] >= prob[:, BACKGROUND], LUNG, BACKGROUND)[was_inf]
+    return out
 
 
 def allowed_sets(labels: np.ndarray, top: np.ndarray, unsure_below: float) -> np.ndarray:
@@ -80,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--unsure-below", type=float, default=0.7, help="0: every pixel decided, as selftrain")
     ap.add_argument("--flip-tta", action="store_true")
+    ap.add_argument("--infection-above", type=float, default=None,
+                    help="relabel: infection where level 1's P(GGO) + P(consolidation) exceeds this")
     ap.add_argument("--frozen-layers", type=int, default=2)
     add_training_options(ap, lr=9.8e-5, epochs=10, seed=1, seed_help="selftrain's level 2 uses seed + 1 = 1")
     args = ap.parse_args(argv)
@@ -89,7 +114,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     inp = read_slices(args.data)
     predictor = Predictor.from_checkpoint(args.level1, args.device, batch_size=8, flip_tta=args.flip_tta)
-    labels, top = level1_labels(predictor, inp.hu)
+    labels, top = level1_labels(predictor, inp.hu, infection_above=args.infection_above)
     allowed = allowed_sets(labels, top, args.unsure_below)
     field = np.isin(labels, (GGO, LUNG))
     unsure = float(((allowed == bit(GGO, LUNG)) & field).sum() / max(1, field.sum()))
@@ -102,6 +127,7 @@ def main(argv=None) -> int:
     (level2,) = predict_labels(res.best_path, [inp], args.device)
     save_label_maps(out / "labels.npz", [inp.path], [level2])
     info = {"level1": args.level1, "unsure_below": args.unsure_below, "flip_tta": args.flip_tta,
+            "infection_above": args.infection_above,
             "unsure_fraction_of_lung_field": round(unsure, 4), "n_train_slices": len(samples),
             "seconds": round(time.time() - t0, 1)}
     (out / "band.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -45,7 +45,7 @@ from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.selftrain import labels_for_dataset, read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO  # noqa: E402
 
-CUTS = "0.1,0.2,0.3,0.5,0.7,0.9"
+CUTS = "0.05,0.1,0.2,0.3,0.5,0.7,0.9"
 AREA_FACTORS = "1,1.5,2"
 
 
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         hu = read_slices(args.data).hu
     for path in args.model:
         name = Path(path).parent.name or path
+        if any(r.startswith(f"{name} ") for r in rows):  # two runs' level1/best.pt: name them by folder
+            name = str(Path(path).parent)
         predictor = Predictor.from_checkpoint(path, args.device, batch_size=args.batch_size)
         per: dict[str, list[float]] = {"argmax": [], **{f"P(infection) > {c:g}": [] for c in cuts},
                                        **{f"top {a:g} x {w} area": [] for w in ("PL", "argmax") for a in factors},

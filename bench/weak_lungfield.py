@@ -17,6 +17,10 @@ every result against the expert masks:
   column (an attempt at dependent consolidation; throwaway rule, not in the library).
   "Behind" is further down the image, except in the groups named by ``--upside-down-groups``
   (zenodo20_dev's group 8, Radiopaedia, is stored with the back at the top).
+- ``--model CKPT``: the lung field a trained level (e.g. level 1 of ``selftrain``) predicts,
+  every pixel it gives P(background) < 0.5 (its lung, GGO and consolidation together),
+  alone and joined with the extraction. Such a level was trained on the extracted field,
+  so it inherits its gaps; this asks how much of them it closes.
 
 Rows that use the expert lung peek at the answers: they are bounds, not methods.
 
@@ -43,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DRSegUNetLib.lungs import assumed_spacing, disk_closing, fill_holes  # noqa: E402
 from DRSegUNetLib.selftrain import lung_config_for, lung_masks, pseudo_labels, read_slices  # noqa: E402
-from DRSegUNetLib.vocabulary import GGO  # noqa: E402
+from DRSegUNetLib.vocabulary import BACKGROUND, GGO  # noqa: E402
 
 
 def dice_per_slice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -75,6 +79,18 @@ def posterior_fill(mask: np.ndarray, radius_px: float, back_at_top: bool = False
     return fill_holes(out)
 
 
+def network_field(hu: np.ndarray, checkpoint: str, device: str, batch_size: int) -> np.ndarray:
+    """(n, H, W) bool: pixels the checkpoint gives P(background) < 0.5."""
+    from DRSegUNetLib.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device, batch_size=batch_size)
+    out = np.zeros(hu.shape, dtype=bool)
+    for start in range(0, len(hu), batch_size):
+        prob = predictor.probabilities(hu[start:start + batch_size])
+        out[start:start + batch_size] = (prob[:, BACKGROUND] < 0.5).cpu().numpy()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("npz", help="COVID-19-CT-Seg .npz with ct_uint8, lung_mask, infection_mask, group")
@@ -82,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--posterior-fill", default="", help="posterior-fill radii (mm) to try, comma-separated")
     p.add_argument("--upside-down-groups", default="",
                    help="groups stored with the patient's back at the top of the image, comma-separated")
+    p.add_argument("--model", help="a level's checkpoint whose predicted lung field is tried too")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (--model)")
+    p.add_argument("--device", default="cpu", help="torch device for --model")
     p.add_argument("--json", help="write the rows here")
     a = p.parse_args(argv)
 
@@ -105,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in filter(None, a.posterior_fill.split(",")):
         fields[f"extracted + posterior fill {float(r):g} mm"] = np.stack(
             [posterior_fill(m, float(r) / px, int(k) in upside_down) for m, k in zip(extracted, group)])
+    if a.model:
+        net = network_field(inp.hu, a.model, a.device, a.batch_size)
+        fields["network (--model), P(background) < 0.5"] = net
+        fields["network ∪ extracted"] = net | extracted
 
     rows = []
     print("| lung field | lung Dice 0-4 / 5-8 / all | infection in field | PL infection Dice 0-4 / 5-8 / all "
