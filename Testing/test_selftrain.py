@@ -451,11 +451,14 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     assert np.array_equal(wb.allowed_sets(labels, top, 0.0), (np.uint8(1) << labels))  # 0: every pixel decided
     # --infection-above: infection wherever P(GGO) + P(consolidation) > cut, the larger of the
     # two; a pixel the argmax called infection below the cut becomes the larger of lung/background.
-    prob = np.array([[[[0.7, 0.2, 0.3, 0.45]], [[0.1, 0.5, 0.1, 0.2]], [[0.05, 0.2, 0.3, 0.25]],
-                      [[0.15, 0.1, 0.3, 0.1]]]], np.float32)  # (N=1, C=4, H=1, W=4): P(bg, GGO, cons, lung)
-    cut_labels = np.array([[[0, 3, 2, 1]]], np.uint8)  # P(infection) per pixel: 0.15, 0.7, 0.4, 0.45
-    assert wb.cut_infection(cut_labels, prob, 0.3).tolist() == [[[0, 1, 2, 2]]]
-    assert wb.cut_infection(cut_labels, prob, 0.5).tolist() == [[[0, 1, 3, 0]]]
+    # (N=1, C=4, H=1, W=4): P(bg, GGO, cons, lung), exact in binary; P(infection) per pixel
+    # 0.125, 0.75, 0.5, 0.375. Pixel 0 is lung below every cut and stays lung although P(bg) is
+    # higher; pixel 2 lies exactly on the 0.5 cut, which is not above it.
+    prob = np.array([[[[0.625, 0.125, 0.25, 0.5]], [[0.0625, 0.5, 0.125, 0.125]], [[0.0625, 0.25, 0.375, 0.25]],
+                      [[0.25, 0.125, 0.25, 0.125]]]], np.float32)
+    cut_labels = np.array([[[3, 3, 2, 1]]], np.uint8)
+    assert wb.cut_infection(cut_labels, prob, 0.25).tolist() == [[[3, 1, 2, 2]]]
+    assert wb.cut_infection(cut_labels, prob, 0.5).tolist() == [[[3, 1, 3, 0]]]
 
     run_selftrain([MINI], tmp_path / "st", tiny(levels=1), device="cpu")
     level1 = tmp_path / "st" / "level1" / "best.pt"
@@ -469,6 +472,20 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     w1, w2 = weights(level1), weights(out / "best.pt")
     assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith(FROZEN))
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+
+    # --infection-above: level 2 learns level 1's output cut low, and, like the argmax labels,
+    # that is cleared outside the body (restrict_to_body leaves it unchanged).
+    from DRSegUNetLib.inference import restrict_to_body
+    from DRSegUNetLib.selftrain import read_slices
+
+    cut = tmp_path / "cut"
+    assert wb.main([str(MINI), str(level1), "--out", str(cut), "--unsure-below", "0", "--infection-above", "0.01",
+                    "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "32"]) == 0
+    _, (cut1,) = load_label_maps(cut / "level1_labels.npz")
+    _, (argmax1,) = load_label_maps(out / "level1_labels.npz")
+    assert np.isin(cut1, (1, 2)).sum() > np.isin(argmax1, (1, 2)).sum()
+    assert np.array_equal(restrict_to_body(cut1, read_slices(MINI).hu, -500.0), cut1)
+    assert json.loads((cut / "band.json").read_text())["infection_above"] == 0.01
 
 
 def test_weak_lungfield_posterior_fill_and_rows(tmp_path, bundled_model):

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelConfig, TrainConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
-from DRSegUNetLib.inference import Predictor  # noqa: E402
+from DRSegUNetLib.inference import Predictor, restrict_to_body  # noqa: E402
 from DRSegUNetLib.selftrain import predict_labels, read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
@@ -46,16 +46,24 @@ def level1_labels(predictor: Predictor, hu: np.ndarray, chunk: int = 32,
     """Level 1's labels (N, H, W) uint8 and top softmax probability (N, H, W) float32.
 
     With ``infection_above``, the labels are cut at that summed GGO + consolidation
-    probability instead of the argmax (:func:`cut_infection`).
+    probability instead of the argmax (:func:`cut_infection`), then cleared outside the
+    body as the argmax labels are (``InferenceConfig.restrict_to_body``); the top
+    probability is then that of the pixel's new label.
     """
     labels = np.zeros(hu.shape, np.uint8)
     top = np.zeros(hu.shape, np.float32)
     for s in range(0, len(hu), chunk):
         lab, prob = predictor.labels(hu[s:s + chunk])
-        if infection_above is not None:
-            lab = cut_infection(lab, prob.float().cpu().numpy(), infection_above)
+        prob = prob.float().cpu().numpy()
+        if infection_above is None:
+            conf = prob.max(1)
+        else:
+            lab = cut_infection(lab, prob, infection_above)
+            if predictor.inference.restrict_to_body:
+                lab = restrict_to_body(lab, hu[s:s + chunk], predictor.inference.body_threshold_hu)
+            conf = np.take_along_axis(prob, lab[:, None].astype(np.int64), 1)[:, 0]
         labels[s:s + chunk] = lab
-        top[s:s + chunk] = prob.max(1).values.cpu().numpy()
+        top[s:s + chunk] = conf
     return labels, top
 
 

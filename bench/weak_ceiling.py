@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         [best_cut_dice(ct[i], pl[i] > 0, truth_all[i], 256) for i in range(len(ct))])
     if args.model:
         hu = read_slices(args.data).hu
-    for path in args.model:
-        name = Path(path).parent.name or path
-        if any(r.startswith(f"{name} ") for r in rows):  # two runs' level1/best.pt: name them by folder
-            name = str(Path(path).parent)
+    short = [Path(path).parent.name or path for path in args.model]
+    names = short if len(set(short)) == len(short) else [str(Path(path).parent) for path in args.model]
+    for path, name in zip(args.model, names):  # two runs' level1/best.pt: named by their folders
         predictor = Predictor.from_checkpoint(path, args.device, batch_size=args.batch_size)
         per: dict[str, list[float]] = {"argmax": [], **{f"P(infection) > {c:g}": [] for c in cuts},
                                        **{f"top {a:g} x {w} area": [] for w in ("PL", "argmax") for a in factors},

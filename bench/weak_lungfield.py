@@ -20,7 +20,7 @@ every result against the expert masks:
 - ``--model CKPT``: the lung field a trained level (e.g. level 1 of ``selftrain``) predicts,
   every pixel it gives P(background) < 0.5 (its lung, GGO and consolidation together),
   alone and joined with the extraction. Such a level was trained on the extracted field,
-  so it inherits its gaps; this asks how much of them it closes.
+  gaps included; this asks how much of them it closes.
 
 Rows that use the expert lung peek at the answers: they are bounds, not methods.
 
