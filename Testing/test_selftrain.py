@@ -643,3 +643,26 @@ def test_read_slices_reads_only_the_arrays_it_uses(tmp_path):
         read_npz(path)
     inp = read_slices(path)
     assert inp.hu.shape == (4, 256, 256) and len(inp.groups) == 4
+
+
+def test_body_restriction_cap_swaps_only_the_air_rule(capsys):
+    # bench/body_restriction_cap.py (docs/weak_supervision.md): restrict_to_body with another
+    # air rule must be restrict_to_body itself when the rule is its own threshold.
+    import importlib.util
+
+    from conftest import REPO
+    from DRSegUNetLib.inference import restrict_to_body
+    from DRSegUNetLib.selftrain import read_slices
+
+    spec = importlib.util.spec_from_file_location("body_restriction_cap", REPO / "bench" / "body_restriction_cap.py")
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    hu = read_slices(MINI).hu
+    labels = np.full(hu.shape, 3, np.uint8)
+    for level in (-500.0, -800.0):
+        expected = restrict_to_body(labels, hu, level)
+        assert 0 < (expected == 0).sum() < expected.size  # the rule does clear something, not everything
+        assert np.array_equal(bc.restrict_with_air(labels, hu < level), expected)
+    assert bc.main([str(MINI), "--levels=-500"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| -500") or r.startswith("| otsu")]
+    assert len(rows) == 2
