@@ -591,7 +591,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         samples = read_dataset(args.data, predictor.config.eight_bit)
 
         def score(s):  # labels and, once, the probabilities behind them
-            labels, prob = predictor.labels(s.hu[None], spacing)
+            labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
             return labels[0], prob[0]
     if args.split_part != "all":
         parts = dict(zip(("train", "val", "test"), apply_split(samples, load_split(args.split))))

@@ -173,7 +173,7 @@ def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256,
     for s in samples:
         src = source_of(s)
         acc = accs.setdefault(src, MetricAccumulator(tuple(REGIONS)))
-        labels, prob = predictor.labels(s.hu[None], spacing)
+        labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
         truths = {r: s.region_truth(r) for r in REGIONS}
         acc.add(s.name, labels[0], truths)
         names.setdefault(src, []).append(s.name)
@@ -187,8 +187,10 @@ def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256,
 
 def _decision() -> dict[str, Any]:
     """The decision rule folds are scored with: the defaults, on the slices' own grid
-    (evaluate_fold gets no spacing, so no working pixel size applies)."""
-    return to_dict(InferenceConfig(batch_size=1, pixel_mm=None))
+    (evaluate_fold gets no spacing, so no working pixel size applies), the body of these
+    8-bit slices at each slice's Otsu level (``restrict_to_body``; folds scored before
+    that rule carry no ``body_8bit`` and are not reused)."""
+    return {**to_dict(InferenceConfig(batch_size=1, pixel_mm=None)), "body_8bit": "otsu"}
 
 
 def _protocol(tcfg: TrainConfig, ncfg: NetworkConfig, limit_slices: Optional[int], folds_sha: str,
@@ -250,11 +252,12 @@ def same_protocol(prev: Optional[dict[str, Any]], now: dict[str, Any]) -> bool:
 
     Settings added to TrainConfig, NetworkConfig or InferenceConfig after a result was
     written are missing from it; they count as equal when ``now`` has their default
-    (the code then behaved as the default does)."""
+    (the code then behaved as the default does). Not so ``body_8bit``: a result without it
+    was scored with the body at -500 approx. HU, before the Otsu rule."""
     if not isinstance(prev, dict):
         return False
     defaults = {"train": to_dict(TrainConfig()), "network": to_dict(NetworkConfig()),
-                "decision": _decision()}
+                "decision": {**_decision(), "body_8bit": "-500"}}
     filled = dict(prev)
     for part, dflt in defaults.items():
         if isinstance(prev.get(part), dict):

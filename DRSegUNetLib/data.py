@@ -34,12 +34,15 @@ def bit(*classes: int) -> np.uint8:
 
 @dataclass
 class Sample:
-    """One annotated axial slice. ``hu`` (H, W) float32; ``allowed`` (H, W) uint8 bitmask."""
+    """One annotated axial slice. ``hu`` (H, W) float32; ``allowed`` (H, W) uint8 bitmask;
+    ``eight_bit``: an 8-bit image mapped to approximate HU (MedSeg, COVID-19-CT-Seg), not CT
+    in HU (inference.restrict_to_body treats the two differently)."""
 
     hu: np.ndarray
     allowed: np.ndarray
     name: str
     group: str
+    eight_bit: bool = False
 
     @property
     def source(self) -> str:
@@ -74,7 +77,7 @@ def resample_sample(sample: Sample, spacing: Sequence[float], pixel_mm: Optional
     hu = resample_bilinear(torch.from_numpy(np.ascontiguousarray(sample.hu, np.float32))[None, None], size)[0, 0]
     zoom = [m / n for m, n in zip(size, sample.hu.shape)]
     allowed = ndimage.zoom(sample.allowed, zoom, order=0, grid_mode=True, mode="nearest")
-    return Sample(hu.numpy().astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group)
+    return Sample(hu.numpy().astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group, sample.eight_bit)
 
 
 def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None) -> np.ndarray:
@@ -151,7 +154,7 @@ def read_medseg_folder(folder: str | Path, eight_bit: EightBitConfig = EightBitC
         img, mask = _read_gray(img_path), _read_gray(mask_path, indexed=True)
         if img.shape != mask.shape:
             raise InputError(f"{img_path.name}: image {img.shape} and mask {mask.shape} differ in size")
-        samples.append(Sample(eight_bit_to_hu(img.T, eight_bit), medseg_allowed(mask.T), img_path.stem, "medseg"))
+        samples.append(Sample(eight_bit_to_hu(img.T, eight_bit), medseg_allowed(mask.T), img_path.stem, "medseg", True))
     if not samples:
         raise InputError(f"no images found in {img_dir}")
     return samples
@@ -202,7 +205,8 @@ def read_zenodo_npz(path: str | Path, eight_bit: EightBitConfig = EightBitConfig
     keep = np.arange(len(grp)) if groups is None else np.flatnonzero(np.isin(grp, list(groups)))
     lung, inf = d["lung_mask"], d["infection_mask"]
     return [
-        Sample(eight_bit_to_hu(ct[i], eight_bit), zenodo_allowed(lung[i], inf[i]), f"z{int(src[i])}", f"zenodo{int(grp[i])}")
+        Sample(eight_bit_to_hu(ct[i], eight_bit), zenodo_allowed(lung[i], inf[i]), f"z{int(src[i])}", f"zenodo{int(grp[i])}",
+               True)
         for i in keep
     ]
 

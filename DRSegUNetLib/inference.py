@@ -80,19 +80,28 @@ def resample_bilinear(x: torch.Tensor, size: Sequence[int], antialias: bool = Tr
 
 
 def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
-                     min_border_air: float = 0.5) -> np.ndarray:
+                     min_border_air: float = 0.5, eight_bit: bool = False) -> np.ndarray:
     """Set labels outside the body to background, slice by slice; (N, H, W) arrays.
 
     Only where the whole body is in view (at least ``min_border_air`` of the slice's
     border is air): on a slice cropped through the chest (MedSeg), the lungs reach
     the border and cannot be told from outside air. Measured: full-field CT slices
     have 0.75-1.0 of their border in air, MedSeg crops at most 0.33.
-    """
-    from .lungs import body_mask
 
+    Air is below ``threshold_hu`` for CT in HU. For ``eight_bit`` slices (8-bit images
+    mapped to approximate HU, whose grey values are not calibrated) it is below each
+    slice's Otsu level, as the lung extraction takes it (``lungs.air_mask``): there fat
+    can fall below -500, and a fixed level then ends the body at the fat and clears the
+    lung behind it (46 of the 1,233 zenodo20_dev slices lose over 10 % of their expert
+    infection; bench/body_restriction_cap.py).
+    """
+    from .config import LungConfig
+    from .lungs import air_mask, body_mask
+
+    otsu = LungConfig(threshold_method="otsu")
     out = labels.copy()
     for k in range(labels.shape[0]):
-        air = hu[k] < threshold_hu
+        air = air_mask(hu[k], otsu) if eight_bit else hu[k] < threshold_hu
         border = np.concatenate([air[0], air[-1], air[:, 0], air[:, -1]])
         if border.mean() >= min_border_air:
             out[k][~body_mask(air)] = 0
@@ -196,26 +205,29 @@ class Predictor:
                 prob = resample_bilinear(prob, hu.shape[-2:], antialias=False)
             return prob
 
-    def labels(self, hu: np.ndarray, spacing: Optional[Sequence[float]] = None) -> tuple[np.ndarray, torch.Tensor]:
+    def labels(self, hu: np.ndarray, spacing: Optional[Sequence[float]] = None,
+               eight_bit: bool = False) -> tuple[np.ndarray, torch.Tensor]:
         """(labels (N, H, W) uint8 as numpy, probabilities on the device) for HU slices (N, H, W)
-        of pixel size ``spacing`` (row, col) mm when known (see :meth:`probabilities`)."""
+        of pixel size ``spacing`` (row, col) mm when known (see :meth:`probabilities`);
+        ``eight_bit``: the slices are 8-bit images in approximate HU (see :func:`restrict_to_body`)."""
         prob = self.probabilities(hu, spacing)
         labels = decide(prob, self.inference).cpu().numpy()
         if self.inference.restrict_to_body:
-            labels = restrict_to_body(labels, hu, self.inference.body_threshold_hu)
+            labels = restrict_to_body(labels, hu, self.inference.body_threshold_hu, eight_bit=eight_bit)
         return labels, prob
 
     def predict_slices(self, slices: Sequence[np.ndarray],
-                       spacing: Optional[Sequence[float]] = None) -> list[np.ndarray]:
+                       spacing: Optional[Sequence[float]] = None, eight_bit: bool = False) -> list[np.ndarray]:
         """Labels for 2D HU slices of any sizes (same-size neighbours are batched), of pixel
-        size ``spacing`` (row, col) mm when known (see :meth:`probabilities`)."""
+        size ``spacing`` (row, col) mm when known (see :meth:`probabilities`); ``eight_bit``
+        as for :meth:`labels`."""
         out: list[np.ndarray] = []
         i = 0
         while i < len(slices):
             j = i + 1
             while j < len(slices) and j - i < self.inference.batch_size and slices[j].shape == slices[i].shape:
                 j += 1
-            out.extend(self.labels(np.stack(slices[i:j]), spacing)[0])
+            out.extend(self.labels(np.stack(slices[i:j]), spacing, eight_bit)[0])
             i = j
         return out
 

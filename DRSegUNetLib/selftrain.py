@@ -372,7 +372,8 @@ def predict_labels(checkpoint: Path, inputs: Sequence[SliceInput], device: str =
             check_cancel(cancel)
             stop = min(start + 4 * batch_size, len(inp))
             # CT with a geometry: at the working pixel size.
-            labels[start:stop] = np.stack(predictor.predict_slices(list(inp.hu[start:stop]), inp.spacing))
+            labels[start:stop] = np.stack(predictor.predict_slices(list(inp.hu[start:stop]), inp.spacing,
+                                                                   eight_bit=inp.eight_bit))
             done += stop - start
             report(progress, "predict", done, total, f"{done}/{total} slices")
         out.append(labels)
@@ -517,7 +518,7 @@ def run_selftrain(
         t0 = time.time()
         # CT with a geometry trains at the working pixel size, as segment applies the model
         # (8-bit slices have no spacing and stay on their own grid).
-        samples = [resample_sample(Sample(d.hu[j], labels_to_allowed(lab[j]), d.names[j], d.groups[j]),
+        samples = [resample_sample(Sample(d.hu[j], labels_to_allowed(lab[j]), d.names[j], d.groups[j], d.eight_bit),
                                    d.spacing, InferenceConfig.pixel_mm)
                    for d, lab in zip(trained_on, prev) for j in range(len(d)) if lab[j].any()]
         if not samples:

@@ -168,7 +168,7 @@ def evaluate_samples(predictor: Predictor, samples: Sequence[Sample],
     """Per-region metrics of ``predictor`` on annotated slices (see metrics.py)."""
     acc = MetricAccumulator(regions)
     for s in samples:
-        pred = predictor.predict_slices([s.hu])[0]
+        pred = predictor.predict_slices([s.hu], eight_bit=s.eight_bit)[0]
         acc.add(s.name, pred, {r: s.region_truth(r) for r in regions})
     return acc.summary()
 

@@ -232,3 +232,11 @@ def test_crossval_cli_writes_fold_results_and_the_table(tmp_path, shared_data):
     changed = list(argv)
     changed[changed.index("--steps-per-epoch") + 1] = "3"
     assert main(changed) == 2
+    # A fold scored before the Otsu body rule for 8-bit slices (no body_8bit) is not reused.
+    from DRSegUNetLib.crossval import same_protocol
+
+    stored = json.loads((out / "drsegunet" / "fold1" / "result.json").read_text())["protocol"]
+    assert same_protocol(stored, stored)
+    older = json.loads(json.dumps(stored))
+    del older["decision"]["body_8bit"]
+    assert not same_protocol(older, stored)

@@ -101,6 +101,41 @@ def test_labels_outside_the_body_are_background():
     assert int(out.sum()) == 3 * 100
 
 
+def test_body_of_eight_bit_slices_keeps_their_lung(tiny_checkpoint):
+    # Real COVID-19-CT-Seg slices (8-bit, approx. HU; Testing/data/PROVENANCE.md). In the
+    # group-2 slice (dev row 338) fat falls below -500, so a fixed -500 body ends at the fat
+    # and clears most of the expert lung; each slice's Otsu level keeps it, and still clears
+    # the air round the patient.
+    from conftest import TESTDATA
+    from DRSegUNetLib.config import EightBitConfig
+    from DRSegUNetLib.inference import restrict_to_body
+    from DRSegUNetLib.preprocessing import eight_bit_to_hu
+
+    with np.load(TESTDATA / "zenodo_lungs.npz") as d:
+        hu = np.stack([eight_bit_to_hu(s, EightBitConfig()) for s in d["ct_uint8"]])
+        lung = d["lung_mask"] > 0
+    labels = np.where(lung, 3, 0).astype(np.uint8)
+    everything = np.full(labels.shape, 3, np.uint8)
+    kept = lambda out: ((out > 0) & lung).sum(axis=(1, 2)) / lung.sum(axis=(1, 2))  # noqa: E731
+    fixed = kept(restrict_to_body(labels, hu, -500.0))
+    assert fixed[2] < 0.2  # the defect the 8-bit rule mends (0.114 measured)
+    otsu = kept(restrict_to_body(labels, hu, -500.0, eight_bit=True))
+    assert otsu.min() > 0.99
+    body = restrict_to_body(everything, hu, -500.0, eight_bit=True) > 0
+    assert not body[:, 0, :].any() and not body[:, -1, :].any()  # the image's top and bottom rows are outside air
+    assert 0.3 < body.mean() < 0.8
+    # The Predictor passes the flag through (the two rules give different labels here).
+    from DRSegUNetLib.inference import decide
+
+    p = Predictor.from_checkpoint(tiny_checkpoint, "cpu")
+    lab8, prob = p.labels(hu[2:3], eight_bit=True)
+    raw = decide(prob, p.inference).numpy()
+    want8, want_hu = (restrict_to_body(raw, hu[2:3], -500.0, eight_bit=e) for e in (True, False))
+    assert not np.array_equal(want8, want_hu)
+    np.testing.assert_array_equal(lab8, want8)
+    np.testing.assert_array_equal(p.labels(hu[2:3])[0], want_hu)
+
+
 def test_cropped_slices_are_not_restricted():
     from DRSegUNetLib.inference import restrict_to_body
 

@@ -53,14 +53,14 @@ def level1_labels(predictor: Predictor, hu: np.ndarray, chunk: int = 32,
     labels = np.zeros(hu.shape, np.uint8)
     top = np.zeros(hu.shape, np.float32)
     for s in range(0, len(hu), chunk):
-        lab, prob = predictor.labels(hu[s:s + chunk])
+        lab, prob = predictor.labels(hu[s:s + chunk], eight_bit=True)
         prob = prob.float().cpu().numpy()
         if infection_above is None:
             conf = prob.max(1)
         else:
             lab = cut_infection(lab, prob, infection_above)
             if predictor.inference.restrict_to_body:
-                lab = restrict_to_body(lab, hu[s:s + chunk], predictor.inference.body_threshold_hu)
+                lab = restrict_to_body(lab, hu[s:s + chunk], predictor.inference.body_threshold_hu, eight_bit=True)
             conf = np.take_along_axis(prob, lab[:, None].astype(np.int64), 1)[:, 0]
         labels[s:s + chunk] = lab
         top[s:s + chunk] = conf

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                        **{f"top {a:g} x {w} area": [] for w in ("PL", "argmax") for a in factors},
                                        "oracle": []}
         for start in range(0, len(ct), args.batch_size):
-            labels, prob = predictor.labels(hu[start:start + args.batch_size])
+            labels, prob = predictor.labels(hu[start:start + args.batch_size], eight_bit=True)
             p_inf = (prob[:, GGO] + prob[:, CONSOLIDATION]).float().cpu().numpy()
             for j in range(len(labels)):
                 t = truth_all[start + j]
