@@ -222,7 +222,8 @@ class InferenceConfig:
     decision: str = "argmax"  # "argmax" or "threshold" (thesis §4.5)
     threshold: float = 0.5
     # Labels outside the patient's body (largest region at or above this HU, holes
-    # filled) are background: outside air is never lung.
+    # filled) are background: outside air is never lung. 8-bit slices in approximate HU
+    # use each slice's Otsu level instead (inference.restrict_to_body, eight_bit).
     restrict_to_body: bool = True
     body_threshold_hu: float = -500.0
     # Average the class probabilities of the slice and its left-right mirror (2x time).

@@ -214,8 +214,8 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     if result_path.is_file():
         prev = json.loads(result_path.read_text())
         if not same_protocol(prev.get("protocol"), protocol):
-            raise InputError(f"{result_path} was made with other settings (training, network, folds or data); "
-                             "use another --out or delete it")
+            raise InputError(f"{result_path} was made with other settings (training, network, folds, data or "
+                             "the decision rule, e.g. before the Otsu body of 8-bit slices); use another --out or delete it")
         log.info("%s fold %d: done already (%s)", name, k, result_path)
         return prev
     log.info("%s fold %d: training on %d slices, testing on %d", name, k, len(train_s), len(test_s))

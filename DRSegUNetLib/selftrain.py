@@ -459,6 +459,10 @@ def run_selftrain(
             settings["lr_schedule"] = config.lr_schedule  # absent for the default: older runs keep their keys
         if any(d.spacing is not None for d in data):
             settings["pixel_mm"] = InferenceConfig.pixel_mm  # part of the key only where it applies
+        if any(d.eight_bit for d in data):
+            # Labels of 8-bit slices are cleared outside a body found at Otsu's level
+            # (inference.restrict_to_body); levels made with the -500 rule are redone.
+            settings["body_8bit"] = "otsu"
         keys.append(_key(f"level{level}", keys[-1], settings, identities[len(inputs):] if first else None))
 
     def finished(stage: str, key: str, files: Sequence[str]) -> bool:

@@ -136,6 +136,19 @@ def test_body_of_eight_bit_slices_keeps_their_lung(tiny_checkpoint):
     np.testing.assert_array_equal(p.labels(hu[2:3])[0], want_hu)
 
 
+def test_readers_mark_eight_bit_slices_and_resampling_keeps_it():
+    # The flag restrict_to_body's 8-bit rule depends on travels with the slices.
+    from conftest import TESTDATA
+    from DRSegUNetLib.data import read_dataset, resample_sample
+    from DRSegUNetLib.selftrain import read_slices
+
+    samples = read_dataset(TESTDATA / "zenodo_mini.npz") + read_dataset(TESTDATA / "medseg_mini")
+    assert samples and all(s.eight_bit for s in samples)
+    assert resample_sample(samples[0], (0.7, 0.7), 1.2).eight_bit
+    assert read_slices(TESTDATA / "zenodo_mini.npz").eight_bit
+    assert not read_slices(TESTDATA / "cip_ct64" / "ct-64.nrrd").eight_bit
+
+
 def test_cropped_slices_are_not_restricted():
     from DRSegUNetLib.inference import restrict_to_body
 
