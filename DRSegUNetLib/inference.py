@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import InferenceConfig, ModelConfig
+from .config import InferenceConfig, LungConfig, ModelConfig
 from .errors import InputError
 from .network import DRSegUNet
 from .orientation import SliceResult, axial_spacing, axial_view  # noqa: F401  (SliceResult: re-exported)
@@ -95,7 +95,6 @@ def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
     lung behind it (46 of the 1,233 zenodo20_dev slices lose over 10 % of their expert
     infection; bench/body_restriction_cap.py).
     """
-    from .config import LungConfig
     from .lungs import air_mask, body_mask
 
     otsu = LungConfig(threshold_method="otsu")
