@@ -3,6 +3,7 @@ commands and evaluate --predictions on their outputs. Tiny networks on real slic
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -473,6 +474,16 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith(FROZEN))
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
 
+    # --ensemble: the labels come from the mean of the models' probabilities; the mean of one
+    # model with itself is that model, so level 2 is taught level 1's own labels.
+    ens = tmp_path / "ens"
+    assert wb.main([str(MINI), str(level1), "--ensemble", str(level1), "--out", str(ens), "--unsure-below", "0",
+                    "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "32"]) == 0
+    _, (ens1,) = load_label_maps(ens / "level1_labels.npz")
+    _, (argmax1,) = load_label_maps(out / "level1_labels.npz")
+    assert np.array_equal(ens1, argmax1) and np.isin(ens1, (1, 3)).any()
+    assert json.loads((ens / "band.json").read_text())["ensemble"] == [str(level1)]
+
     # --infection-above: level 2 learns level 1's output cut low, and, like the argmax labels,
     # that is cleared outside the body (restrict_to_body leaves it unchanged).
     from DRSegUNetLib.inference import restrict_to_body
@@ -482,7 +493,6 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     assert wb.main([str(MINI), str(level1), "--out", str(cut), "--unsure-below", "0", "--infection-above", "0.01",
                     "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "32"]) == 0
     _, (cut1,) = load_label_maps(cut / "level1_labels.npz")
-    _, (argmax1,) = load_label_maps(out / "level1_labels.npz")
     assert np.isin(cut1, (1, 2)).sum() > np.isin(argmax1, (1, 2)).sum()
     assert np.array_equal(restrict_to_body(cut1, read_slices(MINI).hu, -500.0, eight_bit=True), cut1)
     assert json.loads((cut / "band.json").read_text())["infection_above"] == 0.01
@@ -666,3 +676,26 @@ def test_body_restriction_cap_swaps_only_the_air_rule(capsys):
     assert bc.main([str(MINI), "--levels=-500"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| -500") or r.startswith("| otsu")]
     assert len(rows) == 2
+
+
+def test_device_stub_lets_npz_inputs_through_and_refuses_simpleitk_use():
+    # bench/device_stub stands in for SimpleITK on the GPU machine (bench/gpu_selftrain.sh):
+    # .npz slices are read as with SimpleITK, and any real use of it fails loudly.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from DRSegUNetLib.selftrain import read_slices
+
+    code = ("import SimpleITK, numpy as np\n"
+            "from DRSegUNetLib.selftrain import read_slices\n"
+            f"inp = read_slices({str(MINI)!r})\n"
+            "print(SimpleITK.__version__, inp.hu.shape, round(float(inp.hu.mean()), 3), inp.eight_bit)\n"
+            "try:\n    SimpleITK.ReadImage('x.nrrd')\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'bench' / 'device_stub'}{os.pathsep}{REPO}"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    real = read_slices(MINI)
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"0+stub {real.hu.shape} {round(float(real.hu.mean()), 3)} True"
+    assert lines[1].startswith("refused: SimpleITK.ReadImage was used")

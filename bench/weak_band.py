@@ -10,7 +10,9 @@ two layers frozen), then labels every slice; score the labels with ``evaluate``.
 ``--infection-above CUT`` first relabels level 1's output: GGO or consolidation (the more
 probable of the two) wherever their summed probability exceeds CUT, and lung or
 background (the more probable) where level 1's argmax said infection below it; this is a
-fixed cut of ``bench/weak_ceiling.py``, used as level 2's labels:
+fixed cut of ``bench/weak_ceiling.py``, used as level 2's labels. ``--ensemble CKPT...``
+takes level 2's labels from the mean probabilities of LEVEL1 and other level-1 models
+(other seeds; ``bench/gpu_selftrain.sh``):
 
     python bench/weak_band.py ../shared/data/zenodo20/zenodo20_dev.npz runs/weak6/st/level1/best.pt \\
         --out runs/weak6_band --unsure-below 0.7 --flip-tta
@@ -27,23 +29,29 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelConfig, TrainConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
-from DRSegUNetLib.inference import Predictor, restrict_to_body  # noqa: E402
+from DRSegUNetLib.inference import Predictor, decide, restrict_to_body  # noqa: E402
 from DRSegUNetLib.selftrain import predict_labels, read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
 
 
-def level1_labels(predictor: Predictor, hu: np.ndarray, chunk: int = 32,
+def level1_labels(predictor: Predictor | Sequence[Predictor], hu: np.ndarray, chunk: int = 32,
                   infection_above: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Level 1's labels (N, H, W) uint8 and top softmax probability (N, H, W) float32.
+
+    Given several predictors (level 1 trained with different seeds), their softmax
+    probabilities are averaged and the labels decided from the mean, as one predictor
+    decides them (``inference.decide``, then the body restriction).
 
     With ``infection_above``, the labels are cut at that summed GGO + consolidation
     probability instead of the argmax (:func:`cut_infection`), then cleared outside the
@@ -52,9 +60,18 @@ def level1_labels(predictor: Predictor, hu: np.ndarray, chunk: int = 32,
     """
     labels = np.zeros(hu.shape, np.uint8)
     top = np.zeros(hu.shape, np.float32)
+    predictors = [predictor] if isinstance(predictor, Predictor) else list(predictor)
+    predictor = predictors[0]
     for s in range(0, len(hu), chunk):
-        lab, prob = predictor.labels(hu[s:s + chunk], eight_bit=True)
-        prob = prob.float().cpu().numpy()
+        if len(predictors) == 1:
+            lab, prob = predictor.labels(hu[s:s + chunk], eight_bit=True)
+            prob = prob.float().cpu().numpy()
+        else:
+            mean = torch.stack([p.labels(hu[s:s + chunk], eight_bit=True)[1].float() for p in predictors]).mean(0)
+            lab = decide(mean, predictor.inference).cpu().numpy()
+            if predictor.inference.restrict_to_body:
+                lab = restrict_to_body(lab, hu[s:s + chunk], predictor.inference.body_threshold_hu, eight_bit=True)
+            prob = mean.cpu().numpy()
         if infection_above is None:
             conf = prob.max(1)
         else:
@@ -113,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flip-tta", action="store_true")
     ap.add_argument("--infection-above", type=float, default=None,
                     help="relabel: infection where level 1's P(GGO) + P(consolidation) exceeds this")
+    ap.add_argument("--ensemble", nargs="+", default=[], metavar="CKPT",
+                    help="more level-1 checkpoints (other seeds): level 2's labels come from the mean of "
+                         "their and LEVEL1's probabilities; level 2 still starts from LEVEL1")
     ap.add_argument("--frozen-layers", type=int, default=2)
     add_training_options(ap, lr=9.8e-5, epochs=10, seed=1, seed_help="selftrain's level 2 uses seed + 1 = 1")
     args = ap.parse_args(argv)
@@ -121,8 +141,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     inp = read_slices(args.data)
-    predictor = Predictor.from_checkpoint(args.level1, args.device, batch_size=8, flip_tta=args.flip_tta)
-    labels, top = level1_labels(predictor, inp.hu, infection_above=args.infection_above)
+    predictors = [Predictor.from_checkpoint(c, args.device, batch_size=8, flip_tta=args.flip_tta)
+                  for c in [args.level1, *args.ensemble]]
+    labels, top = level1_labels(predictors, inp.hu, infection_above=args.infection_above)
     allowed = allowed_sets(labels, top, args.unsure_below)
     field = np.isin(labels, (GGO, LUNG))
     unsure = float(((allowed == bit(GGO, LUNG)) & field).sum() / max(1, field.sum()))
@@ -134,7 +155,8 @@ def main(argv=None) -> int:
                 init=init, device=args.device)
     (level2,) = predict_labels(res.best_path, [inp], args.device)
     save_label_maps(out / "labels.npz", [inp.path], [level2])
-    info = {"level1": args.level1, "unsure_below": args.unsure_below, "flip_tta": args.flip_tta,
+    info = {"level1": args.level1, "ensemble": args.ensemble, "unsure_below": args.unsure_below,
+            "flip_tta": args.flip_tta,
             "infection_above": args.infection_above,
             "unsure_fraction_of_lung_field": round(unsure, 4), "n_train_slices": len(samples),
             "seconds": round(time.time() - t0, 1)}

@@ -1,0 +1,21 @@
+"""Stand-in for SimpleITK on the lent GPU machine, which has none (bench/gpu_selftrain.sh).
+
+The machine takes at most 64 MiB with the repository; SimpleITK (28 MB packed) and half of
+COVID-19-CT-Seg (34 MB) do not both fit. For ``.npz`` slice inputs the library names
+SimpleITK only in annotations and signatures, so this stub lets it import; any real use
+(a class made, a function called) raises at once instead of giving wrong results.
+"""
+__version__ = "0+stub"
+
+
+def _missing(name: str) -> type:
+    def fail(*_args, **_kwargs):
+        raise RuntimeError(f"SimpleITK.{name} was used, but this is bench/device_stub's stand-in "
+                           "(only .npz slice inputs work with it)")
+    return type(name, (), {"__new__": fail})
+
+
+def __getattr__(name: str) -> type:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _missing(name)
