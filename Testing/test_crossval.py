@@ -240,3 +240,22 @@ def test_crossval_cli_writes_fold_results_and_the_table(tmp_path, shared_data):
     older = json.loads(json.dumps(stored))
     del older["decision"]["body_8bit"]
     assert not same_protocol(older, stored)
+    # --rescore: such a fold is scored again from its last.pt under the current rule, without
+    # training; a plain rerun refuses it and names the option.
+    result_path = out / "drsegunet" / "fold1" / "result.json"
+    fresh = json.loads(result_path.read_text())
+    ckpt_mtime = (out / "drsegunet" / "fold1" / "last.pt").stat().st_mtime_ns
+    aged = {**fresh, "protocol": older, "metrics": {"zenodo": {"lung": "old"}}}
+    result_path.write_text(json.dumps(aged))
+    assert main(argv) == 2
+    assert json.loads(result_path.read_text()) == json.loads(json.dumps(aged))  # refused: left as it was
+    assert main(argv + ["--rescore"]) == 0
+    again = json.loads(result_path.read_text())
+    assert again["protocol"] == stored and again["metrics"] == fresh["metrics"]
+    assert again["threshold_averaged_dice"] == fresh["threshold_averaged_dice"]
+    assert again["rescored"]["previous_decision"] == older["decision"]
+    assert again["rescored"]["previous_metrics"] == {"zenodo": {"lung": "old"}}
+    assert again["loss_history"] == fresh["loss_history"]
+    assert (out / "drsegunet" / "fold1" / "last.pt").stat().st_mtime_ns == ckpt_mtime
+    # Only the decision rule may differ: other settings are refused with --rescore too.
+    assert main(changed + ["--rescore"]) == 2
