@@ -699,3 +699,31 @@ def test_device_stub_lets_npz_inputs_through_and_refuses_simpleitk_use():
     lines = res.stdout.splitlines()
     assert lines[0] == f"0+stub {real.hu.shape} {round(float(real.hu.mean()), 3)} True"
     assert lines[1].startswith("refused: SimpleITK.ReadImage was used")
+
+
+def test_weak_zsmooth_averages_within_a_volume_only():
+    # bench/weak_zsmooth.py (docs/weak_supervision.md): probabilities averaged over neighbouring
+    # slices of the same volume, Gaussian weights of sigma R/2, renormalised at a volume's ends.
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("weak_zsmooth", REPO / "bench" / "weak_zsmooth.py")
+        wz = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(wz)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    w = wz.weights(1)  # exp(-2) at offsets -1 and +1, 1 at 0
+    assert np.allclose(w, np.array([np.exp(-2), 1, np.exp(-2)]) / (1 + 2 * np.exp(-2)))
+    assert np.array_equal(wz.weights(0), [1.0])
+    # Slices 0-2 are one volume, slice 3 another: (N=4, C=1, H=1, W=1).
+    prob = np.array([0.0, 1.0, 0.5, 8.0], np.float32).reshape(4, 1, 1, 1)
+    out = wz.smooth_over_slices(prob, np.array(["a", "a", "a", "b"]), 1).ravel()
+    assert np.isclose(out[1], w[0] * 0.0 + w[1] * 1.0 + w[2] * 0.5)
+    assert np.isclose(out[0], (w[1] * 0.0 + w[2] * 1.0) / (w[1] + w[2]))  # the volume's first slice
+    assert np.isclose(out[2], (w[0] * 1.0 + w[1] * 0.5) / (w[0] + w[1]))
+    assert out[3] == 8.0  # alone in its volume: unchanged, nothing from slice 2
+    assert np.array_equal(wz.smooth_over_slices(prob, np.array(["a"] * 4), 0), prob)
