@@ -169,20 +169,34 @@ def evaluate_fold(predictor, samples: Sequence[Sample], n_thresholds: int = 256,
     """
     accs: dict[str, MetricAccumulator] = {}
     tad = ThresholdAveragedAccumulator(n_thresholds)
-    names: dict[str, list[str]] = {}
     for s in samples:
         src = source_of(s)
         acc = accs.setdefault(src, MetricAccumulator(tuple(REGIONS)))
         labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
         truths = {r: s.region_truth(r) for r in REGIONS}
         acc.add(s.name, labels[0], truths)
-        names.setdefault(src, []).append(s.name)
         tad.add(src, prob[0].float().cpu().numpy(), truths)
     return {
         "metrics": {src: acc.summary() for src, acc in accs.items()},
         "threshold_averaged_dice": tad.summary(),
-        "test_slices": names,
+        "test_slices": slice_names(samples),
     }
+
+
+def slice_names(samples: Sequence[Sample]) -> dict[str, list[str]]:
+    """The slices' names per source, in order (a fold result's ``test_slices``)."""
+    names: dict[str, list[str]] = {}
+    for s in samples:
+        names.setdefault(source_of(s), []).append(s.name)
+    return names
+
+
+def _score_checkpoint(path: Path, test_s: Sequence[Sample], tcfg: TrainConfig, device: str):
+    """(predictor, evaluate_fold's scores) of a fold's checkpoint: one way for new and rescored folds."""
+    from .inference import Predictor
+
+    predictor = Predictor.from_checkpoint(path, device, batch_size=1, cpu_bf16=tcfg.bf16, cuda_bf16=tcfg.bf16)
+    return predictor, evaluate_fold(predictor, test_s)
 
 
 def _decision() -> dict[str, Any]:
@@ -211,7 +225,7 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     (for example scored before the Otsu body of 8-bit slices) is scored again from its
     ``last.pt`` under the current rule instead of being refused; training is not repeated.
     """
-    from .inference import Predictor, bf16_enabled
+    from .inference import bf16_enabled
     from .network import keras_parameter_count, parameter_count
     from .training import train
 
@@ -240,9 +254,7 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     if res.best_path != res.last_path and res.best_path.exists():
         res.best_path.unlink()
     t0 = time.time()
-    predictor = Predictor.from_checkpoint(res.last_path, device, batch_size=1, cpu_bf16=tcfg.bf16,
-                                          cuda_bf16=tcfg.bf16)
-    scores = evaluate_fold(predictor, test_s)
+    predictor, scores = _score_checkpoint(res.last_path, test_s, tcfg, device)
     model = predictor.model
     count = lambda part: {src: sum(source_of(s) == src for s in part) for src in sorted({source_of(s) for s in part})}  # noqa: E731
     result = {
@@ -264,7 +276,6 @@ def rescore_fold(prev: dict[str, Any], fold_dir: Path, name: str, k: int, test_s
     """Score a stored fold's ``last.pt`` again under ``protocol``'s decision rule (``run_fold``'s
     ``rescore``); the result keeps its training record and notes the rule it replaces."""
     from .checkpoint import load_checkpoint
-    from .inference import Predictor
 
     ckpt_path = fold_dir / "last.pt"
     if not ckpt_path.is_file():
@@ -274,15 +285,13 @@ def rescore_fold(prev: dict[str, Any], fold_dir: Path, name: str, k: int, test_s
     if made_for != {"model": name, "fold": k}:
         raise InputError(f"{ckpt_path} was written for {made_for or 'no cross-validation fold'}, "
                          f"not {name} fold {k}; delete the folder to train the fold again")
-    names: dict[str, list[str]] = {}
-    for s in test_s:
-        names.setdefault(source_of(s), []).append(s.name)
-    if prev.get("test_slices") != names:
+    if prev.get("test_slices") != slice_names(test_s):
         raise InputError(f"{fold_dir}: the fold's test slices are not the ones it was scored on")
     log.info("%s fold %d: scoring %s again under the current decision rule", name, k, ckpt_path)
     t0 = time.time()
-    predictor = Predictor.from_checkpoint(ckpt_path, device, batch_size=1, cpu_bf16=tcfg.bf16, cuda_bf16=tcfg.bf16)
-    scores = evaluate_fold(predictor, test_s)
+    predictor, scores = _score_checkpoint(ckpt_path, test_s, tcfg, device)
+    # The top-level eval_seconds, device and bf16_eval stay those of the first scoring;
+    # the new scoring's are under "rescored".
     result = {**prev, **scores, "protocol": protocol,
               "rescored": {"previous_decision": prev["protocol"].get("decision"),
                            "previous_metrics": prev.get("metrics"),

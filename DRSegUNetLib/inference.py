@@ -210,10 +210,16 @@ class Predictor:
         of pixel size ``spacing`` (row, col) mm when known (see :meth:`probabilities`);
         ``eight_bit``: the slices are 8-bit images in approximate HU (see :func:`restrict_to_body`)."""
         prob = self.probabilities(hu, spacing)
+        return self.decide_labels(prob, hu, eight_bit), prob
+
+    def decide_labels(self, prob: torch.Tensor, hu: np.ndarray, eight_bit: bool = False) -> np.ndarray:
+        """Labels (N, H, W) uint8 as numpy from probabilities (N, C, H, W) of the HU slices ``hu``
+        (N, H, W), as :meth:`labels` decides them: ``decide``, then the body restriction
+        (``eight_bit`` as there). For probabilities made otherwise, e.g. averaged over models."""
         labels = decide(prob, self.inference).cpu().numpy()
         if self.inference.restrict_to_body:
             labels = restrict_to_body(labels, hu, self.inference.body_threshold_hu, eight_bit=eight_bit)
-        return labels, prob
+        return labels
 
     def predict_slices(self, slices: Sequence[np.ndarray],
                        spacing: Optional[Sequence[float]] = None, eight_bit: bool = False) -> list[np.ndarray]:

@@ -1,5 +1,6 @@
 """Cross-validation protocol (crossval.py): folds, threshold-averaged Dice, the MONAI baseline, the CLI."""
 import json
+import os
 import numpy as np
 import pytest
 import torch
@@ -200,7 +201,7 @@ def test_crossval_has_help():
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_crossval_cli_writes_fold_results_and_the_table(tmp_path, shared_data):
+def test_crossval_cli_writes_fold_results_and_the_table(tmp_path, shared_data, capsys):
     from DRSegUNetLib.cli import main
 
     medseg, zenodo = _paths(shared_data)
@@ -247,8 +248,21 @@ def test_crossval_cli_writes_fold_results_and_the_table(tmp_path, shared_data):
     ckpt_mtime = (out / "drsegunet" / "fold1" / "last.pt").stat().st_mtime_ns
     aged = {**fresh, "protocol": older, "metrics": {"zenodo": {"lung": "old"}}}
     result_path.write_text(json.dumps(aged))
+    capsys.readouterr()
     assert main(argv) == 2
+    assert "with --rescore" in capsys.readouterr().err
     assert json.loads(result_path.read_text()) == json.loads(json.dumps(aged))  # refused: left as it was
+    # A last.pt that is another model's (here monai-unet's of the same fold) is refused.
+    import shutil
+
+    ckpt = out / "drsegunet" / "fold1" / "last.pt"
+    shutil.copy(ckpt, tmp_path / "own.pt")
+    shutil.copy(out / "monai-unet" / "fold1" / "last.pt", ckpt)
+    assert main(argv + ["--rescore"]) == 2
+    assert "was written for {'model': 'monai-unet', 'fold': 1}" in capsys.readouterr().err
+    assert json.loads(result_path.read_text()) == json.loads(json.dumps(aged))
+    shutil.copy(tmp_path / "own.pt", ckpt)
+    os.utime(ckpt, ns=(ckpt_mtime, ckpt_mtime))
     assert main(argv + ["--rescore"]) == 0
     again = json.loads(result_path.read_text())
     assert again["protocol"] == stored and again["metrics"] == fresh["metrics"]

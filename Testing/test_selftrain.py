@@ -474,20 +474,28 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith(FROZEN))
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
 
-    # --ensemble: the labels come from the mean of the models' probabilities; the mean of one
-    # model with itself is that model, so level 2 is taught level 1's own labels.
+    # --ensemble: the labels come from the mean of the models' probabilities (here level 1 and
+    # the level 2 just trained), decided as one model decides them.
+    from DRSegUNetLib.inference import Predictor
+    from DRSegUNetLib.selftrain import read_slices
+
     ens = tmp_path / "ens"
-    assert wb.main([str(MINI), str(level1), "--ensemble", str(level1), "--out", str(ens), "--unsure-below", "0",
+    other = out / "best.pt"
+    assert wb.main([str(MINI), str(level1), "--ensemble", str(other), "--out", str(ens), "--unsure-below", "0",
                     "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "32"]) == 0
     _, (ens1,) = load_label_maps(ens / "level1_labels.npz")
     _, (argmax1,) = load_label_maps(out / "level1_labels.npz")
-    assert np.array_equal(ens1, argmax1) and np.isin(ens1, (1, 3)).any()
-    assert json.loads((ens / "band.json").read_text())["ensemble"] == [str(level1)]
+    hu = read_slices(MINI).hu
+    p1, p2 = (Predictor.from_checkpoint(c, "cpu", batch_size=8) for c in (level1, other))
+    mean = (p1.probabilities(hu) + p2.probabilities(hu)) / 2
+    assert np.array_equal(ens1, p1.decide_labels(mean, hu, eight_bit=True))
+    alone2 = p2.labels(hu, eight_bit=True)[0]
+    assert not np.array_equal(ens1, argmax1) and not np.array_equal(ens1, alone2)  # neither model alone
+    assert json.loads((ens / "band.json").read_text())["ensemble"] == [str(other)]
 
     # --infection-above: level 2 learns level 1's output cut low, and, like the argmax labels,
     # that is cleared outside the body (restrict_to_body leaves it unchanged).
     from DRSegUNetLib.inference import restrict_to_body
-    from DRSegUNetLib.selftrain import read_slices
 
     cut = tmp_path / "cut"
     assert wb.main([str(MINI), str(level1), "--out", str(cut), "--unsure-below", "0", "--infection-above", "0.01",
@@ -727,3 +735,35 @@ def test_weak_zsmooth_averages_within_a_volume_only():
     assert np.isclose(out[2], (w[0] * 1.0 + w[1] * 0.5) / (w[0] + w[1]))
     assert out[3] == 8.0  # alone in its volume: unchanged, nothing from slice 2
     assert np.array_equal(wz.smooth_over_slices(prob, np.array(["a"] * 4), 0), prob)
+
+
+def test_weak_seeds_table_and_its_refusals(tmp_path, capsys):
+    # bench/weak_seeds.py: the seeds' mean, sd, range per level; files on other slices refused.
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("weak_seeds", REPO / "bench" / "weak_seeds.py")
+    ws = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ws)
+
+    def write(folder, name, dice, n=10, groups=True):
+        d = {"metrics": {"infection": {"n_slices": n, "mean": {"dice": dice}}}}
+        if groups:
+            d["by_group"] = {"zenodo0": {"infection": {"mean": {"dice": dice / 2}}}}
+        (folder / f"{name}.json").write_text(json.dumps(d))
+
+    a, b = tmp_path / "a" / "eval", tmp_path / "b" / "eval"
+    a.mkdir(parents=True), b.mkdir(parents=True)
+    write(a, "s0_level1", 0.2), write(a, "s1_level1", 0.3), write(b, "s2_level1", 0.4), write(a, "level0", 0.1)
+    write(tmp_path, "ref", 0.25, groups=False)
+    assert ws.main([str(a), str(b), "--ref", f"cpu={tmp_path / 'ref.json'}"]) == 0
+    out = capsys.readouterr().out
+    assert "| level 1, seeds | 3 | 0.300 | 0.100 | 0.200 | 0.400 | s0 0.200, s1 0.300, s2 0.400 |" in out
+    assert "| level0 (a) | 1 | 0.100 |" in out and "| cpu | 1 | 0.250 |" in out
+    assert "| zenodo0 | 0.150 (0.100-0.200) | 0.050 | – |" in out  # the ref has no groups
+    write(b, "s1_level1", 0.5)  # a seed twice
+    assert ws.main([str(a), str(b)]) == 2
+    (b / "s1_level1.json").unlink()
+    write(tmp_path, "ref", 0.25, n=11)  # scored on other slices
+    assert ws.main([str(a), str(b), "--ref", f"cpu={tmp_path / 'ref.json'}"]) == 2

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelConfig, TrainConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
-from DRSegUNetLib.inference import Predictor, decide, restrict_to_body  # noqa: E402
+from DRSegUNetLib.inference import Predictor, restrict_to_body  # noqa: E402
 from DRSegUNetLib.selftrain import predict_labels, read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
@@ -63,21 +63,16 @@ def level1_labels(predictor: Predictor | Sequence[Predictor], hu: np.ndarray, ch
     predictors = [predictor] if isinstance(predictor, Predictor) else list(predictor)
     predictor = predictors[0]
     for s in range(0, len(hu), chunk):
-        if len(predictors) == 1:
-            lab, prob = predictor.labels(hu[s:s + chunk], eight_bit=True)
-            prob = prob.float().cpu().numpy()
-        else:
-            mean = torch.stack([p.labels(hu[s:s + chunk], eight_bit=True)[1].float() for p in predictors]).mean(0)
-            lab = decide(mean, predictor.inference).cpu().numpy()
-            if predictor.inference.restrict_to_body:
-                lab = restrict_to_body(lab, hu[s:s + chunk], predictor.inference.body_threshold_hu, eight_bit=True)
-            prob = mean.cpu().numpy()
+        part = hu[s:s + chunk]
+        mean = torch.stack([p.probabilities(part).float() for p in predictors]).mean(0)  # one model: itself
+        lab = predictor.decide_labels(mean, part, eight_bit=True)
+        prob = mean.cpu().numpy()
         if infection_above is None:
             conf = prob.max(1)
         else:
             lab = cut_infection(lab, prob, infection_above)
             if predictor.inference.restrict_to_body:
-                lab = restrict_to_body(lab, hu[s:s + chunk], predictor.inference.body_threshold_hu, eight_bit=True)
+                lab = restrict_to_body(lab, part, predictor.inference.body_threshold_hu, eight_bit=True)
             conf = np.take_along_axis(prob, lab[:, None].astype(np.int64), 1)[:, 0]
         labels[s:s + chunk] = lab
         top[s:s + chunk] = conf

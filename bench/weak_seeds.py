@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             m = re.fullmatch(r"s(\d+)_level(\d+)", f.stem)
             d = json.loads(f.read_text())
             if m:
-                seeds.setdefault(int(m.group(2)), {})[int(m.group(1))] = d
+                level, seed = int(m.group(2)), int(m.group(1))
+                if seed in seeds.get(level, {}):
+                    print(f"seed {seed}, level {level} is in two folders ({f})", file=sys.stderr)
+                    return 2
+                seeds.setdefault(level, {})[seed] = d
             else:
                 others[f"{f.stem} ({Path(folder).parent.name})"] = d
     for r in a.ref:
@@ -46,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if not seeds and not others:
         print("no evaluation files found", file=sys.stderr)
         return 1
-    first = next(iter(seeds[min(seeds)].values())) if seeds else next(iter(others.values()))
-    n_slices = first["metrics"]["infection"]["n_slices"]
+    every = [d for per in seeds.values() for d in per.values()] + list(others.values())
+    counts = {d["metrics"]["infection"]["n_slices"] for d in every}
+    if len(counts) > 1:
+        print(f"the files were scored on different numbers of slices ({sorted(counts)}); "
+              "score them on the same slices", file=sys.stderr)
+        return 2
+    n_slices = counts.pop()
+    first = every[0]
     groups = list(first.get("by_group", {}))
     print(f"Infection Dice, mean over {n_slices} slices, against the expert masks\n")
     print("| run | n | mean | sd | lowest | highest | each |")
@@ -70,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             for level in sorted(seeds):
                 v = [infection(seeds[level][s], g) for s in sorted(seeds[level])]
                 row.append(f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})")
-            row += [f"{infection(d, g):.3f}" for d in others.values()]
+            row += [f"{infection(d, g):.3f}" if g in d.get("by_group", {}) else "–" for d in others.values()]
             print("| " + " | ".join(row) + " |")
     return 0
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DRSegUNetLib.inference import Predictor, decide, restrict_to_body  # noqa: E402
+from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.selftrain import read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG  # noqa: E402
 
@@ -78,30 +78,33 @@ def main(argv=None) -> int:
     inp = read_slices(a.data)
     with np.load(a.data) as z:
         inf_truth, lung_truth = z["infection_mask"].astype(bool), z["lung_mask"].astype(bool)
+        source = z["source_index"] if "source_index" in z.files else np.arange(len(inp))
+    volumes = np.array(inp.groups)
+    same = volumes[1:] == volumes[:-1]
+    if not (np.diff(source)[same] == 1).all():
+        ap.error(f"{a.data}: the slices of a volume are not consecutive (source_index), so neighbours in the "
+                 "file are not neighbouring slices; use the full set, not a subset such as every 2nd slice")
     predictor = Predictor.from_checkpoint(a.model, a.device, batch_size=8)
     prob = np.zeros((len(inp), 4) + inp.hu.shape[1:], np.float16)
     for s in range(0, len(inp), 16):
         prob[s:s + 16] = predictor.probabilities(inp.hu[s:s + 16]).float().cpu().numpy()
-    volumes = np.array(inp.groups)
-    groups = np.array([int(g.removeprefix("zenodo")) for g in inp.groups])
+    first_half = np.isin(volumes, list(dict.fromkeys(inp.groups))[:5])  # groups 0-4 of zenodo20_dev.npz
     rows = []
     for r in [int(x) for x in a.radii.split(",")]:
         sm = smooth_over_slices(prob, volumes, r)
-        labels = decide(torch.from_numpy(sm), predictor.inference).numpy()
-        if predictor.inference.restrict_to_body:
-            labels = restrict_to_body(labels, inp.hu, predictor.inference.body_threshold_hu, eight_bit=True)
+        labels = predictor.decide_labels(torch.from_numpy(sm), inp.hu, eight_bit=True)
         inf = dice_per_slice(np.isin(labels, (GGO, CONSOLIDATION)), inf_truth)
         lung = dice_per_slice(np.isin(labels, (GGO, CONSOLIDATION, LUNG)), lung_truth)
         row = {"radius": r, "infection": round(float(inf.mean()), 4),
-               "infection_0_4": round(float(inf[groups <= 4].mean()), 4),
-               "infection_5_8": round(float(inf[groups >= 5].mean()), 4), "lung": round(float(lung.mean()), 4)}
+               "infection_0_4": round(float(inf[first_half].mean()), 4),
+               "infection_5_8": round(float(inf[~first_half].mean()), 4), "lung": round(float(lung.mean()), 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.save == r:
             save_label_maps(out / f"labels_r{r}.npz", [inp.path], [labels])
     info = {"model": a.model, "rows": rows, "seconds": round(time.time() - t0, 1)}
     (out / "zsmooth.json").write_text(json.dumps(info, indent=1) + "\n")
-    print("| radius | infection: all | groups 0-4 | groups 5-8 | lung |\n|---|---|---|---|---|")
+    print("| radius | infection: all | first 5 groups (0-4) | the others (5-8) | lung |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['radius']} | {row['infection']:.3f} | {row['infection_0_4']:.3f} | "
               f"{row['infection_5_8']:.3f} | {row['lung']:.3f} |")

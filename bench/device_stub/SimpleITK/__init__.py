@@ -1,9 +1,10 @@
 """Stand-in for SimpleITK on the lent GPU machine, which has none (bench/gpu_selftrain.sh).
 
 The machine takes at most 64 MiB with the repository; SimpleITK (28 MB packed) and half of
-COVID-19-CT-Seg (34 MB) do not both fit. For ``.npz`` slice inputs the library names
-SimpleITK only in annotations and signatures, so this stub lets it import; any real use
-(a class made, a function called) raises at once instead of giving wrong results.
+COVID-19-CT-Seg (35 MB) do not both fit. For ``.npz`` slice inputs the library names
+SimpleITK only in annotations and signatures, so this stub lets it import. Any call or
+instantiation (a function called, an image made) raises at once instead of giving wrong
+results; a bare attribute such as ``sitkLinear`` is a placeholder class.
 """
 __version__ = "0+stub"
 
