@@ -380,6 +380,34 @@ def predict_labels(checkpoint: Path, inputs: Sequence[SliceInput], device: str =
     return out
 
 
+def stage_keys(config: SelfTrainConfig, data: Sequence[SliceInput], n_inputs: int,
+               identities: Sequence[dict[str, Any]], lung_cfgs: Sequence[dict[str, Any]],
+               eight_bit: EightBitConfig, pseudo: PseudoLabelConfig) -> list[str]:
+    """``state.json``'s key of each stage, level 0 to ``config.levels``: a hash of every setting
+    and input it depends on, and of the previous stage's key (module docstring, Resuming).
+
+    ``data``: the inputs then the extras (``read_slices``); ``identities`` and ``lung_cfgs``
+    per item of ``data``; the first ``n_inputs`` are pseudo-labelled at level 0."""
+    keys = [_key("level0", identities[:n_inputs], to_dict(eight_bit), lung_cfgs[:n_inputs], to_dict(pseudo))]
+    for level in range(1, config.levels + 1):
+        first = level == 1
+        settings = {"lr": config.level1_lr if first else config.level2_lr,
+                    "epochs": config.level1_epochs if first else config.level2_epochs,
+                    "frozen_layers": 0 if first else config.frozen_layers,
+                    **{k: getattr(config, k) for k in ("steps_per_epoch", "batch_size", "crop", "loss", "seed",
+                                                       "base_filters")}}
+        if config.lr_schedule != "constant":
+            settings["lr_schedule"] = config.lr_schedule  # absent for the default: older runs keep their keys
+        if any(d.spacing is not None for d in data):
+            settings["pixel_mm"] = InferenceConfig.pixel_mm  # part of the key only where it applies
+        if any(d.eight_bit for d in data):
+            # Labels of 8-bit slices are cleared outside a body found at Otsu's level
+            # (inference.restrict_to_body); levels made with the -500 rule are redone.
+            settings["body_8bit"] = "otsu"
+        keys.append(_key(f"level{level}", keys[-1], settings, identities[n_inputs:] if first else None))
+    return keys
+
+
 def run_selftrain(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -447,23 +475,7 @@ def run_selftrain(
 
     identities = [_input_identity(p) for p in paths]
     lung_cfgs = [to_dict(lung_config_for(d, config, lung)) for d in data]
-    keys = [_key("level0", identities[: len(inputs)], to_dict(eight_bit), lung_cfgs[: len(inputs)], to_dict(pseudo))]
-    for level in range(1, config.levels + 1):
-        first = level == 1
-        settings = {"lr": config.level1_lr if first else config.level2_lr,
-                    "epochs": config.level1_epochs if first else config.level2_epochs,
-                    "frozen_layers": 0 if first else config.frozen_layers,
-                    **{k: getattr(config, k) for k in ("steps_per_epoch", "batch_size", "crop", "loss", "seed",
-                                                       "base_filters")}}
-        if config.lr_schedule != "constant":
-            settings["lr_schedule"] = config.lr_schedule  # absent for the default: older runs keep their keys
-        if any(d.spacing is not None for d in data):
-            settings["pixel_mm"] = InferenceConfig.pixel_mm  # part of the key only where it applies
-        if any(d.eight_bit for d in data):
-            # Labels of 8-bit slices are cleared outside a body found at Otsu's level
-            # (inference.restrict_to_body); levels made with the -500 rule are redone.
-            settings["body_8bit"] = "otsu"
-        keys.append(_key(f"level{level}", keys[-1], settings, identities[len(inputs):] if first else None))
+    keys = stage_keys(config, data, len(inputs), identities, lung_cfgs, eight_bit, pseudo)
 
     def finished(stage: str, key: str, files: Sequence[str]) -> bool:
         rec = state["stages"].get(stage)

@@ -767,3 +767,33 @@ def test_weak_seeds_table_and_its_refusals(tmp_path, capsys):
     (b / "s1_level1.json").unlink()
     write(tmp_path, "ref", 0.25, n=11)  # scored on other slices
     assert ws.main([str(a), str(b), "--ref", f"cpu={tmp_path / 'ref.json'}"]) == 2
+
+
+def test_state_from_before_the_otsu_body_redoes_the_levels_but_not_level0(tmp_path):
+    # Levels labelled before 8-bit slices got the Otsu body (their keys had no body_8bit) are
+    # trained again on a rerun; the pseudo-labels of level 0 do not depend on it and are kept.
+    import dataclasses
+
+    from DRSegUNetLib.config import EightBitConfig, LungConfig, PseudoLabelConfig, to_dict
+    from DRSegUNetLib.selftrain import _input_identity, lung_config_for, read_slices, stage_keys
+
+    out = tmp_path / "st"
+    cfg = tiny()
+    run_selftrain([MINI], out, cfg, device="cpu")
+    state = json.loads((out / "state.json").read_text())
+    data = [read_slices(MINI)]
+    args = ([_input_identity(str(MINI))], [to_dict(lung_config_for(data[0], cfg, LungConfig()))],
+            EightBitConfig(), PseudoLabelConfig())
+    now = stage_keys(cfg, data, 1, *args)
+    assert [state["stages"][f"level{k}"]["key"] for k in range(3)] == now
+    # Before the fix the keys were made as for slices without the 8-bit flag.
+    before = stage_keys(cfg, [dataclasses.replace(data[0], eight_bit=False)], 1, *args)
+    assert before[0] == now[0] and before[1] != now[1] and before[2] != now[2]
+    for k in (1, 2):
+        state["stages"][f"level{k}"]["key"] = before[k]
+    (out / "state.json").write_text(json.dumps(state))
+    res = run_selftrain([MINI], out, cfg, device="cpu")
+    assert res.skipped == ["level0"]  # levels 1 and 2 trained again
+    again = json.loads((out / "state.json").read_text())
+    assert [again["stages"][f"level{k}"]["key"] for k in range(3)] == now
+    assert again["stages"]["level0"] == state["stages"]["level0"]
