@@ -797,3 +797,29 @@ def test_state_from_before_the_otsu_body_redoes_the_levels_but_not_level0(tmp_pa
     again = json.loads((out / "state.json").read_text())
     assert [again["stages"][f"level{k}"]["key"] for k in range(3)] == now
     assert again["stages"]["level0"] == state["stages"]["level0"]
+
+
+def test_weak_by_size_quartiles_and_table(tmp_path, capsys):
+    # bench/weak_by_size.py: slices split into quartiles of their expert infection area.
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("weak_by_size", REPO / "bench" / "weak_by_size.py")
+        wbs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(wbs)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    edges, q = wbs.quartiles(np.arange(8))
+    assert np.allclose(edges, [1.75, 3.5, 5.25]) and q.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # The bundled slices: the expert masks themselves score 1 in every quartile, nothing scores 0.
+    with np.load(MINI) as z:
+        inf = z["infection_mask"].astype(np.uint8)
+    np.savez(tmp_path / "expert.npz", labels=inf)  # infection as GGO (1)
+    np.savez(tmp_path / "none.npz", labels=np.zeros_like(inf))
+    assert wbs.main([str(MINI), f"expert={tmp_path / 'expert.npz'}", f"none={tmp_path / 'none.npz'}"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert len(rows) == 4 and all(r.endswith("| 1.000 | 0.000 |") for r in rows)

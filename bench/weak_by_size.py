@@ -1,0 +1,67 @@
+"""Infection Dice of label maps by the size of the experts' infection on each slice (issue 4).
+
+Issue 4 scores infection Dice as a mean over slices, so slices with small lesions weigh
+as much as slices with large ones. This script splits the slices of a COVID-19-CT-Seg
+``.npz`` into quartiles of their expert infection area and prints, per quartile, the mean
+Dice of each label map given as NAME=LABELS.npz (``evaluate --predictions`` inputs, e.g.
+``selftrain``'s ``levelK/labels.npz``), and the mean over all slices:
+
+    python bench/weak_by_size.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+        PL=runs/weak6/st/level0/labels.npz L1=runs/weak14_l2_body8/level1_labels.npz \\
+        L2=runs/weak14_l2_body8/labels.npz
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from DRSegUNetLib.selftrain import labels_for_dataset  # noqa: E402
+from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO  # noqa: E402
+
+from weak_lungfield import dice_per_slice  # noqa: E402
+
+
+def quartiles(area: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(edges (3,), quartile (N,) 0-3) of per-slice areas: quartile k holds areas in
+    [edge k-1, edge k), the first from 0 and the last to the largest."""
+    edges = np.quantile(area, [0.25, 0.5, 0.75])
+    return edges, np.digitize(area, edges)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data", help=".npz with infection_mask (zenodo20_dev.npz)")
+    ap.add_argument("labels", nargs="+", metavar="NAME=LABELS.npz")
+    a = ap.parse_args(argv)
+    with np.load(a.data) as z:
+        truth = z["infection_mask"].astype(bool)
+    maps = {}
+    for item in a.labels:
+        name, _, path = item.partition("=")
+        if not path:
+            ap.error(f"{item}: give NAME=LABELS.npz")
+        maps[name] = np.isin(labels_for_dataset(path, a.data, len(truth)), (GGO, CONSOLIDATION))
+    area = truth.sum(axis=(1, 2))
+    edges, q = quartiles(area)
+    names = list(maps)
+    print(f"Infection Dice (mean over slices) by quartile of the experts' infection area; edges "
+          f"{', '.join(f'{e:g}' for e in edges)} px\n")
+    print("| quartile | slices | median area (px) | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    dice = {n: dice_per_slice(m, truth) for n, m in maps.items()}
+    for k in range(4):
+        sel = q == k
+        print(f"| {k + 1} | {int(sel.sum())} | {int(np.median(area[sel]))} | "
+              + " | ".join(f"{dice[n][sel].mean():.3f}" for n in names) + " |")
+    print(f"| all | {len(truth)} | {int(np.median(area))} | " + " | ".join(f"{dice[n].mean():.3f}" for n in names)
+          + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
