@@ -821,5 +821,10 @@ def test_weak_by_size_quartiles_and_table(tmp_path, capsys):
     np.savez(tmp_path / "expert.npz", labels=inf)  # infection as GGO (1)
     np.savez(tmp_path / "none.npz", labels=np.zeros_like(inf))
     assert wbs.main([str(MINI), f"expert={tmp_path / 'expert.npz'}", f"none={tmp_path / 'none.npz'}"]) == 0
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| ") and r[2].isdigit() and "/" not in r]
     assert len(rows) == 4 and all(r.endswith("| 1.000 | 0.000 |") for r in rows)
+    # The share table: the expert map's infection share of its field (its infection alone) is 1.
+    assert "| expert | 1.000 | 1.000-1.000 |" in out and "| none | 0.000 | 0.000-0.000 |" in out
+    assert out.count("| 1.000 / 1.000, x1.00 | 0.000 / 0.000, x0.00 |") == 4
+    assert np.isclose(wbs.spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 30, 20, 40])), 0.8)
