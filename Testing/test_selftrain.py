@@ -709,7 +709,7 @@ def test_device_stub_lets_npz_inputs_through_and_refuses_simpleitk_use():
     assert lines[1].startswith("refused: SimpleITK.ReadImage was used")
 
 
-def test_weak_zsmooth_averages_within_a_volume_only():
+def test_weak_zsmooth_averages_within_a_volume_only(tmp_path):
     # bench/weak_zsmooth.py (docs/weak_supervision.md): probabilities averaged over neighbouring
     # slices of the same volume, Gaussian weights of sigma R/2, renormalised at a volume's ends.
     import importlib.util
@@ -735,6 +735,10 @@ def test_weak_zsmooth_averages_within_a_volume_only():
     assert np.isclose(out[2], (w[0] * 1.0 + w[1] * 0.5) / (w[0] + w[1]))
     assert out[3] == 8.0  # alone in its volume: unchanged, nothing from slice 2
     assert np.array_equal(wz.smooth_over_slices(prob, np.array(["a"] * 4), 0), prob)
+    # The bundled slices are not consecutive slices of their volumes: refused before any model runs.
+    with pytest.raises(SystemExit) as e:
+        wz.main([str(MINI), "no_model_needed.pt", "--out", str(tmp_path / "zs")])
+    assert e.value.code == 2 and not (tmp_path / "zs").exists()
 
 
 def test_weak_seeds_table_and_its_refusals(tmp_path, capsys):
@@ -764,9 +768,11 @@ def test_weak_seeds_table_and_its_refusals(tmp_path, capsys):
     assert "| zenodo0 | 0.150 (0.100-0.200) | 0.050 | – |" in out  # the ref has no groups
     write(b, "s1_level1", 0.5)  # a seed twice
     assert ws.main([str(a), str(b)]) == 2
+    assert "seed 1, level 1 is in two folders" in capsys.readouterr().err
     (b / "s1_level1.json").unlink()
     write(tmp_path, "ref", 0.25, n=11)  # scored on other slices
     assert ws.main([str(a), str(b), "--ref", f"cpu={tmp_path / 'ref.json'}"]) == 2
+    assert "different numbers of slices ([10, 11])" in capsys.readouterr().err
 
 
 def test_state_from_before_the_otsu_body_redoes_the_levels_but_not_level0(tmp_path):

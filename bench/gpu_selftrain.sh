@@ -37,6 +37,9 @@ COMMON="--base-filters 16 --crop 128 --batch-size 8 --steps-per-epoch $STEPS --l
 el() { echo $(( $(date +%s) - T0 )); }
 left() { echo $(( LIMIT - RESERVE - $(el) )); }   # seconds left for training
 run_left() { local t; t=$(left); [ "$t" -gt 0 ] || { log "no time left for: $*"; return 124; }; timeout "$t" "$@"; }
+# The same for a job put in the background with &: its subshell becomes `timeout`, so that the
+# trap's kill reaches it (timeout passes the signal on to the job).
+bg_left() { local t; t=$(left); [ "$t" -gt 0 ] || { log "no time left for: $*"; exit 124; }; exec timeout "$t" "$@"; }
 log() { echo "[gpu_selftrain $(el)s] $*" | tee -a "$W/steps.txt"; }
 pack() {
     (cd "$W" && tar czf "$OUTD/results.tgz" --exclude='*.pt' . )
@@ -58,20 +61,20 @@ set -- $SEEDS
 FIRST=$1
 declare -A PID
 log "s$FIRST: level 0, then levels 1-2"
-run_left $P selftrain "$D" --out "$W/s$FIRST" $COMMON --seed "$FIRST" >"$W/s$FIRST.log" 2>&1 &
+bg_left $P selftrain "$D" --out "$W/s$FIRST" $COMMON --seed "$FIRST" >"$W/s$FIRST.log" 2>&1 &
 PID[$FIRST]=$!
 wait_stage "$W/s$FIRST" level0 "${PID[$FIRST]}" || { log "level 0 did not finish"; exit 1; }
 for s in "${@:2}"; do
     mkdir -p "$W/s$s" && cp -r "$W/s$FIRST/level0" "$W/s$FIRST/state.json" "$W/s$s/"
     log "s$s: levels 1-2 (level 0 copied)"
-    run_left $P selftrain "$D" --out "$W/s$s" $COMMON --seed "$s" >"$W/s$s.log" 2>&1 &
+    bg_left $P selftrain "$D" --out "$W/s$s" $COMMON --seed "$s" >"$W/s$s.log" 2>&1 &
     PID[$s]=$!
 done
 BA=
 if [ "$BA_EPOCHS" -gt 0 ] && wait_stage "$W/s$FIRST" level1 "${PID[$FIRST]}"; then
     mkdir -p "$W/ba" && cp -r "$W/s$FIRST/level0" "$W/s$FIRST/level1" "$W/s$FIRST/state.json" "$W/ba/"
     log "ba: level 2 unfrozen at 9.8e-4 for $BA_EPOCHS epochs (level 1 copied from s$FIRST)"
-    run_left $P selftrain "$D" --out "$W/ba" $COMMON --seed "$FIRST" --frozen-layers 0 \
+    bg_left $P selftrain "$D" --out "$W/ba" $COMMON --seed "$FIRST" --frozen-layers 0 \
         --level2-lr 9.8e-4 --level2-epochs "$BA_EPOCHS" >"$W/ba.log" 2>&1 &
     BA=$!
 fi

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     dice = {n: dice_per_slice(m, truth) for n, m in maps.items()}
     for k in range(4):
         sel = q == k
+        if not sel.any():  # many equal areas (e.g. lesion-free slices) can leave a quartile empty
+            print(f"| {k + 1} | 0 | – |" + " – |" * len(names))
+            continue
         print(f"| {k + 1} | {int(sel.sum())} | {int(np.median(area[sel]))} | "
               + " | ".join(f"{dice[n][sel].mean():.3f}" for n in names) + " |")
     print(f"| all | {len(truth)} | {int(np.median(area))} | " + " | ".join(f"{dice[n].mean():.3f}" for n in names)
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| quartile | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for k in range(4):
         sel = q == k
+        if not sel.any():
+            continue
         cells = []
         for n in names:
             m, t = maps[n][sel], truth[sel]

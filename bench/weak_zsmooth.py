@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DRSegUNetLib.inference import Predictor  # noqa: E402
-from DRSegUNetLib.selftrain import read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.selftrain import _group_key, read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG  # noqa: E402
 
 from weak_lungfield import dice_per_slice  # noqa: E402
@@ -73,7 +73,6 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     inp = read_slices(a.data)
     with np.load(a.data) as z:
@@ -84,11 +83,13 @@ def main(argv=None) -> int:
     if not (np.diff(source)[same] == 1).all():
         ap.error(f"{a.data}: the slices of a volume are not consecutive (source_index), so neighbours in the "
                  "file are not neighbouring slices; use the full set, not a subset such as every 2nd slice")
+    out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_checkpoint(a.model, a.device, batch_size=8)
     prob = np.zeros((len(inp), 4) + inp.hu.shape[1:], np.float16)
     for s in range(0, len(inp), 16):
         prob[s:s + 16] = predictor.probabilities(inp.hu[s:s + 16]).float().cpu().numpy()
-    first_half = np.isin(volumes, list(dict.fromkeys(inp.groups))[:5])  # groups 0-4 of zenodo20_dev.npz
+    order = sorted(set(inp.groups), key=_group_key)  # zenodo0, zenodo1, ..., zenodo8 in number order
+    first_half = np.isin(volumes, order[:5])  # groups 0-4 of zenodo20_dev.npz
     rows = []
     for r in [int(x) for x in a.radii.split(",")]:
         sm = smooth_over_slices(prob, volumes, r)
