@@ -263,6 +263,13 @@ def test_crossval_cli_writes_fold_results_and_the_table(tmp_path, shared_data, c
     assert json.loads(result_path.read_text()) == json.loads(json.dumps(aged))
     shutil.copy(tmp_path / "own.pt", ckpt)
     os.utime(ckpt, ns=(ckpt_mtime, ckpt_mtime))
+    # A result whose test slices are not the fold's is refused too.
+    moved = json.loads(json.dumps(aged))
+    moved["test_slices"]["zenodo"] = moved["test_slices"]["zenodo"][::-1]
+    result_path.write_text(json.dumps(moved))
+    assert main(argv + ["--rescore"]) == 2
+    assert "not the ones it was scored on" in capsys.readouterr().err
+    result_path.write_text(json.dumps(aged))
     assert main(argv + ["--rescore"]) == 0
     again = json.loads(result_path.read_text())
     assert again["protocol"] == stored and again["metrics"] == fresh["metrics"]
