@@ -35,6 +35,18 @@ def weights(path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench scripts are not a package)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def extra_npz(tmp_path_factory):
     """Two more real 8-bit slices (COVID-19-CT-Seg, groups 0 and 1) without masks: unlabelled input."""
@@ -410,13 +422,7 @@ def test_weak_ceiling_best_cut_matches_brute_force():
     # bench/weak_ceiling.py's oracle bounds (docs/weak_supervision.md) take, per slice, the
     # best Dice over every cut of an integer score; it must equal trying each cut, with
     # expert pixels outside the allowed region counted as missed.
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("weak_ceiling", REPO / "bench" / "weak_ceiling.py")
-    wc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wc)
+    wc = load_bench("weak_ceiling")
     rng = np.random.default_rng(3)
     for _ in range(20):
         score = rng.integers(0, 12, size=(9, 11))
@@ -437,14 +443,9 @@ def test_weak_ceiling_best_cut_matches_brute_force():
 
 def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     # bench/weak_band.py (docs/weak_supervision.md): level 2 taught only where level 1 is sure.
-    import importlib.util
-
-    from conftest import REPO
     from DRSegUNetLib.data import bit
 
-    spec = importlib.util.spec_from_file_location("weak_band", REPO / "bench" / "weak_band.py")
-    wb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wb)
+    wb = load_bench("weak_band")
     labels = np.array([[0, 1, 3, 1, 3, 0]], np.uint8)
     top = np.array([[0.4, 0.6, 0.6, 0.9, 0.95, 0.99]], np.float32)
     allowed = wb.allowed_sets(labels, top, 0.7)
@@ -508,13 +509,7 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
 
 def test_weak_lungfield_posterior_fill_and_rows(tmp_path, bundled_model):
     # bench/weak_lungfield.py (docs/weak_supervision.md): the pseudo-labels in other lung fields.
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("weak_lungfield", REPO / "bench" / "weak_lungfield.py")
-    wl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wl)
+    wl = load_bench("weak_lungfield")
     # Two lungs (columns 2-17 and 22-37 of 40; the halves split at column 19). The left one
     # has a notch cut into its back (rows 12-15, columns 8-11): no lung lies behind it, so it
     # is filled; a notch in its front, with lung behind it, is not.
@@ -554,14 +549,9 @@ def test_weak_lungfield_posterior_fill_and_rows(tmp_path, bundled_model):
 def test_weak_openband_leaves_only_a_band_round_the_lung_field_open(tmp_path):
     # bench/weak_openband.py (docs/weak_supervision.md): level 1 not taught to call the tissue
     # right round the lung field background.
-    import importlib.util
-
-    from conftest import REPO
     from DRSegUNetLib.data import bit
 
-    spec = importlib.util.spec_from_file_location("weak_openband", REPO / "bench" / "weak_openband.py")
-    wo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wo)
+    wo = load_bench("weak_openband")
     labels = np.zeros((1, 12), np.uint8)
     labels[0, 4:7] = (3, 1, 3)  # lung field: columns 4-6
     body = np.ones((1, 12), bool)
@@ -666,15 +656,10 @@ def test_read_slices_reads_only_the_arrays_it_uses(tmp_path):
 def test_body_restriction_cap_swaps_only_the_air_rule(capsys):
     # bench/body_restriction_cap.py (docs/weak_supervision.md): restrict_to_body with another
     # air rule must be restrict_to_body itself when the rule is its own threshold.
-    import importlib.util
-
-    from conftest import REPO
     from DRSegUNetLib.inference import restrict_to_body
     from DRSegUNetLib.selftrain import read_slices
 
-    spec = importlib.util.spec_from_file_location("body_restriction_cap", REPO / "bench" / "body_restriction_cap.py")
-    bc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bc)
+    bc = load_bench("body_restriction_cap")
     hu = read_slices(MINI).hu
     labels = np.full(hu.shape, 3, np.uint8)
     for level in (-500.0, -800.0):
@@ -712,18 +697,7 @@ def test_device_stub_lets_npz_inputs_through_and_refuses_simpleitk_use():
 def test_weak_zsmooth_averages_within_a_volume_only(tmp_path):
     # bench/weak_zsmooth.py (docs/weak_supervision.md): probabilities averaged over neighbouring
     # slices of the same volume, Gaussian weights of sigma R/2, renormalised at a volume's ends.
-    import importlib.util
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("weak_zsmooth", REPO / "bench" / "weak_zsmooth.py")
-        wz = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(wz)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    wz = load_bench("weak_zsmooth")
     w = wz.weights(1)  # exp(-2) at offsets -1 and +1, 1 at 0
     assert np.allclose(w, np.array([np.exp(-2), 1, np.exp(-2)]) / (1 + 2 * np.exp(-2)))
     assert np.array_equal(wz.weights(0), [1.0])
@@ -743,13 +717,7 @@ def test_weak_zsmooth_averages_within_a_volume_only(tmp_path):
 
 def test_weak_seeds_table_and_its_refusals(tmp_path, capsys):
     # bench/weak_seeds.py: the seeds' mean, sd, range per level; files on other slices refused.
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("weak_seeds", REPO / "bench" / "weak_seeds.py")
-    ws = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ws)
+    ws = load_bench("weak_seeds")
 
     def write(folder, name, dice, n=10, groups=True):
         d = {"metrics": {"infection": {"n_slices": n, "mean": {"dice": dice}}}}
@@ -807,18 +775,7 @@ def test_state_from_before_the_otsu_body_redoes_the_levels_but_not_level0(tmp_pa
 
 def test_weak_by_size_quartiles_and_table(tmp_path, capsys):
     # bench/weak_by_size.py: slices split into quartiles of their expert infection area.
-    import importlib.util
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("weak_by_size", REPO / "bench" / "weak_by_size.py")
-        wbs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(wbs)
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    wbs = load_bench("weak_by_size")
     edges, q = wbs.quartiles(np.arange(8))
     assert np.allclose(edges, [1.75, 3.5, 5.25]) and q.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     # The bundled slices: the expert masks themselves score 1 in every quartile, nothing scores 0.

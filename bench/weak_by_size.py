@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DRSegUNetLib.selftrain import labels_for_dataset  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG  # noqa: E402
 
-from weak_lungfield import dice_per_slice  # noqa: E402
+from weak_lungfield import dice_per_slice  # noqa: E402  (bench/)
 
 
 def quartiles(area: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
