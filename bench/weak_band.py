@@ -40,7 +40,7 @@ from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelConfig, TrainConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
 from DRSegUNetLib.inference import Predictor, restrict_to_body  # noqa: E402
-from DRSegUNetLib.selftrain import predict_labels, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.selftrain import SliceInput, predict_labels, read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
 
@@ -98,6 +98,33 @@ def allowed_sets(labels: np.ndarray, top: np.ndarray, unsure_below: float) -> np
     return allowed
 
 
+def experiment_parser(doc: str, level: str, level_help: str) -> argparse.ArgumentParser:
+    """The arguments every weak-supervision experiment takes (this script, weak_openband.py):
+    DATA, the level it starts from, and --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("data", help=".npz of 8-bit slices (ct_uint8), e.g. zenodo20_dev.npz")
+    ap.add_argument(level, help=level_help)
+    ap.add_argument("--out", required=True)
+    return ap
+
+
+def start(args: argparse.Namespace) -> tuple[Path, float, SliceInput]:
+    """Make OUT; return it, the start time and DATA's slices."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, time.time(), read_slices(args.data)
+
+
+def finish(out: Path, best: Path, inp: SliceInput, device: str, info: dict, json_name: str) -> int:
+    """Label every slice with the trained level (argmax, as ``selftrain``), save the labels
+    as OUT/labels.npz and ``info`` as OUT/JSON_NAME, and print ``info``."""
+    (labels,) = predict_labels(best, [inp], device)
+    save_label_maps(out / "labels.npz", [inp.path], [labels])
+    (out / json_name).write_text(json.dumps(info, indent=1) + "\n")
+    print(json.dumps(info))
+    return 0
+
+
 def add_training_options(ap: argparse.ArgumentParser, lr: float, epochs: int, seed: int, seed_help: str) -> None:
     """The training options of the weak-supervision experiments (this script, weak_openband.py)."""
     ap.add_argument("--lr", type=float, default=lr)
@@ -117,10 +144,7 @@ def training_config(args: argparse.Namespace, **more) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("data", help=".npz of 8-bit slices (ct_uint8), e.g. zenodo20_dev.npz")
-    ap.add_argument("level1", help="level 1's checkpoint (selftrain OUT/level1/best.pt)")
-    ap.add_argument("--out", required=True)
+    ap = experiment_parser(__doc__, "level1", "level 1's checkpoint (selftrain OUT/level1/best.pt)")
     ap.add_argument("--unsure-below", type=float, default=0.7, help="0: every pixel decided, as selftrain")
     ap.add_argument("--flip-tta", action="store_true")
     ap.add_argument("--infection-above", type=float, default=None,
@@ -132,10 +156,7 @@ def main(argv=None) -> int:
     add_training_options(ap, lr=9.8e-5, epochs=10, seed=1, seed_help="selftrain's level 2 uses seed + 1 = 1")
     args = ap.parse_args(argv)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    inp = read_slices(args.data)
+    out, t0, inp = start(args)
     predictors = [Predictor.from_checkpoint(c, args.device, batch_size=8, flip_tta=args.flip_tta)
                   for c in [args.level1, *args.ensemble]]
     labels, top = level1_labels(predictors, inp.hu, infection_above=args.infection_above)
@@ -148,16 +169,12 @@ def main(argv=None) -> int:
     cfg = training_config(args, frozen_layers=args.frozen_layers)
     res = train(samples, [], out, cfg, ModelConfig(network=init.config.network, eight_bit=init.config.eight_bit),
                 init=init, device=args.device)
-    (level2,) = predict_labels(res.best_path, [inp], args.device)
-    save_label_maps(out / "labels.npz", [inp.path], [level2])
     info = {"level1": args.level1, "ensemble": args.ensemble, "unsure_below": args.unsure_below,
             "flip_tta": args.flip_tta,
             "infection_above": args.infection_above,
             "unsure_fraction_of_lung_field": round(unsure, 4), "n_train_slices": len(samples),
             "seconds": round(time.time() - t0, 1)}
-    (out / "band.json").write_text(json.dumps(info, indent=1) + "\n")
-    print(json.dumps(info))
-    return 0
+    return finish(out, res.best_path, inp, args.device, info, "band.json")
 
 
 if __name__ == "__main__":

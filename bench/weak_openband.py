@@ -20,8 +20,6 @@ in DATA are never read here.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,11 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from DRSegUNetLib.config import EightBitConfig, ModelConfig, NetworkConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
 from DRSegUNetLib.lungs import air_mask, assumed_spacing, body_mask  # noqa: E402
-from DRSegUNetLib.selftrain import (labels_for_dataset, lung_config_for, predict_labels, read_slices,  # noqa: E402
-                                    save_label_maps)
+from DRSegUNetLib.selftrain import labels_for_dataset, lung_config_for  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, GGO, LUNG  # noqa: E402
-from weak_band import add_training_options, training_config  # noqa: E402  (bench/)
+from weak_band import add_training_options, experiment_parser, finish, start, training_config  # noqa: E402  (bench/)
 
 
 def open_band_allowed(labels: np.ndarray, body: np.ndarray, radius_px: float) -> np.ndarray:
@@ -54,19 +51,13 @@ def open_band_allowed(labels: np.ndarray, body: np.ndarray, radius_px: float) ->
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("data", help=".npz of 8-bit slices (ct_uint8), e.g. zenodo20_dev.npz")
-    ap.add_argument("level0", help="the level-0 pseudo-labels (selftrain OUT/level0/labels.npz)")
-    ap.add_argument("--out", required=True)
+    ap = experiment_parser(__doc__, "level0", "the level-0 pseudo-labels (selftrain OUT/level0/labels.npz)")
     ap.add_argument("--open-mm", type=float, default=15.0, help="band width round the lung field; 0: as selftrain")
     ap.add_argument("--base-filters", type=int, default=16)
     add_training_options(ap, lr=9.8e-4, epochs=60, seed=0, seed_help="selftrain's level 1 uses seed 0")
     args = ap.parse_args(argv)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    inp = read_slices(args.data)
+    out, t0, inp = start(args)
     labels = labels_for_dataset(args.level0, args.data, len(inp))
     if labels.shape != inp.hu.shape:
         sys.exit(f"{args.level0} holds {labels.shape[0]} label maps of {labels.shape[1:]}; {args.data} has "
@@ -85,14 +76,10 @@ def main(argv=None) -> int:
     mcfg = ModelConfig(network=NetworkConfig(base_filters=args.base_filters),
                        eight_bit=EightBitConfig())
     res = train(samples, [], out, tcfg, mcfg, device=args.device)
-    (level1,) = predict_labels(res.best_path, [inp], args.device)
-    save_label_maps(out / "labels.npz", [inp.path], [level1])
     info = {"level0": args.level0, "open_mm": args.open_mm, "pixel_mm": px, "n_train_slices": len(samples),
             "band_pixels_per_field_pixel": round(band_px / max(1, field_px), 4),
             "seconds": round(time.time() - t0, 1)}
-    (out / "openband.json").write_text(json.dumps(info, indent=1) + "\n")
-    print(json.dumps(info))
-    return 0
+    return finish(out, res.best_path, inp, args.device, info, "openband.json")
 
 
 if __name__ == "__main__":
