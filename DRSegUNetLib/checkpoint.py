@@ -112,11 +112,27 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _check_archive(path: Path) -> None:
+    """CheckpointError when a zip-format checkpoint (torch.save's format) has a member whose
+    bytes fail its CRC-32: a damaged copy that torch.load would read without complaint,
+    with wrong weights. Files that are not zips are left to torch.load to judge."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path} is not a readable DRSegUNet checkpoint ({type(e).__name__})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: its part {bad!r} fails its checksum; use another copy")
+
+
 def load_checkpoint(path: str | os.PathLike, expected_classes: tuple[str, ...] = CLASS_NAMES) -> Checkpoint:
     """Load and validate a checkpoint; raise CheckpointError with a one-line reason."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError) as e:

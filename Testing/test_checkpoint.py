@@ -59,6 +59,28 @@ def test_truncated_real_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "t.pt")
 
 
+def test_checkpoint_with_a_flipped_byte_in_its_weights_is_refused(tmp_path):
+    # torch.load reads such a file without complaint and gives wrong weights; the zip's
+    # CRC-32 of the damaged tensor's record tells.
+    import zipfile
+
+    model, cfg = _model()
+    save_checkpoint(Checkpoint.from_model(model, cfg), tmp_path / "m.pt")
+    data = bytearray((tmp_path / "m.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "m.pt") as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    header = 30 + len(info.filename.encode()) + int.from_bytes(data[info.header_offset + 28:info.header_offset + 30],
+                                                               "little")
+    at = info.header_offset + header + info.file_size // 2
+    data[at] ^= 0x40
+    (tmp_path / "flip.pt").write_bytes(bytes(data))
+    raw = torch.load(tmp_path / "flip.pt", map_location="cpu", weights_only=True)  # what load used to accept
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in raw["state_dict"].items())
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_checkpoint(tmp_path / "flip.pt")
+    assert load_checkpoint(tmp_path / "m.pt").config == cfg  # the undamaged file still loads
+
+
 def test_other_torch_file_and_other_class_layout(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a DRSegUNet checkpoint"):
