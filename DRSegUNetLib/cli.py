@@ -303,6 +303,22 @@ def _setup(args: argparse.Namespace) -> None:
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
+def _check_writable_folder(out: Path) -> None:
+    """OSError now, before any work, when ``out`` could not be written later: the nearest
+    folder of its path that exists is a file or cannot be written to (writers make the
+    missing folders below it)."""
+    import errno
+    import os
+
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
 def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
     """InputError when an output path is an input (by any path to the same file) or another output."""
     import os
@@ -314,6 +330,7 @@ def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
     for i, out in enumerate(outs):
         if out.is_dir():  # found now, not after the other outputs were replaced
             raise InputError(f"output {out} is a folder; give a file name")
+        _check_writable_folder(out)
         for inp in ins:
             if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
                 raise InputError(f"output {out} is the input {inp}; write the output to another path")
@@ -565,6 +582,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .selftrain import GroupedMetrics, labels_for_dataset
     from .vocabulary import REGIONS
 
+    _check_outputs([args.data, args.predictions, args.model, args.split], [args.json])
     regions = tuple(REGIONS)
     if args.regions:
         regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())

@@ -343,7 +343,52 @@ def test_os_errors_are_one_line(tmp_path, capsys, tiny_checkpoint):
     out = tmp_path / "file" / "l.nii.gz"  # in a folder that cannot be made
     assert main(["segment", str(slab), str(out), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: {tmp_path / 'file'} (File exists)" and "Traceback" not in "\n".join(err)
+    assert err[-1] == f"error: {tmp_path / 'file'} (Not a directory)" and "Traceback" not in "\n".join(err)
+
+
+def test_evaluate_never_writes_its_json_over_an_input(tmp_path, capsys, tiny_checkpoint):
+    import shutil
+
+    data = tmp_path / "z.npz"
+    shutil.copy(TESTDATA / "zenodo_mini.npz", data)
+    model = tmp_path / "m.pt"
+    shutil.copy(tiny_checkpoint, model)
+    before = data.read_bytes(), model.read_bytes()
+    for json_out in (data, model, tmp_path / "." / "m.pt"):
+        assert main(["evaluate", str(data), "--model", str(model), "--json", str(json_out), "--device", "cpu"]) == 2
+        assert "is the input" in capsys.readouterr().err
+    assert (data.read_bytes(), model.read_bytes()) == before
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    import os
+
+
+    worked = []
+    monkeypatch.setattr("DRSegUNetLib.data.read_dataset", lambda *a, **k: worked.append(a))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    out = locked / "new" / "e.json"  # the missing folder would be made in "locked"
+    assert main(["evaluate", str(TESTDATA / "zenodo_mini.npz"), "--model", str(tiny_checkpoint),
+                 "--json", str(out), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {locked} (Permission denied)"
+    assert worked == [] and list(locked.iterdir()) == []
+
+
+def test_atomic_write_names_the_callers_file_when_it_cannot_write(tmp_path, monkeypatch):
+    import tempfile
+
+    from DRSegUNetLib.atomic import atomic_write_bytes
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".x.json.abc.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as e:
+        atomic_write_bytes(tmp_path / "x.json", b"{}")
+    assert e.value.filename == str(tmp_path / "x.json")
 
 
 @pytest.mark.parametrize("argv", [["finetune", "--epochs", "0"], ["finetune", "--batch-size", "0"],
