@@ -25,8 +25,11 @@ trained on (a slice without lung gives no information about the lesions).
 Resuming: ``state.json`` records, per finished stage, a key of every setting and
 input it depends on (and of the previous stage's key). A rerun skips finished stages
 with the same key and redoes a stage whose settings changed, and every stage after
-it; a stage interrupted mid-way starts again from its beginning. Every file is
-written atomically, ``state.json`` last.
+it; a stage interrupted mid-way starts again from its beginning. A finished stage's
+files are checked before they are reused (``stage_outputs``: label maps of the inputs'
+shapes and vocabulary, readable metrics, a checkpoint trained by that stage); a stage
+whose files fail is done again, with a warning. Every file is written atomically,
+``state.json`` last.
 
 Inputs: CT volumes in HU (any format ``imageio.read_ct`` reads), sliced axially in
 radiological display orientation, or ``.npz`` files of 8-bit slices (``ct_uint8``
@@ -55,7 +58,7 @@ from .atomic import atomic_write_bytes
 from .config import (EightBitConfig, InferenceConfig, LungConfig, ModelConfig, NetworkConfig, PseudoLabelConfig,
                      SelfTrainConfig, TrainConfig, to_dict)
 from .data import Sample, check_slices_npz, labels_to_allowed, read_npz, resample_sample
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .metrics import MetricAccumulator, region_mask
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 from .vocabulary import NUM_CLASSES, REGIONS
@@ -315,6 +318,14 @@ def check_config(cfg: SelfTrainConfig) -> None:
         problems.append(f"crop must be at least 16 pixels (got {cfg.crop})")
     if cfg.frozen_layers < 0:
         problems.append(f"frozen_layers must be >= 0 (got {cfg.frozen_layers})")
+    elif cfg.levels >= 2 and cfg.frozen_layers and cfg.base_filters >= 1:  # found now, not after level 1
+        from .network import DRSegUNet
+        from .training import weight_layers
+
+        n_layers = len(weight_layers(DRSegUNet(NetworkConfig(base_filters=cfg.base_filters))))
+        if cfg.frozen_layers >= n_layers:
+            problems.append(f"frozen_layers {cfg.frozen_layers} leaves level 2 nothing to train: the network has "
+                            f"{n_layers} layers with weights")
     if cfg.loss not in ("ce", "ce+dice"):
         problems.append(f"loss must be 'ce' or 'ce+dice' (got {cfg.loss!r})")
     if cfg.lr_schedule not in ("constant", "cosine"):
@@ -408,6 +419,36 @@ def stage_keys(config: SelfTrainConfig, data: Sequence[SliceInput], n_inputs: in
     return keys
 
 
+def stage_outputs(folder: Path, key: str, inputs: Sequence[SliceInput],
+                  checkpoint: bool) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The label maps and metrics a finished stage left in ``folder``, checked before they are
+    reused: one label array per input, of its slices' shape, with vocabulary values; metrics
+    a JSON object; with ``checkpoint``, a ``best.pt`` that loads and was trained for this
+    stage (its ``selftrain_key`` is ``key``). InputError or CheckpointError otherwise."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        names, maps = load_label_maps(folder / "labels.npz")
+    except Exception as e:  # a truncated or foreign file: zip, pickle, key errors of many kinds
+        raise InputError(f"{folder / 'labels.npz'} cannot be read ({type(e).__name__})") from None
+    if len(maps) != len(inputs) or any(m.shape != d.hu.shape for m, d in zip(maps, inputs)):
+        raise InputError(f"{folder / 'labels.npz'} holds label maps of {[m.shape for m in maps]}, "
+                         f"not of the inputs' {[d.hu.shape for d in inputs]}")
+    if any(m.size and (int(m.min()) < 0 or int(m.max()) >= NUM_CLASSES) for m in maps):
+        raise InputError(f"{folder / 'labels.npz'} has label values outside the vocabulary (0-{NUM_CLASSES - 1})")
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder / 'metrics.json'} cannot be read ({type(e).__name__})") from None
+    if not isinstance(metrics, dict):
+        raise InputError(f"{folder / 'metrics.json'} is not a metrics record")
+    if checkpoint:
+        made_for = load_checkpoint(folder / "best.pt").fingerprint.get("selftrain_key")
+        if made_for != key:
+            raise InputError(f"{folder / 'best.pt'} was not trained by this stage (its key {made_for}, not {key})")
+    return list(maps), metrics
+
+
 def run_selftrain(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -477,9 +518,17 @@ def run_selftrain(
     lung_cfgs = [to_dict(lung_config_for(d, config, lung)) for d in data]
     keys = stage_keys(config, data, len(inputs), identities, lung_cfgs, eight_bit, pseudo)
 
-    def finished(stage: str, key: str, files: Sequence[str]) -> bool:
+    def reuse(stage: str, key: str, labelled: Sequence[SliceInput],
+              checkpoint: bool) -> Optional[tuple[list[np.ndarray], dict[str, Any]]]:
+        """A stage finished earlier with these settings: its checked labels and metrics; None: do it."""
         rec = state["stages"].get(stage)
-        return bool(rec and rec.get("key") == key and all((out / stage / f).is_file() for f in files))
+        if redone or not (isinstance(rec, dict) and rec.get("key") == key):
+            return None
+        try:
+            return stage_outputs(out / stage, key, labelled, checkpoint)
+        except (InputError, CheckpointError) as e:
+            log.warning("%s finished earlier, but its files cannot be reused (%s); doing it again", stage, e)
+            return None
 
     def mark(stage: str, key: str, seconds: float) -> None:
         state["stages"][stage] = {"key": key, "seconds": round(seconds, 1),
@@ -490,32 +539,42 @@ def run_selftrain(
 
     result = SelfTrainResult(out)
     total_stages = config.levels + 1
+    redone = False  # once a stage is done again, every later one is too (it was built on the old one)
 
     # ---- level 0: pseudo-labels of the inputs
     stage = "level0"
-    if finished(stage, keys[0], ("labels.npz", "metrics.json")):
+    earlier = reuse(stage, keys[0], main, checkpoint=False)
+    if earlier:
         log.info("level 0: finished earlier, skipped")
         result.skipped.append(stage)
-        _, prev = load_label_maps(out / stage / "labels.npz")
-        result.metrics.append(json.loads((out / stage / "metrics.json").read_text()))
+        prev, metrics = earlier
+        result.metrics.append(metrics)
     else:
         report(progress, "level", 0, total_stages, "level 0: lung extraction and k-means pseudo-labels")
         t0 = time.time()
         prev = []
         for d, lcfg in zip(main, lung_cfgs):
             lungs = lung_masks(d, LungConfig(**lcfg), _prefixed(progress, 0), cancel)
+            if not lungs.any():
+                log.warning("no lung found in %s (%d slices): it adds nothing to the training "
+                            "(is it a chest CT in HU?)", d.path, len(d))
             prev.append(pseudo_labels(d, lungs, pseudo, _prefixed(progress, 0), cancel))
+        if not any(p.any() for p in prev):
+            raise InputError(f"no slice has lung in any input ({', '.join(Path(d.path).name for d in main)}); "
+                             "nothing to train on (are they chest CT in HU? is the lung threshold right for them?)")
         save_label_maps(out / stage / "labels.npz", [d.path for d in main], prev)
-        all0 = np.concatenate([p.reshape(len(p), -1) for p in prev])
-        lung_px = int(np.isin(all0, REGIONS["lung"]).sum())
+        # Per input, then summed: inputs may have slices of different sizes.
+        lung_px = sum(int(np.isin(p, REGIONS["lung"]).sum()) for p in prev)
         metrics = {"level": 0, "what": "lung extraction + k-means pseudo-labels (thesis §4.4.1)",
-                   "n_slices": int(len(all0)), "n_slices_with_lung": int((all0 != 0).any(axis=1).sum()),
-                   "ggo_fraction_of_lung": float((all0 == 1).sum() / max(1, lung_px)),
+                   "n_slices": sum(len(p) for p in prev),
+                   "n_slices_with_lung": sum(int(p.reshape(len(p), -1).any(axis=1).sum()) for p in prev),
+                   "ggo_fraction_of_lung": float(sum(int((p == 1).sum()) for p in prev) / max(1, lung_px)),
                    "lung_configs": lung_cfgs[: len(inputs)], "pseudolabel_config": to_dict(pseudo),
                    "eight_bit": to_dict(eight_bit), "seconds": round(time.time() - t0, 1)}
         _write_json(out / stage / "metrics.json", metrics)
         result.metrics.append(metrics)
         mark(stage, keys[0], time.time() - t0)
+        redone = True
     level0 = prev
 
     # ---- levels 1..n
@@ -523,12 +582,13 @@ def run_selftrain(
         stage = f"level{level}"
         folder = out / stage
         trained_on = main if level == 1 else data  # extras have labels from level 1 on
-        if finished(stage, keys[level], ("best.pt", "labels.npz", "metrics.json")):
+        earlier = reuse(stage, keys[level], data, checkpoint=True)
+        if earlier:
             log.info("level %d: finished earlier, skipped", level)
             result.skipped.append(stage)
-            _, prev = load_label_maps(folder / "labels.npz")
+            prev, metrics = earlier
             result.checkpoints.append(folder / "best.pt")
-            result.metrics.append(json.loads((folder / "metrics.json").read_text()))
+            result.metrics.append(metrics)
             continue
         report(progress, "level", level, total_stages, f"level {level}: training")
         t0 = time.time()
@@ -562,6 +622,7 @@ def run_selftrain(
         result.metrics.append(metrics)
         result.checkpoints.append(res.best_path)
         mark(stage, keys[level], time.time() - t0)
+        redone = True
         log.info("level %d: trained on %d slices in %.0f s; labels agree with its training labels: infection Dice %s",
                  level, len(samples), t_train,
                  _fmt(metrics["vs_training_labels"]["all"].get("infection", {}).get("mean", {}).get("dice")))

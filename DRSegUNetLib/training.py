@@ -233,6 +233,12 @@ def training_autocast(device: torch.device, mode: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(device, mode))
 
 
+def weight_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layers that hold weights, in forward order (what ``freeze_first_layers`` counts)."""
+    return [(name, m) for name, m in model.named_modules()
+            if len(list(m.children())) == 0 and any(True for _ in m.parameters(recurse=False))]
+
+
 def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:
     """Freeze the first ``n`` weight-bearing layers in forward order (Keras' layer order).
 
@@ -243,8 +249,10 @@ def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:
     if n and not isinstance(model, DRSegUNet):
         raise ValueError(f"freezing layers is defined for DRSegUNet only, not {type(model).__name__} "
                          f"(arch {getattr(getattr(model, 'config', None), 'arch', '?')!r}); use frozen_layers=0")
-    layers = [(name, m) for name, m in model.named_modules()
-              if len(list(m.children())) == 0 and any(True for _ in m.parameters(recurse=False))]
+    layers = weight_layers(model)
+    if n >= len(layers) and layers:
+        raise InputError(f"freezing {n} layers leaves nothing to train: the network has {len(layers)} layers "
+                         f"with weights; freeze fewer (the thesis freezes 2)")
     frozen = []
     for name, m in layers[:n]:
         for p in m.parameters():

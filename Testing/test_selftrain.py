@@ -151,6 +151,94 @@ def test_interrupted_level_restarts_from_its_beginning(tmp_path):
     assert result.skipped == ["level0", "level1"] and (out / "level2" / "labels.npz").is_file()
 
 
+@pytest.mark.parametrize("what,message", [
+    ("labels", "cannot be read"), ("metrics", "metrics.json cannot be read"), ("values", "outside the vocabulary"),
+    ("shape", "not of the inputs'"), ("checkpoint", "was not trained by this stage"), (None, None)])
+def test_a_finished_stages_files_are_checked_before_reuse(run, tmp_path, what, message):
+    # A rerun reused any file a finished stage had left: a truncated labels.npz or metrics.json
+    # gave a traceback, wrong label values a "training diverged", and another stage's
+    # checkpoint in level1/ was fine-tuned as level 1.
+    import shutil
+
+    from DRSegUNetLib.errors import CheckpointError
+    from DRSegUNetLib.selftrain import read_slices, stage_outputs
+
+    out, _, _ = run
+    level1 = tmp_path / "level1"
+    shutil.copytree(out / "level1", level1)
+    key = json.loads((out / "state.json").read_text())["stages"]["level1"]["key"]
+    data = [read_slices(p) for p in json.loads((out / "state.json").read_text())["inputs"]]
+    data += [read_slices(p) for p in json.loads((out / "state.json").read_text())["extras"]]
+    names, maps = load_label_maps(level1 / "labels.npz")
+    if what == "labels":
+        raw = (level1 / "labels.npz").read_bytes()
+        (level1 / "labels.npz").write_bytes(raw[: len(raw) // 2])
+    elif what == "metrics":
+        (level1 / "metrics.json").write_text("{ not json")
+    elif what == "values":
+        save_label_maps(level1 / "labels.npz", names, [np.where(m == 3, 9, m) for m in maps])
+    elif what == "shape":
+        save_label_maps(level1 / "labels.npz", names, [m[:, :128, :128] for m in maps])
+    elif what == "checkpoint":  # level 2's checkpoint where level 1's belongs
+        shutil.copy(out / "level2" / "best.pt", level1 / "best.pt")
+    if message is None:
+        got, metrics = stage_outputs(level1, key, data, checkpoint=True)
+        assert [g.shape for g in got] == [d.hu.shape for d in data] and metrics["level"] == 1
+    else:
+        with pytest.raises((InputError, CheckpointError), match=message):
+            stage_outputs(level1, key, data, checkpoint=True)
+
+
+def test_a_stage_whose_files_fail_is_done_again_with_every_later_one(tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "out"
+    run_selftrain([MINI], out, tiny(), device="cpu")
+    shutil.copy(out / "level2" / "best.pt", out / "level1" / "best.pt")
+    with caplog.at_level("WARNING", logger="DRSegUNetLib"):
+        result = run_selftrain([MINI], out, tiny(), device="cpu")
+    # Level 2 is done again too, although its own files are intact: it was built on the old level 1.
+    assert result.skipped == ["level0"]
+    assert any("level1 finished earlier, but its files cannot be reused" in r.getMessage() for r in caplog.records)
+    state = json.loads((out / "state.json").read_text())
+    from DRSegUNetLib.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "level1" / "best.pt").fingerprint["selftrain_key"] == state["stages"]["level1"]["key"]
+    state["stages"]["level2"] = "finished"  # a record that is not a record
+    (out / "state.json").write_text(json.dumps(state))
+    assert run_selftrain([MINI], out, tiny(), device="cpu").skipped == ["level0", "level1"]
+
+
+def test_an_input_without_lung_is_named_and_one_with_none_writes_nothing(tmp_path, caplog):
+    blank = tmp_path / "blank.npz"  # a uniform body in air: no lung anywhere
+    body = np.zeros((2, 64, 64), np.uint8)
+    body[:, 8:56, 8:56] = 200
+    np.savez(blank, ct_uint8=body)
+    with caplog.at_level("WARNING", logger="DRSegUNetLib"):
+        result = run_selftrain([MINI, blank], tmp_path / "out", tiny(levels=1), device="cpu")
+    assert any("no lung found in" in r.getMessage() and "blank.npz" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "out" / "level1" / "metrics.json").read_text())["n_train_slices"] == 4
+    assert result.checkpoints
+    with pytest.raises(InputError, match="no slice has lung in any input"):
+        run_selftrain([blank], tmp_path / "none", tiny(levels=1), device="cpu")
+    assert not (tmp_path / "none" / "level0").exists() and not (tmp_path / "none" / "state.json").exists()
+
+
+def test_freezing_every_layer_is_refused_before_level1(tmp_path):
+    from DRSegUNetLib.network import DRSegUNet
+    from DRSegUNetLib.config import NetworkConfig
+    from DRSegUNetLib.training import freeze_first_layers, weight_layers
+
+    n = len(weight_layers(DRSegUNet(NetworkConfig(base_filters=16))))
+    with pytest.raises(InputError, match=f"leaves level 2 nothing to train: the network has {n} layers"):
+        run_selftrain([MINI], tmp_path / "out", tiny(frozen_layers=n), device="cpu")
+    assert not (tmp_path / "out").exists()
+    run_selftrain([MINI], tmp_path / "ok", tiny(levels=1, frozen_layers=n), device="cpu")  # level 1 freezes nothing
+    with pytest.raises(InputError, match="leaves nothing to train"):
+        freeze_first_layers(DRSegUNet(NetworkConfig(base_filters=16)), n)
+    assert len(freeze_first_layers(DRSegUNet(NetworkConfig(base_filters=16)), n - 1)) == n - 1
+
+
 def test_ct_volume_in_hu_is_sliced_axially(tmp_path):
     out = tmp_path / "out"
     result = run_selftrain([CT64], out, tiny(levels=1), device="cpu")
