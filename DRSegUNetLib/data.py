@@ -168,6 +168,10 @@ def read_npz(path: str | Path, what: str = ".npz", only: Optional[Sequence[str]]
     import zlib
 
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head and head not in (b"PK\x03\x04", b"PK\x05\x06"):  # not a zip: numpy would talk of pickles
+            raise InputError(f"{path} is not an .npz file (it is not a zip archive); give the {what}")
         with np.load(path, allow_pickle=False) as d:
             return {k: d[k] for k in d.files if only is None or k in only}
     except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile, zlib.error) as e:

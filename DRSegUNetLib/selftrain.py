@@ -242,6 +242,9 @@ def labels_for_dataset(path: str | Path, data: str | Path, n: int) -> np.ndarray
         for i, s in enumerate(inputs):
             if Path(str(s)).resolve() == want:
                 name = f"input_{i}"
+        if name == "labels":  # made for other data, or for this data under another path
+            log.warning("%s records label maps of %s, not of %s; scoring its stacked labels against %s anyway",
+                        p, ", ".join(map(str, inputs)), data, Path(data).name)
     d = read_npz(p, what, only=(name, "labels"))
     chosen = d.get(name, d.get("labels"))
     if chosen is None:

@@ -486,6 +486,21 @@ def test_labels_for_dataset_picks_the_dataset_among_several_inputs(tmp_path):
         labels_for_dataset(path, tmp_path / "unknown.npz", 4)  # falls back to the stacked 'labels' (6 slices)
 
 
+def test_label_maps_made_for_other_data_are_scored_with_a_warning(tmp_path, caplog):
+    # Label maps of another file with the same slice count were scored without a word.
+    maps = np.full((4, 8, 8), 3, np.uint8)
+    path = tmp_path / "l.npz"
+    save_label_maps(path, [str(tmp_path / "other.npz")], [maps])
+    with caplog.at_level("WARNING", logger="DRSegUNetLib"):
+        np.testing.assert_array_equal(labels_for_dataset(path, MINI, 4), maps)
+    assert any("not of" in r.getMessage() and "other.npz" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    save_label_maps(path, [str(MINI)], [maps])
+    with caplog.at_level("WARNING", logger="DRSegUNetLib"):
+        labels_for_dataset(path, MINI, 4)
+    assert not caplog.records
+
+
 def test_labels_for_dataset_decompresses_only_the_chosen_input(tmp_path, monkeypatch):
     import DRSegUNetLib.selftrain as st
 
@@ -671,6 +686,7 @@ def _mini(**changes):
 
 @pytest.mark.parametrize("case,message", [
     ("empty", "cannot read"), ("truncated", "cannot read"), ("not-npz", "cannot read"),
+    ("text", "is not an .npz file \\(it is not a zip archive\\)"), ("gzip", "is not an .npz file"),
     ("lung-size", "'lung_mask' is \\(4, 256, 200\\)"), ("infection-slices", "'infection_mask' is \\(3, 256, 256\\)"),
     ("ct-2d", "non-empty \\(N, H, W\\) uint8"), ("ct-float", "not float32"), ("short-group", "'group' has shape \\(2,\\)"),
 ])
@@ -680,8 +696,9 @@ def test_broken_slice_npz_is_one_line_error(tmp_path, capsys, case, message):
 
     path = tmp_path / "d.npz"
     ct = _mini()["ct_uint8"]
-    if case in ("empty", "truncated", "not-npz"):
-        path.write_bytes({"empty": b"", "truncated": MINI.read_bytes()[:5000], "not-npz": b"PK\x03\x04 nope"}[case])
+    if case in ("empty", "truncated", "not-npz", "text", "gzip"):  # gzip: a .nii.gz given for an .npz
+        path.write_bytes({"empty": b"", "truncated": MINI.read_bytes()[:5000], "not-npz": b"PK\x03\x04 nope",
+                          "text": b"labels, not an archive\n", "gzip": b"\x1f\x8b\x08\x00 nifti"}[case])
     else:
         np.savez(path, **_mini(**{"lung-size": {"lung_mask": ct[:, :, :200]},
                                   "infection-slices": {"infection_mask": ct[:3]},
