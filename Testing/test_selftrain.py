@@ -632,9 +632,17 @@ def test_weak_lungfield_posterior_fill_and_rows(tmp_path, bundled_model):
     assert np.array_equal(wl.posterior_fill(mask[::-1], 3.0, back_at_top=True), filled[::-1])
 
     out = tmp_path / "lf.json"
-    assert wl.main([str(MINI), "--closing-mm", "15", "--posterior-fill", "20", "--json", str(out)]) == 0
+    assert wl.main([str(MINI), "--closing-mm", "15", "--posterior-fill", "20", "--json", str(out),
+                    "--expert-field-labels", str(tmp_path / "pl.npz")]) == 0
     rows = {r["field"]: r for r in json.loads(out.read_text())["rows"]}
     assert len(rows) == 6
+    # The pseudo-labels written for the expert field: its row's scores, and that field exactly.
+    with np.load(MINI) as z:
+        lung, inf = z["lung_mask"] > 0, z["infection_mask"] > 0
+    pl = labels_for_dataset(tmp_path / "pl.npz", MINI, len(lung))
+    assert np.array_equal(pl > 0, lung)
+    dice = [2 * (g & t).sum() / max(g.sum() + t.sum(), 1) for g, t in zip(pl == 1, inf)]
+    assert rows["expert"]["pl_infection_dice"]["all"] == pytest.approx(np.mean(dice))
     assert rows["expert"]["lung_dice"]["all"] == 1.0 and rows["expert"]["infection_in_field"] == 1.0
     assert rows["extracted ∪ expert"]["infection_in_field"] == 1.0
     assert rows["extracted ∩ expert"]["infection_in_field"] == pytest.approx(rows["extracted"]["infection_in_field"])

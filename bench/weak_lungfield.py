@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DRSegUNetLib.lungs import assumed_spacing, disk_closing, fill_holes  # noqa: E402
-from DRSegUNetLib.selftrain import lung_config_for, lung_masks, pseudo_labels, read_slices  # noqa: E402
+from DRSegUNetLib.selftrain import lung_config_for, lung_masks, pseudo_labels, read_slices, save_label_maps  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, GGO  # noqa: E402
 
 
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (--model)")
     p.add_argument("--device", default="cpu", help="torch device for --model")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--expert-field-labels", metavar="PATH",
+                   help="write the pseudo-labels made in the expert lung field here (save_label_maps layout), "
+                        "for training a level on them: a bound, since the field is the experts'")
     a = p.parse_args(argv)
 
     inp = read_slices(a.npz)
@@ -134,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
           "| PL precision / recall (pooled) |")
     print("|---|---|---|---|---|")
     for name, field in fields.items():
-        ggo = pseudo_labels(inp, field) == GGO
+        labels = pseudo_labels(inp, field)
+        if name == "expert" and a.expert_field_labels:
+            save_label_maps(a.expert_field_labels, [inp.path], [labels])
+        ggo = labels == GGO
         dl, di = dice_per_slice(field, lung_truth), dice_per_slice(ggo, inf_truth)
         tp = int((ggo & inf_truth).sum())
         row = {"field": name,
