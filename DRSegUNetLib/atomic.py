@@ -36,6 +36,18 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def temp_beside(path: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``path``'s folder (made if missing): (fd, temporary path).
+    An OSError names ``path``, the file the caller asked for, not the temporary one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, prefix: str | None = None) -> None:
     """Write ``data`` to ``path``: nothing half-written is ever visible at ``path``.
 
@@ -43,11 +55,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, prefix: str | None 
     recognise and clean up leftovers of a writer that died.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:  # name the file the caller asked for, not the temporary one
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+    fd, tmp = temp_beside(path, prefix or f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -319,8 +319,9 @@ def _check_writable_folder(out: Path) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
 
-def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
-    """InputError when an output path is an input (by any path to the same file) or another output."""
+def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any], writable: bool = True) -> None:
+    """InputError when an output path is an input (by any path to the same file) or another output;
+    with ``writable``, OSError when an output's folder could not be written (_check_writable_folder)."""
     import os
 
     from .errors import InputError
@@ -330,7 +331,8 @@ def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
     for i, out in enumerate(outs):
         if out.is_dir():  # found now, not after the other outputs were replaced
             raise InputError(f"output {out} is a folder; give a file name")
-        _check_writable_folder(out)
+        if writable:
+            _check_writable_folder(out)
         for inp in ins:
             if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
                 raise InputError(f"output {out} is the input {inp}; write the output to another path")
@@ -474,12 +476,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 "overlay": out_dir / f"{name}.png" if "overlay" in wanted else None}
 
     for p, nm in zip(inputs, names):
-        _check_outputs([p], list(targets(nm).values()))
+        _check_outputs([p], list(targets(nm).values()), writable=False)
     todo = [(p, nm) for p, nm in zip(inputs, names)
             if args.overwrite or not all(t.exists() for t in targets(nm).values() if t is not None)]
     log.info("%d input(s), %d already done, %d to segment", len(inputs), len(inputs) - len(todo), len(todo))
     if not todo:
         return 0
+    _check_writable_folder(targets(todo[0][1])["labels"])  # only when there is something to write
     predictor = _predictor(args, args.batch_size)
     failed = []
     printer = ProgressPrinter()

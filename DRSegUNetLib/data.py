@@ -167,16 +167,22 @@ def read_npz(path: str | Path, what: str = ".npz", only: Optional[Sequence[str]]
     import zipfile
     import zlib
 
+    def unreadable(e: BaseException) -> InputError:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        return InputError(f"cannot read {path} as {what} ({why}); give a complete .npz file")
+
     try:
         with open(path, "rb") as f:
             head = f.read(4)
-        if head and head not in (b"PK\x03\x04", b"PK\x05\x06"):  # not a zip: numpy would talk of pickles
-            raise InputError(f"{path} is not an .npz file (it is not a zip archive); give the {what}")
+    except OSError as e:
+        raise unreadable(e) from None
+    if head and head not in (b"PK\x03\x04", b"PK\x05\x06"):  # not a zip: numpy would talk of pickles
+        raise InputError(f"{path} is not an .npz file (it is not a zip archive); give the {what}")
+    try:
         with np.load(path, allow_pickle=False) as d:
             return {k: d[k] for k in d.files if only is None or k in only}
     except (OSError, EOFError, ValueError, KeyError, AttributeError, zipfile.BadZipFile, zlib.error) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        raise InputError(f"cannot read {path} as {what} ({why}); give a complete .npz file") from None
+        raise unreadable(e) from None
 
 
 def check_slices_npz(path: str | Path, d: dict[str, np.ndarray], masks: Sequence[str] = ()) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,15 +154,12 @@ def atomic_output(path: str | os.PathLike) -> tuple[Path, Path]:
     The temporary name has no other dots: NIfTI writers take a ".nii", ".img" or ".hdr"
     anywhere in the name for the extension and would write elsewhere.
     """
+    from .atomic import default_file_mode, temp_beside
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix or ".tmp"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
-    except OSError as e:  # name the file the user asked for, not the temporary one
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+    fd, tmp = temp_beside(path, f".{path.name.split('.')[0]}-", suffix)
     os.close(fd)
-    from .atomic import default_file_mode
 
     os.chmod(tmp, default_file_mode())
     return Path(tmp), path

@@ -239,12 +239,14 @@ def labels_for_dataset(path: str | Path, data: str | Path, n: int) -> np.ndarray
     inputs = read_npz(p, what, only=("inputs",)).get("inputs")
     if inputs is not None:  # only the array of ``data`` is decompressed, not every input's
         want = Path(data).resolve()
-        for i, s in enumerate(inputs):
-            if Path(str(s)).resolve() == want:
-                name = f"input_{i}"
-        if name == "labels":  # made for other data, or for this data under another path
-            log.warning("%s records label maps of %s, not of %s; scoring its stacked labels against %s anyway",
-                        p, ", ".join(map(str, inputs)), data, Path(data).name)
+        same = [i for i, s in enumerate(inputs) if Path(str(s)).resolve() == want]
+        if not same:  # a relative path recorded from another working folder: the file name must do
+            same = [i for i, s in enumerate(inputs) if Path(str(s)).name == want.name]
+        if len(same) == 1:
+            name = f"input_{same[0]}"
+        else:  # made for other data
+            log.warning("%s records label maps of %s, not of %s; using its stacked labels",
+                        p, ", ".join(map(str, inputs)), data)
     d = read_npz(p, what, only=(name, "labels"))
     chosen = d.get(name, d.get("labels"))
     if chosen is None:
@@ -322,10 +324,13 @@ def check_config(cfg: SelfTrainConfig) -> None:
     if cfg.frozen_layers < 0:
         problems.append(f"frozen_layers must be >= 0 (got {cfg.frozen_layers})")
     elif cfg.levels >= 2 and cfg.frozen_layers and cfg.base_filters >= 1:  # found now, not after level 1
+        import torch
+
         from .network import DRSegUNet
         from .training import weight_layers
 
-        n_layers = len(weight_layers(DRSegUNet(NetworkConfig(base_filters=cfg.base_filters))))
+        with torch.device("meta"):  # the layers without their weights' memory or initialisation
+            n_layers = len(weight_layers(DRSegUNet(NetworkConfig(base_filters=cfg.base_filters))))
         if cfg.frozen_layers >= n_layers:
             problems.append(f"frozen_layers {cfg.frozen_layers} leaves level 2 nothing to train: the network has "
                             f"{n_layers} layers with weights")

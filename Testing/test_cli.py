@@ -184,6 +184,29 @@ def test_segment_many_one_load_skips_finished_and_shards(tmp_path, sample_ct_pat
     assert sorted(p.name for p in shard_out.iterdir()) == ["case1.json", "case1.nii.gz"]
 
 
+def test_segment_many_checks_a_read_only_out_dir_only_when_there_is_work(tmp_path, tiny_checkpoint, capsys,
+                                                                          monkeypatch):
+    import os
+
+    import DRSegUNetLib.cli as cli
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(CT64))[:, :, 30:33], str(inputs / "one.nrrd"))
+    (out / "one.nii.gz").write_bytes(b"done earlier")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(out) else real_access(p, mode))
+    loaded = []
+    monkeypatch.setattr(cli, "_predictor", lambda *a: loaded.append(a))
+    args = ["segment", str(inputs), "--out-dir", str(out), "--model", str(tiny_checkpoint), "--outputs", "labels"]
+    assert main(args) == 0  # nothing to write: the read-only folder does not matter
+    (out / "one.nii.gz").unlink()
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {out} (Permission denied)"
+    assert loaded == []  # refused before the model was loaded
+
+
 def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     """evaluate --slice-pixel-mm gives geometry-less slices a pixel size, so the network runs
     at --pixel-mm as segment does on CT; sizes out of range are one-line errors."""

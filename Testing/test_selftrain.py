@@ -495,10 +495,11 @@ def test_label_maps_made_for_other_data_are_scored_with_a_warning(tmp_path, capl
         np.testing.assert_array_equal(labels_for_dataset(path, MINI, 4), maps)
     assert any("not of" in r.getMessage() and "other.npz" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    save_label_maps(path, [str(MINI)], [maps])
-    with caplog.at_level("WARNING", logger="DRSegUNetLib"):
-        labels_for_dataset(path, MINI, 4)
-    assert not caplog.records
+    for recorded in (str(MINI), "../elsewhere/" + MINI.name):  # the second: a relative path from another folder
+        save_label_maps(path, [recorded], [maps])
+        with caplog.at_level("WARNING", logger="DRSegUNetLib"):
+            np.testing.assert_array_equal(labels_for_dataset(path, MINI, 4), maps)
+        assert not caplog.records
 
 
 def test_labels_for_dataset_decompresses_only_the_chosen_input(tmp_path, monkeypatch):
@@ -694,7 +695,8 @@ def _mini(**changes):
 
 @pytest.mark.parametrize("case,message", [
     ("empty", "cannot read"), ("truncated", "cannot read"), ("not-npz", "cannot read"),
-    ("text", "is not an .npz file \\(it is not a zip archive\\)"), ("gzip", "is not an .npz file"),
+    ("text", "^\\S+d\\.npz is not an \\.npz file \\(it is not a zip archive\\); give the"),
+    ("gzip", "^\\S+d\\.npz is not an \\.npz file"),
     ("lung-size", "'lung_mask' is \\(4, 256, 200\\)"), ("infection-slices", "'infection_mask' is \\(3, 256, 256\\)"),
     ("ct-2d", "non-empty \\(N, H, W\\) uint8"), ("ct-float", "not float32"), ("short-group", "'group' has shape \\(2,\\)"),
 ])

@@ -115,11 +115,13 @@ def start(args: argparse.Namespace) -> tuple[Path, float, SliceInput]:
     return out, time.time(), read_slices(args.data)
 
 
-def finish(out: Path, best: Path, inp: SliceInput, device: str, info: dict, json_name: str) -> int:
+def finish(out: Path, best: Path, inp: SliceInput, device: str, info: dict, json_name: str, t0: float) -> int:
     """Label every slice with the trained level (argmax, as ``selftrain``), save the labels
-    as OUT/labels.npz and ``info`` as OUT/JSON_NAME, and print ``info``."""
+    as OUT/labels.npz and ``info`` as OUT/JSON_NAME with the seconds since ``t0``
+    (prediction included), and print ``info``."""
     (labels,) = predict_labels(best, [inp], device)
     save_label_maps(out / "labels.npz", [inp.path], [labels])
+    info = {**info, "seconds": round(time.time() - t0, 1)}
     (out / json_name).write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(info))
     return 0
@@ -172,9 +174,8 @@ def main(argv=None) -> int:
     info = {"level1": args.level1, "ensemble": args.ensemble, "unsure_below": args.unsure_below,
             "flip_tta": args.flip_tta,
             "infection_above": args.infection_above,
-            "unsure_fraction_of_lung_field": round(unsure, 4), "n_train_slices": len(samples),
-            "seconds": round(time.time() - t0, 1)}
-    return finish(out, res.best_path, inp, args.device, info, "band.json")
+            "unsure_fraction_of_lung_field": round(unsure, 4), "n_train_slices": len(samples)}
+    return finish(out, res.best_path, inp, args.device, info, "band.json", t0)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ in DATA are never read here.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +76,8 @@ def main(argv=None) -> int:
                        eight_bit=EightBitConfig())
     res = train(samples, [], out, tcfg, mcfg, device=args.device)
     info = {"level0": args.level0, "open_mm": args.open_mm, "pixel_mm": px, "n_train_slices": len(samples),
-            "band_pixels_per_field_pixel": round(band_px / max(1, field_px), 4),
-            "seconds": round(time.time() - t0, 1)}
-    return finish(out, res.best_path, inp, args.device, info, "openband.json")
+            "band_pixels_per_field_pixel": round(band_px / max(1, field_px), 4)}
+    return finish(out, res.best_path, inp, args.device, info, "openband.json", t0)
 
 
 if __name__ == "__main__":
