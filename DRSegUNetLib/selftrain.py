@@ -221,10 +221,19 @@ def save_label_maps(path: str | Path, inputs: Sequence[str], maps: Sequence[np.n
 
 
 def load_label_maps(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
-    """Inverse of :func:`save_label_maps`: (inputs, per-input label arrays)."""
-    with np.load(path) as d:
-        inputs = [str(s) for s in d["inputs"]]
-        return inputs, [d[f"input_{i}"] for i in range(len(inputs))]
+    """Inverse of :func:`save_label_maps`: (inputs, per-input label arrays). InputError
+    with one line for a file that cannot be read or was not written by it."""
+    what = "label maps .npz"
+    recorded = read_npz(path, what, only=("inputs",)).get("inputs")
+    if recorded is None:
+        raise InputError(f"{path} has no 'inputs' array: it was not written by save_label_maps")
+    inputs = [str(s) for s in recorded]
+    names = [f"input_{i}" for i in range(len(inputs))]
+    arrays = read_npz(path, what, only=names)  # the stacked 'labels' copy stays unread
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InputError(f"{path} records {len(inputs)} inputs but has no {missing[0]!r} array")
+    return inputs, [arrays[n] for n in names]
 
 
 def labels_for_dataset(path: str | Path, data: str | Path, n: int) -> np.ndarray:
@@ -436,9 +445,9 @@ def stage_outputs(folder: Path, key: str, inputs: Sequence[SliceInput],
     from .checkpoint import load_checkpoint
 
     try:
-        names, maps = load_label_maps(folder / "labels.npz")
-    except Exception as e:  # a truncated or foreign file: zip, pickle, key errors of many kinds
-        raise InputError(f"{folder / 'labels.npz'} cannot be read ({type(e).__name__})") from None
+        _, maps = load_label_maps(folder / "labels.npz")
+    except InputError as e:
+        raise InputError(f"{folder / 'labels.npz'} cannot be read ({e})") from None
     if len(maps) != len(inputs) or any(m.shape != d.hu.shape for m, d in zip(maps, inputs)):
         raise InputError(f"{folder / 'labels.npz'} holds label maps of {[m.shape for m in maps]}, "
                          f"not of the inputs' {[d.hu.shape for d in inputs]}")
