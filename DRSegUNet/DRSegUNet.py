@@ -66,7 +66,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for device in DEVICES:
             self.ui.deviceComboBox.addItem(device)
         defaults = self.logic.fineTuneDefaults()
-        self.ui.epochsSpinBox.value = defaults["epochs"]
+        self.ui.stepsSpinBox.value = defaults["steps"]
         self.ui.learningRateSpinBox.value = defaults["lr"]
         self.ui.pixelSizeSpinBox.value = self.logic.defaultPixelSize()
 
@@ -78,6 +78,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.setActiveModelButton.connect("clicked(bool)", self.onSetActiveModel)
         self.ui.acceptCorrectionsButton.connect("clicked(bool)", self.onAcceptCorrections)
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
+        self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSlice)
         self.ui.cancelFineTuneButton.connect("clicked(bool)", self.onCancelFineTune)
         # Closing the scene removes the nodes a running segmentation writes into.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -130,6 +131,9 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.enabled = not tuning and len(self.logic.correctionsStore) > 0
         self.ui.cancelFineTuneButton.enabled = tuning
         self.ui.setActiveModelButton.enabled = not fromFile and not tuning
+        self.ui.nextSliceButton.enabled = bool(
+            self.ui.inputVolumeSelector.currentNode() and self.logic.sliceUncertainty(
+                self.ui.outputSegmentationSelector.currentNode())) and not segmenting
 
     def selectedModelPath(self):
         if self.ui.modelComboBox.currentData == self.FILE_MODEL:
@@ -171,7 +175,8 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 sliceRange = (self.ui.rangeFirstSpinBox.value - 1, self.ui.rangeLastSpinBox.value - 1)
             checked = [name for name, box in (("ggo", self.ui.checkedGgoCheckBox),
                                               ("consolidation", self.ui.checkedConsolidationCheckBox),
-                                              ("lung", self.ui.checkedLungCheckBox)) if box.checked]
+                                              ("lung", self.ui.checkedLungCheckBox),
+                                              ("infection", self.ui.checkedInfectionCheckBox)) if box.checked]
             ids = self.logic.acceptCorrections(
                 self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(), sliceRange,
                 checkedClasses=checked)
@@ -184,11 +189,24 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setupPythonRequirements(askUser=self.askUser)
         with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
             self.ui.fineTuneLog.plainText = ""
+            self.ui.fineTuneResultLabel.text = _("Fine-tuning; the new version is then scored against the active one...")
             self._fineTune = self.logic.startFineTune(
-                epochs=self.ui.epochsSpinBox.value, lr=self.ui.learningRateSpinBox.value,
+                steps=self.ui.stepsSpinBox.value, lr=self.ui.learningRateSpinBox.value,
                 device=self.ui.deviceComboBox.currentText, pixelMM=self.ui.pixelSizeSpinBox.value)
             self._timer.start()
         self.updateButtons()
+
+    def onNextSlice(self):
+        with slicer.util.tryWithErrorDisplay(_("Cannot find the next slice to check.")):
+            segmentation = self.ui.outputSegmentationSelector.currentNode()
+            index = self.logic.nextSliceToCheck(segmentation)
+            if index is None:
+                self.ui.nextSliceLabel.text = _("Every slice with lung has been accepted.")
+                return
+            self.logic.jumpToSlice(self.ui.inputVolumeSelector.currentNode(), index)
+            uncertainty = self.logic.sliceUncertainty(segmentation)
+            self.ui.nextSliceLabel.text = _("Axial slice {n} of {total} (uncertainty {u:.3f})").format(
+                n=index + 1, total=len(uncertainty), u=uncertainty[index])
 
     def onCancelFineTune(self):
         if self._fineTune is not None:
@@ -242,6 +260,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fineTuneProgressBar.value = job.step
             if job.finished:
                 job.finishedAndReported = True
+                self.ui.fineTuneResultLabel.text = job.message
                 self.refreshModels()
                 job.raiseIfFailed()
 
@@ -323,7 +342,7 @@ class DRSegUNetTest(ScriptedLoadableModuleTest):
 
             # Fine-tune in a PythonSlicer process; a new version becomes active.
             before = logic.modelStore.active().version
-            tune = logic.startFineTune(epochs=1, lr=logic.fineTuneDefaults()["lr"], device="cpu")
+            tune = logic.startFineTune(steps=2, lr=logic.fineTuneDefaults()["lr"], device="cpu")
             tune.wait(timeout=600)
             tune.raiseIfFailed()
             self.assertNotEqual(logic.modelStore.active().version, before)

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=str(Path(__file__).parent / "splits" / "default.json"))
     _add_common(p)
 
-    from .config import FineTuneConfig, SelfTrainConfig
+    from .config import SelfTrainConfig
 
     st = SelfTrainConfig()
     p = sub.add_parser("lungs", help="lung mask of a CT volume (thesis §4.4.1 steps 1-3)",
@@ -261,22 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
 
-    ft = FineTuneConfig()
-    p = sub.add_parser("finetune", help="fine-tune level 2 on accepted corrections",
-                       description="Fine-tune a model (level 2: first two layers frozen, low learning rate) on the slices in a corrections store and add the result to a model store as a new version, made active. The previous versions are kept.")
-    p.add_argument("--corrections", required=True, help="corrections store folder")
-    p.add_argument("--store", required=True, help="model store folder (the new version is added here)")
-    p.add_argument("--model", default=None, help="checkpoint to start from (default: the store's active version)")
-    p.add_argument("--epochs", type=_positive_int, default=ft.epochs)
-    p.add_argument("--lr", type=_positive_float, default=ft.lr)
-    p.add_argument("--frozen-layers", type=_count, default=ft.frozen_layers)
-    p.add_argument("--batch-size", type=_positive_int, default=ft.batch_size)
-    p.add_argument("--crop", type=_positive_int, default=ft.crop)
-    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
-                   help="resample the slices to this pixel size in mm first, the working pixel of segment "
-                        f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
-    p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
-    _add_common(p)
+    from .cli_loop import add_parsers
+
+    add_parsers(sub, _add_common, _positive_int, _positive_float, _count)
 
     p = sub.add_parser("export", help="make a small (fp16) copy of a checkpoint for bundling",
                        description="Copy a checkpoint with float16 weights (half the size), recording the code commit and test metrics given as JSON files.")
@@ -346,7 +333,8 @@ def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, r
     from .imageio import output_set, read_ct, write_image
 
     image = read_ct(input_path)
-    labels = predictor.predict(image, progress=progress)
+    uncertainty: list = []
+    labels = predictor.predict(image, progress=progress, uncertainty=uncertainty)
     outputs = []
     with output_set() as stage:
         if seg_nrrd:
@@ -357,8 +345,11 @@ def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, r
         if report:
             from .report import compute_report, write_report
 
+            from .report import add_uncertainty
+
             rep = compute_report(labels)
             rep.update(input=str(input_path), model=str(predictor.source), inference=predictor.settings())
+            add_uncertainty(rep, uncertainty)
             write_report(rep, stage(report))
             outputs.append(str(report))
         if overlay:
@@ -827,45 +818,13 @@ def cmd_selftrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    import tempfile
+def _loop_command(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from . import cli_loop
 
-    from .checkpoint import load_checkpoint
-    from .config import TrainConfig
-    from .data import Sample, labels_to_allowed, resample_sample
-    from .errors import InputError
-    from .store import CorrectionsStore, ModelStore
-    from .training import train
-
-    check_pixel_mm(args.pixel_mm)
-    store = ModelStore(args.store, bundled=default_model_path())
-    # The card's parent is the version trained from: with --model, the one whose checkpoint it is (if any).
-    parent = store.version_of(args.model) if args.model else store.active()
-    start = Path(args.model) if args.model else parent.path
-    corrections = CorrectionsStore(args.corrections)
-    ids = corrections.ids()
-    if not ids:
-        raise InputError(f"no accepted slices in {args.corrections}")
-    samples = []
-    for cid in ids:
-        c = corrections.load(cid)
-        sample = Sample(c.ct_hu, labels_to_allowed(c.labels, c.known), cid, "corrections")
-        samples.append(resample_sample(sample, c.spacing, args.pixel_mm or None))
-    printer = ProgressPrinter(json_lines=args.json_progress)
-    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=max(1, math.ceil(len(samples) / args.batch_size)),
-                      batch_size=args.batch_size, crop=args.crop, lr=args.lr, frozen_layers=args.frozen_layers)
-    init = load_checkpoint(start)
-    with tempfile.TemporaryDirectory(prefix="drsegunet-finetune-") as tmp:
-        result = train(samples, [], tmp, cfg, init=init, device=args.device, progress=printer,
-                       fingerprint={"corrections": corrections.fingerprint(ids), "n_slices": len(samples)})
-        version = store.add_version(result.last_path, card={
-            "level": 2, "corrections_fingerprint": corrections.fingerprint(ids), "corrections_used": ids,
-            "pixel_mm": args.pixel_mm or None, "crop": args.crop,
-            "epochs": args.epochs, "lr": args.lr, "frozen_layers": args.frozen_layers,
-            "started_from": str(start), "loss_history": [h["loss"] for h in result.history]}, parent=parent)
-    store.set_active(version)
-    printer("done", 1, 1, f"saved model version {version.version}", version=version.version, path=str(version.path))
-    return 0
+        printer = ProgressPrinter(json_lines=getattr(args, "json_progress", False))
+        return getattr(cli_loop, f"cmd_{name}")(args, printer)
+    return run
 
 
 def cmd_segment_stream(args: argparse.Namespace) -> int:
@@ -891,7 +850,7 @@ def cmd_segment_stream(args: argparse.Namespace) -> int:
         result.place(labels)
         labels.flush()  # on disk (the shared page cache) before the line that announces it
         done += 1
-        printer("slice", done, result.total, index=result.index)
+        printer("slice", done, result.total, index=result.index, uncertainty=round(float(result.uncertainty or 0.0), 5))
     printer("done", done, done, "segmented")
     return 0
 
@@ -936,7 +895,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "segment-stream": cmd_segment_stream, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune,
+COMMANDS = {"segment": cmd_segment, "segment-stream": cmd_segment_stream, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": _loop_command("finetune"), "corrections": _loop_command("corrections"),
+            "models": _loop_command("models"),
             "export": cmd_export, "info": cmd_info, "lungs": cmd_lungs, "pseudolabel": cmd_pseudolabel,
             "selftrain": cmd_selftrain, "crossval": cmd_crossval}
 

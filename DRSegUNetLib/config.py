@@ -152,20 +152,37 @@ class TrainConfig:
     # Processes that draw augmented crops ahead of the training step (0: in this process,
     # the reproducible default; a GPU wants several, its CPU crops are the bottleneck).
     workers: int = 0
+    # BatchNorm during training: "train" re-estimates running statistics from each batch
+    # (Keras' and the thesis's behaviour; what training from scratch needs), "frozen" keeps
+    # the statistics of the starting model (eval mode) while still training the affine
+    # weights -- what fine-tuning on a few slices needs (issue 18).
+    bn: str = "train"
 
 
 @dataclass(frozen=True)
 class FineTuneConfig:
-    """Level 2 (thesis §4.4.2, §5.5): start from the current model, first two layers
-    frozen, learning rate 9.8e-6 (the thesis's level-2 rate). An epoch is one pass
-    over the accepted slices (one crop per slice)."""
+    """Level 2 on accepted corrections (adaptation.py; issue 18). Defaults chosen on the
+    adaptation benchmark (bench/adaptation.py, README): every BatchNorm layer keeps the
+    starting model's statistics, Adam at 1e-4 for a fixed number of steps, a loss that
+    sees a lesion's extent when its type is open (region Dice), and replay of the model's
+    own training slices. ``adaptation.PRESETS["thesis"]`` is the thesis's level 2 (§4.4.2,
+    §5.5: first two layers frozen, learning rate 9.8e-6, epochs over the slices)."""
 
-    epochs: int = 10
-    lr: float = 9.8e-6
+    steps: int = 40  # optimisation steps; 0 = ``epochs`` passes over the accepted slices
+    epochs: int = 10  # used only when steps = 0 (one crop per slice and pass)
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
     frozen_layers: int = 2
+    bn: str = "frozen"  # TrainConfig.bn
     batch_size: int = 4
     crop: int = 256
-    loss: str = "ce"
+    loss: str = "ce+regiondice"
+    replay_fraction: float = 0.3  # share of crops drawn from the model's replay slices
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.8, 1.25)
+    foreground_fraction: float = 0.5  # crops centred on corrected lesions
+    holdout_every: int = 5  # one corrected slice in 5 is held out for the gate (fewer than 5: none)
+    tolerance: float = 0.02  # largest Dice drop on the reference set that still activates
     seed: int = 0
 
 

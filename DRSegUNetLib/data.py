@@ -23,7 +23,7 @@ import numpy as np
 from .config import EightBitConfig
 from .errors import InputError
 from .preprocessing import eight_bit_to_hu, working_size
-from .vocabulary import BACKGROUND, CLASS_NAMES, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS, check_class_names
+from .vocabulary import BACKGROUND, CHECKABLE, CLASS_NAMES, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS, check_class_names
 
 ALL_CLASSES = np.uint8((1 << NUM_CLASSES) - 1)
 
@@ -89,19 +89,23 @@ def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None)
     "consolidation" the lesions; "background" says the same as "lung" (everything
     outside the lung field is right). Each checked segment constrains every pixel: the
     lung field puts labels 1-3 in {GGO, consolidation, lung} and label 0 in {background};
-    a lesion class c puts label c in {c} and every other pixel in "not c". The allowed
-    set is the intersection, so an unchecked distinction stays open for the marginal loss.
-    All three segments checked is the same as None.
+    a lesion class c puts label c in {c} and every other pixel in "not c"; "infection"
+    (the lesion outline, not its type) puts labels 1-2 in {GGO, consolidation} and every
+    other pixel in "neither". The allowed set is the intersection, so an unchecked
+    distinction stays open for the marginal loss. All three segments checked is the same as None.
     """
     lab = labels.astype(np.uint8)
     if known is None:
         return (np.uint8(1) << lab).astype(np.uint8)
-    check_class_names(known)
+    check_class_names(known, CHECKABLE)
     every = bit(*range(NUM_CLASSES))
     allowed = np.full(lab.shape, every, dtype=np.uint8)
     for name in set(known):
         if name in ("lung", "background"):
             allowed &= np.where(lab != BACKGROUND, bit(GGO, CONSOLIDATION, LUNG), bit(BACKGROUND)).astype(np.uint8)
+        elif name == "infection":
+            lesion = (lab == GGO) | (lab == CONSOLIDATION)
+            allowed &= np.where(lesion, bit(GGO, CONSOLIDATION), np.uint8(every & ~bit(GGO, CONSOLIDATION))).astype(np.uint8)
         else:
             c = CLASS_NAMES.index(name)
             allowed &= np.where(lab == c, bit(c), np.uint8(every & ~bit(c))).astype(np.uint8)

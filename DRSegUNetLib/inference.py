@@ -9,6 +9,7 @@ time, so memory does not grow with the number of slices.
 from __future__ import annotations
 
 import contextlib
+import math
 import functools
 import logging
 from pathlib import Path
@@ -137,6 +138,19 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def slice_uncertainty(prob: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Per slice: mean entropy of the class probabilities over the predicted lung field,
+    divided by log(classes) (0 = certain, 1 = uniform); 0 for a slice without lung.
+
+    Where to correct next: the slices the model is least sure of (README, issue 18)."""
+    p = prob.float().clamp_min(1e-8)
+    entropy = -(p * p.log()).sum(dim=1) / math.log(prob.shape[1])  # (N, H, W)
+    field = torch.from_numpy(np.asarray(labels) != 0).to(entropy.device)
+    n = field.sum(dim=(1, 2))
+    total = (entropy * field).sum(dim=(1, 2))
+    return torch.where(n > 0, total / n.clamp_min(1), torch.zeros_like(total)).cpu().numpy().astype(np.float64)
+
+
 class Predictor:
     """Applies a trained DRSegUNet to CT slices and volumes."""
 
@@ -250,17 +264,21 @@ class Predictor:
             batch = np.ascontiguousarray(view[start:start + bs], dtype=np.float32)
             labels, prob = self.labels(batch, spacing)
             probs = prob.half().cpu().numpy() if with_probabilities else None
+            uncertain = slice_uncertainty(prob, labels)
             for k in range(labels.shape[0]):
                 yield SliceResult(start + k, n, labels[k], image.GetDirection(),
-                                  probs[k] if probs is not None else None)
+                                  probs[k] if probs is not None else None, float(uncertain[k]))
             report(progress, "segment", min(start + bs, n), n, f"slice {min(start + bs, n)}/{n}")
 
     def predict(self, image: sitk.Image, progress: Optional[ProgressCallback] = None,
-                cancel: Optional[CancelCheck] = None) -> sitk.Image:
-        """Label map (uint8, values 0-3) with the input's size, spacing, origin and direction."""
+                cancel: Optional[CancelCheck] = None, uncertainty: Optional[list] = None) -> sitk.Image:
+        """Label map (uint8, values 0-3) with the input's size, spacing, origin and direction.
+        ``uncertainty``: a list that receives each axial slice's :func:`slice_uncertainty`, in slice order."""
         out = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         for r in self.iter_slices(image, progress, cancel):
             r.place(out)
+            if uncertainty is not None:
+                uncertainty.append(r.uncertainty)
         labels = sitk.GetImageFromArray(out)
         labels.CopyInformation(image)
         return labels

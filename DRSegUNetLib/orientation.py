@@ -68,7 +68,7 @@ class SliceResult:
     """One finished axial slice.
 
     ``labels`` (rows, cols) uint8 in the axial display frame; ``probabilities``
-    (C, rows, cols) float16 when asked for.
+    (C, rows, cols) float16 when asked for; ``uncertainty``: inference.slice_uncertainty.
     """
 
     index: int
@@ -76,6 +76,7 @@ class SliceResult:
     labels: np.ndarray
     direction: tuple[float, ...]
     probabilities: Optional[np.ndarray] = None
+    uncertainty: Optional[float] = None
 
     def place(self, volume_zyx: np.ndarray, labels: Optional[Sequence[int]] = None) -> None:
         """Write this slice into an array laid out like ``sitk.GetArrayFromImage(input)``.

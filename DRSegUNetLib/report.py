@@ -63,3 +63,13 @@ def compute_report(labels: sitk.Image) -> dict[str, Any]:
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write_bytes(path, (json.dumps(report, indent=1) + "\n").encode())
+
+
+def add_uncertainty(report: dict[str, Any], per_slice: list, top: int = 5) -> None:
+    """Add each axial slice's uncertainty (inference.slice_uncertainty; slice 0 = most
+    inferior, as segment and the corrections store count) and the ``top`` most uncertain
+    slices: where a user's corrections teach the model most."""
+    values = [round(float(u), 5) for u in per_slice]
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    report["slice_uncertainty"] = values
+    report["most_uncertain_slices"] = [i for i in order[:top] if values[i] > 0]

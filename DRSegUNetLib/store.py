@@ -454,6 +454,13 @@ class CorrectionsStore:
             raise InputError(f"correction {cid} in {self.root} is unusable ({why}); "
                              f"remove {path.name} from the store") from None
 
+    def remove(self, cid: str) -> None:
+        """Delete one stored slice (its file; the index keeps a line that readers skip)."""
+        if cid not in self:
+            raise KeyError(f"no correction {cid} in {self.root}")
+        (self.root / f"{cid}{self.SUFFIX}").unlink()
+        _fsync_dir(self.root)
+
     def fingerprint(self, ids: Sequence[str] | None = None) -> str:
         """A short digest of ``ids`` (default: the ids in the store now); names the training
         data in a model card, so pass the ids that were trained on (others may add meanwhile)."""
@@ -476,9 +483,9 @@ def check_correction(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float
     if len(spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be (row, column) in mm, both > 0, got {tuple(spacing)}")
     if known is not None:
-        from .vocabulary import check_class_names
+        from .vocabulary import CHECKABLE, check_class_names
 
-        check_class_names(known)
+        check_class_names(known, CHECKABLE)
 
 
 def _compact_hu(ct: np.ndarray) -> np.ndarray:

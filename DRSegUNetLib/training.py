@@ -69,12 +69,47 @@ def marginal_soft_dice(logits: torch.Tensor, allowed: torch.Tensor, eps: float =
     return 1 - dice[present].mean() if present.any() else logits.sum() * 0.0
 
 
+def region_soft_dice(logits: torch.Tensor, allowed: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over the regions of ``vocabulary.REGIONS`` (GGO, consolidation,
+    infection = GGO or consolidation, lung field), each scored where it is decided.
+
+    A region's probability is the sum of its classes'; a pixel decides it when its allowed
+    set lies inside the region or outside it. Unlike :func:`marginal_soft_dice`, this sees
+    the extent of a lesion whose type is open (COVID-19-CT-Seg's infection masks, a
+    correction accepted with "infection" checked): there neither GGO nor consolidation is
+    decided, but the infection region is.
+    """
+    mask = allowed_to_mask(allowed, logits.shape[1])
+    prob = torch.softmax(logits.float(), dim=1)
+    losses = []
+    for classes in REGIONS.values():
+        rb = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        rb[list(classes)] = True
+        rb = rb.view(1, -1, 1, 1)
+        inside = ~(mask & ~rb).any(dim=1)
+        outside = ~(mask & rb).any(dim=1)
+        target = inside.float()
+        if not bool(target.sum() > 0):
+            continue
+        decided = (inside | outside).float()
+        p = (prob * rb).sum(dim=1)
+        inter = (p * target).sum()
+        denom = (p * decided).sum() + target.sum()
+        losses.append(1 - (2 * inter + eps) / (denom + eps))
+    return torch.stack(losses).mean() if losses else logits.sum() * 0.0
+
+
+LOSSES = ("ce", "ce+dice", "ce+regiondice")
+
+
 def compute_loss(logits: torch.Tensor, allowed: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "ce":
         return marginal_cross_entropy(logits, allowed)
     if kind == "ce+dice":
         return marginal_cross_entropy(logits, allowed) + marginal_soft_dice(logits, allowed)
-    raise ValueError(f"unknown loss {kind!r}; use 'ce' or 'ce+dice'")
+    if kind == "ce+regiondice":
+        return marginal_cross_entropy(logits, allowed) + region_soft_dice(logits, allowed)
+    raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
 
 
 # ---------------------------------------------------------------- sampling
@@ -261,12 +296,19 @@ def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:
     return frozen
 
 
-def _set_train_mode(model: DRSegUNet, frozen: Sequence[str]) -> None:
+BN_MODES = ("train", "frozen")
+
+
+def set_train_mode(model: torch.nn.Module, frozen: Sequence[str], bn: str = "train") -> None:
+    """Training mode, except BatchNorm layers that keep their running statistics: the
+    frozen ones always, and every one with ``bn="frozen"`` (TrainConfig.bn)."""
+    if bn not in BN_MODES:
+        raise ValueError(f"unknown BatchNorm mode {bn!r}; choose from {', '.join(BN_MODES)}")
     model.train()
     modules = dict(model.named_modules())
-    for name in frozen:
-        if isinstance(modules[name], torch.nn.BatchNorm2d):
-            modules[name].eval()
+    for name, m in modules.items():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (bn == "frozen" or name in frozen):
+            m.eval()
 
 
 def _diverged(epoch: int, what: str) -> InputError:
@@ -343,6 +385,7 @@ def train(
         if rank != 0:
             progress = None
     training_autocast(dev, config.bf16)  # check the mode before the first step
+    set_train_mode(model, frozen, config.bn)  # and the BatchNorm mode
     sample_probabilities(train_samples, dict(config.source_weights))  # and the weights
     if config.select_regions and not val_samples:
         log.warning("no validation slices: select_regions %s has nothing to select on", ",".join(config.select_regions))
@@ -366,7 +409,7 @@ def train(
     t0 = time.time()
     try:
         for epoch in range(1, config.epochs + 1):
-            _set_train_mode(model, frozen)
+            set_train_mode(model, frozen, config.bn)
             losses = []
             for _ in range(config.steps_per_epoch):
                 check_cancel(cancel)

@@ -24,6 +24,11 @@ def check_class_names(names: Iterable[str], allowed: tuple[str, ...] = CLASS_NAM
         raise ValueError(f"unknown class names {unknown}; known ones are {', '.join(allowed)}")
 
 
+# What a user can say they checked on an accepted slice (data.labels_to_allowed): the three
+# segments, "background" (the same as "lung": everything outside the lung field is right),
+# and "infection": the lesion extent is right, whether GGO or consolidation is left open.
+CHECKABLE: tuple[str, ...] = CLASS_NAMES + ("infection",)
+
 # Derived regions used by metrics and reports: name -> label values it is made of.
 REGIONS: dict[str, tuple[int, ...]] = {
     "ggo": (GGO,),

@@ -439,8 +439,9 @@ def test_accept_records_which_segments_were_checked(logic, scene, ct_image):
 class FakeProcess:
     """Prints what `python -m DRSegUNetLib finetune --json-progress` prints; adds the version on the last line."""
 
-    def __init__(self, args, store_root, bundled, finish=True):
+    def __init__(self, args, store_root, bundled, finish=True, activated=True):
         self.args = list(args)
+        self.activated = activated
         self.lines = [("out", json.dumps({"stage": "train", "step": s, "total": 3, "loss": 1.0 / s})) for s in (1, 2, 3)]
         self.lines.insert(1, ("err", "INFO some log line"))
         self.store = ModelStore(store_root, bundled=bundled)
@@ -452,8 +453,13 @@ class FakeProcess:
         out, self.lines = self.lines[:1], self.lines[1:]
         if not self.lines and self.finish and self.rc is None and not self.terminated:
             v = self.store.add_version(b"fine-tuned", {"note": "fake"}, parent=self.store.active())
-            self.store.set_active(v.version)  # as cmd_finetune does
-            out.append(("out", json.dumps({"stage": "done", "version": v.version})))
+            gate = {"passed": self.activated, "reasons": [] if self.activated else ["reference ggo Dice 0.550 -> 0.400"],
+                    "reference": {"before": {"ggo": 0.55}, "after": {"ggo": 0.56 if self.activated else 0.40}},
+                    "holdout": {"before": {}, "after": {}}}
+            if self.activated:
+                self.store.set_active(v.version)  # as cmd_finetune does when the gate passes
+            out.append(("out", json.dumps({"stage": "done", "version": v.version, "activated": self.activated,
+                                           "gate": gate})))
             self.rc = 0
         return out
 
@@ -473,7 +479,8 @@ class FakeRunner:
 
     def start(self, args, env):
         self.started.append((args, env))
-        return FakeProcess(args, self.kw["store_root"], self.kw["bundled"], self.kw.get("finish", True))
+        return FakeProcess(args, self.kw["store_root"], self.kw["bundled"], self.kw.get("finish", True),
+                           self.kw.get("activated", True))
 
 
 def _logic_with_corrections(scene, stores, ct_image, runner):
@@ -491,11 +498,11 @@ def test_fine_tune_adds_and_activates_a_new_version(scene, stores, ct_image):
     runner = FakeRunner(store_root=stores[0].root, bundled=stores[0].bundled)
     logic = _logic_with_corrections(scene, stores, ct_image, runner)
     assert logic.modelStore.active().version == 1
-    job = logic.startFineTune(epochs=2, lr=1e-4, device="cpu")
+    job = logic.startFineTune(steps=2, lr=1e-4, device="cpu")
     args, env = runner.started[0]
     assert args[1:4] == ["-m", "DRSegUNetLib", "finetune"] and "--json-progress" in args
     assert args[args.index("--corrections") + 1] == str(logic.correctionsStore.root)
-    assert args[args.index("--epochs") + 1] == "2" and float(args[args.index("--lr") + 1]) == 1e-4
+    assert args[args.index("--steps") + 1] == "2" and float(args[args.index("--lr") + 1]) == 1e-4
     assert str(REPO) in env["PYTHONPATH"].split(os.pathsep)
     log = []
     while not job.finished:
@@ -508,10 +515,60 @@ def test_fine_tune_adds_and_activates_a_new_version(scene, stores, ct_image):
     assert logic.modelPath() == str(stores[0].bundled)
 
 
+def test_fine_tune_the_gate_refused_keeps_the_active_model_and_says_why(scene, stores, ct_image):
+    runner = FakeRunner(store_root=stores[0].root, bundled=stores[0].bundled, activated=False)
+    logic = _logic_with_corrections(scene, stores, ct_image, runner)
+    job = logic.startFineTune(steps=2, lr=1e-4, device="cpu")
+    job.wait(timeout=10)
+    assert job.state == "completed" and job.version == 2 and job.activated is False
+    assert logic.modelStore.active().version == 1
+    assert "NOT made active" in job.message and "0.550 -> 0.400" in job.message
+    logic.modelStore.set_active(2)  # Make active still overrides
+    assert logic.modelStore.active().version == 2
+
+
+def test_fine_tune_reports_the_gate_numbers_when_it_activates(scene, stores, ct_image):
+    logic = _logic_with_corrections(scene, stores, ct_image, FakeRunner(store_root=stores[0].root,
+                                                                        bundled=stores[0].bundled))
+    job = logic.startFineTune(steps=2, lr=1e-4, device="cpu")
+    job.wait(timeout=10)
+    assert job.activated is True and "ggo 0.550->0.560" in job.message
+
+
+def test_next_slice_to_check_is_the_most_uncertain_one_not_yet_accepted(scene, stores, ct_image):
+    models, corrections = stores
+
+    class UncertainPredictor(ThresholdPredictor):
+        def iter_slices(self, image, progress=None, cancel=None):
+            for r in super().iter_slices(image, progress, cancel):
+                r.uncertainty = 0.9 if r.index == 30 else (0.5 if r.index == 12 else 0.1)
+                yield r
+
+    logic = lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections,
+                               predictorFactory=lambda path, device: UncertainPredictor())
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    job = logic.segment(volume, device="cpu", timeout=120)
+    assert logic.nextSliceToCheck(job.segmentationNode) == 30
+    assert job.report["most_uncertain_slices"][:2] == [30, 12]
+    logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(30, 30))
+    assert logic.nextSliceToCheck(job.segmentationNode) == 12
+    # Jumping puts the slice views on that axial slice of the volume.
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetLayoutName("Red")
+    red.SetOrientationToAxial()
+    r, a, s = logic.jumpToSlice(volume, 12)
+    view = axial_view(np.arange(ct_image.GetSize()[2])[:, None, None] * np.ones(ct_image.GetSize()[::-1], int),
+                      ct_image.GetDirection())[0]
+    k = int(view[12].flat[0])
+    lps = ct_image.TransformIndexToPhysicalPoint((0, 0, k))
+    assert s == pytest.approx(lps[2], abs=1e-3)
+    assert red.GetSliceToRAS().GetElement(2, 3) == pytest.approx(s, abs=1e-3)
+
+
 def test_fine_tune_cancel_keeps_the_active_model(scene, stores, ct_image):
     runner = FakeRunner(store_root=stores[0].root, bundled=stores[0].bundled, finish=False)
     logic = _logic_with_corrections(scene, stores, ct_image, runner)
-    job = logic.startFineTune(epochs=2, lr=1e-4)
+    job = logic.startFineTune(steps=2, lr=1e-4)
     job.poll()
     job.cancel()
     job.wait(timeout=10)
@@ -521,7 +578,7 @@ def test_fine_tune_cancel_keeps_the_active_model(scene, stores, ct_image):
 def test_fine_tune_cancel_after_the_process_finished_reports_the_new_model(scene, stores, ct_image):
     logic = _logic_with_corrections(scene, stores, ct_image, FakeRunner(store_root=stores[0].root,
                                                                         bundled=stores[0].bundled))
-    job = logic.startFineTune(epochs=2, lr=1e-4)
+    job = logic.startFineTune(steps=2, lr=1e-4)
     unread = []
     while job.process.rc is None:  # the process runs to its end before the panel reads a line
         unread += job.process.readLines()
@@ -535,7 +592,7 @@ def test_fine_tune_cancel_after_the_process_finished_reports_the_new_model(scene
 def test_fine_tune_cancelled_after_it_activated_its_model_says_so(scene, stores, ct_image):
     runner = FakeRunner(store_root=stores[0].root, bundled=stores[0].bundled, finish=False)
     logic = _logic_with_corrections(scene, stores, ct_image, runner)
-    job = logic.startFineTune(epochs=2, lr=1e-4)
+    job = logic.startFineTune(steps=2, lr=1e-4)
     job.poll()
     # The command saves and activates its model, and is killed before it prints the "done" line.
     v = logic.modelStore.add_version(b"fine-tuned", {"note": "fake"}, parent=logic.modelStore.active())
@@ -548,7 +605,7 @@ def test_fine_tune_cancelled_after_it_activated_its_model_says_so(scene, stores,
 
 def test_fine_tune_needs_corrections(logic):
     with pytest.raises(ValueError, match="corrections"):
-        logic.startFineTune(epochs=1, lr=1e-4)
+        logic.startFineTune(steps=1, lr=1e-4)
 
 
 def test_fine_tune_trains_at_the_panel_working_pixel_size(scene, stores, ct_image):
@@ -557,12 +614,12 @@ def test_fine_tune_trains_at_the_panel_working_pixel_size(scene, stores, ct_imag
     command = logic.fineTuneCommand(1, 1e-4, "cpu", 0.0)
     assert command[command.index("--pixel-mm") + 1] == "0.0"
     with pytest.raises(ValueError, match="working pixel size"):
-        logic.startFineTune(epochs=1, lr=1e-4, pixelMM=0.1)
+        logic.startFineTune(steps=1, lr=1e-4, pixelMM=0.1)
 
 
 def test_fine_tune_defaults_come_from_the_library_config(logic):
     d = logic.fineTuneDefaults()
-    assert d["frozen_layers"] == 2 and 0 < d["lr"] < 1e-3 and d["epochs"] >= 1
+    assert d["frozen_layers"] == 2 and 0 < d["lr"] < 1e-3 and d["steps"] >= 1 and 0 < d["tolerance"] < 0.1
 
 
 @pytest.mark.slow
@@ -570,7 +627,7 @@ def test_fine_tune_in_a_real_subprocess_changes_the_model_version(scene, stores,
     """`python -m DRSegUNetLib finetune` in a subprocess, on the tiny checkpoint and one accepted slice."""
     logic = _logic_with_corrections(scene, stores, ct_image, None)
     assert isinstance(logic.processRunner, lib.SubprocessRunner)
-    job = logic.startFineTune(epochs=1, lr=1e-4, device="cpu")
+    job = logic.startFineTune(steps=1, lr=1e-4, device="cpu")
     job.wait(timeout=300, interval=0.1)
     job.raiseIfFailed()
     assert job.state == "completed"

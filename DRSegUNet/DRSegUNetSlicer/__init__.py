@@ -38,6 +38,8 @@ ATTR_SLICE_HASHES = "DRSegUNet.SliceHashes"  # per axial slice: hash of the labe
 ATTR_MODEL = "DRSegUNet.Model"
 ATTR_SOURCE = "DRSegUNet.Source"
 ATTR_REPORT = "DRSegUNet.Report"
+ATTR_UNCERTAINTY = "DRSegUNet.SliceUncertainty"  # per axial slice: DRSegUNetLib.inference.slice_uncertainty
+ATTR_ACCEPTED = "DRSegUNet.AcceptedSlices"  # axial slice indices accepted as corrections
 BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
 
 from .conversions import ijkToRasArray, sitkImageFromVolumeNode, volumeNodeFromSitkImage  # noqa: E402
@@ -46,7 +48,7 @@ from .logic import DRSegUNetLogic, reportRows  # noqa: E402
 from .processes import ProcessRunner, RunningProcess, SubprocessRunner  # noqa: E402
 
 __all__ = [
-    "ATTR_MODEL", "ATTR_REPORT", "ATTR_SLICE_HASHES", "ATTR_SOURCE", "DEVICES", "DRSegUNetLogic", "FineTuneJob",
+    "ATTR_ACCEPTED", "ATTR_MODEL", "ATTR_REPORT", "ATTR_UNCERTAINTY", "ATTR_SLICE_HASHES", "ATTR_SOURCE", "DEVICES", "DRSegUNetLogic", "FineTuneJob",
     "ProcessRunner", "RunningProcess", "SegmentationJob", "SubprocessRunner", "ijkToRasArray", "reportRows",
     "sitkImageFromVolumeNode", "volumeNodeFromSitkImage",
 ]

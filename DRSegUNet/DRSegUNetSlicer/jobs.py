@@ -22,7 +22,7 @@ from DRSegUNetLib.orientation import SliceResult, axial_view
 from DRSegUNetLib.store import ModelVersion
 from DRSegUNetLib.vocabulary import SEGMENTS
 
-from . import ATTR_REPORT, BINARY_LABELMAP, _
+from . import ATTR_REPORT, ATTR_UNCERTAINTY, BINARY_LABELMAP, _
 from .processes import RunningProcess
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ class SegmentationJob(Job):
         self.labels = np.zeros(image.GetSize()[::-1], dtype=np.uint8)  # (z, y, x) like the input
         self.total = axial_view(self.labels, image.GetDirection())[0].shape[0]
         self.done = np.zeros(self.total, dtype=bool)  # per axial slice: written
+        self.uncertainty = np.zeros(self.total, dtype=np.float64)  # per axial slice (0 until written)
         self.report: Optional[Dict[str, Any]] = None
         self.tableNode = None
         self.message = _("Loading the model...")
@@ -175,6 +176,8 @@ class SegmentationJob(Job):
         finally:
             self.segmentationNode.EndModify(modify)
         self.done[result.index] = True
+        if getattr(result, "uncertainty", None) is not None:
+            self.uncertainty[result.index] = float(result.uncertainty)
         self.step = int(self.done.sum())
         self.message = _("Segmented {step}/{total} slices").format(step=self.step, total=self.total)
 
@@ -191,14 +194,16 @@ class SegmentationJob(Job):
             self.message = _("Failed: {error}").format(error=self.error)
             return
         self.logic.recordPrediction(self.segmentationNode, self.volumeNode, self.image, self.labels, self.modelPath)
+        self.segmentationNode.SetAttribute(ATTR_UNCERTAINTY, json.dumps([round(float(u), 5) for u in self.uncertainty]))
         if state == "cancelled":
             self.message = _("Cancelled after {step} of {total} slices; finished slices kept.").format(
                 step=self.step, total=self.total)
             return
-        from DRSegUNetLib.report import compute_report  # scipy: installed with the requirements
+        from DRSegUNetLib.report import add_uncertainty, compute_report  # scipy: installed with the requirements
 
         self.report = compute_report(self.labelImage())
         self.report.update(model=self.modelPath, inference=self.settings)
+        add_uncertainty(self.report, list(self.uncertainty))
         self.segmentationNode.SetAttribute(ATTR_REPORT, json.dumps(self.report))
         self.tableNode = self.logic.reportTable(self.report)
         self.message = _("Done: {total} slices").format(total=self.total)
@@ -330,7 +335,9 @@ class _SliceProcess:
             elif event.get("stage") == "slice" and not self._stopped:
                 index = int(event["index"])
                 labels = np.array(axial_view(self._labels, self.direction)[0][index])
-                self._events.append(("slice", SliceResult(index, self.total, labels, self.direction)))
+                uncertainty = event.get("uncertainty")
+                self._events.append(("slice", SliceResult(index, self.total, labels, self.direction, None,
+                                                          None if uncertainty is None else float(uncertainty))))
         if rc is None:
             return
         self._ended = True
@@ -368,6 +375,8 @@ class FineTuneJob(Job):
         self.process = process
         self.parent = parent
         self.version: Optional[int] = None
+        self.activated: Optional[bool] = None  # the gate's verdict (the command's "done" line)
+        self.gate: Optional[Dict[str, Any]] = None  # reference and held-out Dice, before and after
         self.loss: Optional[float] = None
         self.stage = ""
         self._stderr: List[str] = []
@@ -392,11 +401,17 @@ class FineTuneJob(Job):
                     self._stderr = (self._stderr + [line])[-20:]
                 log.append(line)
         if rc is not None:
-            if rc == 0 and self.version is not None:  # saved (and made active by the command), even if a
-                self.logic.modelStore.set_active(self.version)  # Cancel came after it had finished
+            if rc == 0 and self.version is not None:  # saved, even if a Cancel came after it had finished
                 self.state = "completed"
-                self.message = _("New model v{version} is active (previous: v{parent}).").format(
-                    version=self.version, parent=self.parent.version)
+                if self.activated is False:  # the gate refused it: the command left the active model alone
+                    self.message = _("New model v{version} saved but NOT made active: it scored worse than v{parent} "
+                                     "({why}). Use Make active to use it anyway.").format(
+                        version=self.version, parent=self.parent.version,
+                        why="; ".join((self.gate or {}).get("reasons", [])) or _("see the log"))
+                else:
+                    self.logic.modelStore.set_active(self.version)  # what the command did (older commands: always)
+                    self.message = _("New model v{version} is active (previous: v{parent}). {gate}").format(
+                        version=self.version, parent=self.parent.version, gate=self.gateSummary())
             elif self._cancelSent:
                 self.state = "cancelled"
                 self.message = self._cancelledMessage()
@@ -407,6 +422,20 @@ class FineTuneJob(Job):
                 self.message = str(self.error)
             log.append(self.message)
         return log
+
+    def gateSummary(self) -> str:
+        """Before -> after on the reference slices and the held-out corrections, one line."""
+        gate = self.gate or {}
+        ref = gate.get("reference") or {}
+        before, after = ref.get("before") or {}, ref.get("after") or {}
+        parts = [f"{r} {before[r]:.3f}->{after[r]:.3f}" for r in before if r in after]
+        held = gate.get("holdout") or {}
+        hb, ha = held.get("before") or {}, held.get("after") or {}
+        text = (_("Reference Dice: ") + ", ".join(parts)) if parts else ""
+        if hb and ha:
+            text += _("; held-out corrected slices: {b:.3f}->{a:.3f}").format(
+                b=sum(hb.values()) / len(hb), a=sum(ha.values()) / len(ha))
+        return text
 
     def abort(self) -> None:
         self.cancel()
@@ -429,6 +458,8 @@ class FineTuneJob(Job):
         self.stage = str(event.get("stage", ""))
         if self.stage == "done":
             self.version = int(event["version"])
+            self.activated = event.get("activated")
+            self.gate = event.get("gate")
             self.step = self.total = max(self.total, 1)
             self.message = _("Saved model version {v}").format(v=self.version)
             return

@@ -17,7 +17,7 @@ from DRSegUNetLib.orientation import axial_view
 from DRSegUNetLib.store import HOME_ENV, CorrectionsStore, ModelStore, default_home
 from DRSegUNetLib.vocabulary import LUNG, SEGMENTS
 
-from . import ATTR_MODEL, ATTR_SLICE_HASHES, ATTR_SOURCE, BINARY_LABELMAP, DEVICES, _
+from . import ATTR_ACCEPTED, ATTR_MODEL, ATTR_SLICE_HASHES, ATTR_SOURCE, ATTR_UNCERTAINTY, BINARY_LABELMAP, DEVICES, _
 from .conversions import orientedImageFromMask, sitkImageFromVolumeNode
 from .jobs import FineTuneJob, SegmentationJob
 from .processes import ProcessRunner, SubprocessRunner
@@ -135,11 +135,12 @@ class DRSegUNetLogic:
 
     @staticmethod
     def fineTuneDefaults() -> Dict[str, Any]:
-        """Level-2 defaults (epochs, learning rate, frozen layers) from the library's config."""
+        """Level-2 defaults (training steps, learning rate, frozen layers, gate tolerance) from the library's config."""
         from DRSegUNetLib.config import FineTuneConfig
 
         cfg = FineTuneConfig()
-        return {"epochs": int(cfg.epochs), "lr": float(cfg.lr), "frozen_layers": int(cfg.frozen_layers)}
+        return {"steps": int(cfg.steps), "lr": float(cfg.lr), "frozen_layers": int(cfg.frozen_layers),
+                "tolerance": float(cfg.tolerance)}
 
     # -- segmentation
     def prepareSegments(self, segmentationNode, volumeNode) -> None:
@@ -335,13 +336,13 @@ class DRSegUNetLogic:
         known = None
         if checkedClasses is not None:
             segmentClasses = [c for c in CLASS_NAMES if c != "background"]
-            unknown = sorted(set(checkedClasses) - set(segmentClasses))
+            unknown = sorted(set(checkedClasses) - set(segmentClasses) - {"infection"})
             if unknown:
                 raise ValueError(_("Unknown segment classes: {names}.").format(names=", ".join(unknown)))
             if not checkedClasses:
                 raise ValueError(_("Check at least one segment you corrected."))
-            if set(checkedClasses) != set(segmentClasses):
-                known = tuple(c for c in segmentClasses if c in set(checkedClasses))
+            if not set(checkedClasses) >= set(segmentClasses):
+                known = tuple(c for c in segmentClasses + ["infection"] if c in set(checkedClasses))
         image = sitkImageFromVolumeNode(volumeNode)
         ct = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())[0]
         labels = axial_view(self.labelsFromSegmentation(segmentationNode, volumeNode), image.GetDirection())[0]
@@ -365,7 +366,40 @@ class DRSegUNetLogic:
         ids = [self.correctionsStore.add(np.asarray(ct[n]), np.asarray(labels[n]), spacing, source, n, known=known)
                for n in chosen]
         segmentationNode.SetAttribute(ATTR_SLICE_HASHES, json.dumps(hashes))  # accepted = the new baseline
+        accepted = set(json.loads(segmentationNode.GetAttribute(ATTR_ACCEPTED) or "[]")) | set(chosen)
+        segmentationNode.SetAttribute(ATTR_ACCEPTED, json.dumps(sorted(accepted)))
         return ids
+
+    # -- where to correct next
+    @staticmethod
+    def sliceUncertainty(segmentationNode) -> List[float]:
+        """Per axial slice (0 = most inferior) the model's uncertainty when it segmented
+        (``DRSegUNetLib.inference.slice_uncertainty``); empty if unknown."""
+        text = segmentationNode.GetAttribute(ATTR_UNCERTAINTY) if segmentationNode is not None else None
+        return [float(u) for u in json.loads(text)] if text else []
+
+    def nextSliceToCheck(self, segmentationNode) -> Optional[int]:
+        """The most uncertain axial slice not yet accepted as a correction, or None."""
+        uncertainty = self.sliceUncertainty(segmentationNode)
+        accepted = set(json.loads(segmentationNode.GetAttribute(ATTR_ACCEPTED) or "[]"))
+        candidates = [i for i, u in enumerate(uncertainty) if i not in accepted and u > 0]
+        return max(candidates, key=lambda i: uncertainty[i]) if candidates else None
+
+    @staticmethod
+    def axialSliceCenterRAS(volumeNode, index: int) -> Tuple[float, float, float]:
+        """RAS of the centre of axial slice ``index`` (as counted by the library's axial view)."""
+        dims = volumeNode.GetImageData().GetDimensions()
+        ijk = _axialSliceVoxel(volumeNode, dims, int(index))
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        ras = matrix.MultiplyPoint((float(ijk[0]), float(ijk[1]), float(ijk[2]), 1.0))
+        return float(ras[0]), float(ras[1]), float(ras[2])
+
+    def jumpToSlice(self, volumeNode, index: int) -> Tuple[float, float, float]:
+        """Move every slice view to axial slice ``index`` of ``volumeNode``; returns the RAS point."""
+        r, a, s = self.axialSliceCenterRAS(volumeNode, index)
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        return r, a, s
 
     # -- fine-tuning
     @staticmethod
@@ -393,29 +427,31 @@ class DRSegUNetLogic:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def fineTuneCommand(self, epochs: int, lr: float, device: str = "auto", pixelMM: Optional[float] = None) -> List[str]:
+    def fineTuneCommand(self, steps: int, lr: float, device: str = "auto", pixelMM: Optional[float] = None) -> List[str]:
         """The level-2 command: from the active model, on the corrections store, into the model store.
+        The command makes the new version active only if it passes the gate (reference slices and
+        held-out corrections no worse; DRSegUNetLib.adaptation).
 
         ``pixelMM``: the working pixel size to train at (as :meth:`startSegmentation`; None: the default)."""
         command = self.libraryCommand(
             "finetune", "--model", str(self.modelStore.active().path),
             "--corrections", str(self.correctionsStore.root), "--store", str(self.modelStore.root),
-            "--epochs", str(int(epochs)), "--lr", repr(float(lr)), "--device", device, "--json-progress")
+            "--steps", str(int(steps)), "--lr", repr(float(lr)), "--device", device, "--json-progress")
         if pixelMM is not None:
             command += ["--pixel-mm", repr(float(pixelMM))]
         return command
 
-    def startFineTune(self, epochs: int, lr: float, device: str = "auto", pixelMM: Optional[float] = None) -> FineTuneJob:
+    def startFineTune(self, steps: int, lr: float, device: str = "auto", pixelMM: Optional[float] = None) -> FineTuneJob:
         """Start fine-tuning (level 2) the active model on the accepted corrections; poll the returned job."""
         if len(self.correctionsStore) == 0:
             raise ValueError(_("No accepted corrections yet: accept corrected slices first."))
-        if epochs < 1 or lr <= 0:
-            raise ValueError(_("Epochs must be at least 1 and the learning rate positive."))
+        if steps < 1 or lr <= 0:
+            raise ValueError(_("Training steps must be at least 1 and the learning rate positive."))
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         self._checkPixelSize(pixelMM)
         parent = self.modelStore.active()
-        process = self.processRunner.start(self.fineTuneCommand(epochs, lr, device, pixelMM), self.libraryEnvironment())
+        process = self.processRunner.start(self.fineTuneCommand(steps, lr, device, pixelMM), self.libraryEnvironment())
         return FineTuneJob(self, process, parent)
 
     # -- files
@@ -429,6 +465,22 @@ class DRSegUNetLogic:
                 raise RuntimeError(f"could not write {path}")
         finally:
             self.scene.RemoveNode(storage)
+
+
+def _axialSliceVoxel(volumeNode, dims: Sequence[int], index: int) -> Tuple[int, int, int]:
+    """(i, j, k) of the centre voxel of axial slice ``index`` of the library's axial view."""
+    from DRSegUNetLib.orientation import axial_view
+
+    from .conversions import _RAS_TO_LPS, ijkToRasArray
+
+    axes = (_RAS_TO_LPS @ ijkToRasArray(volumeNode))[:3, :3]
+    direction = [float(d) for d in (axes / np.linalg.norm(axes, axis=0)).ravel()]  # as sitkImageFromVolumeNode
+    kji = np.indices(tuple(dims[::-1]), sparse=True)
+    grids = [np.broadcast_to(g, tuple(dims[::-1])) for g in kji]
+    views = [axial_view(g, direction)[0][index] for g in grids]  # (rows, cols) of k, j, i
+    rows, cols = views[0].shape
+    k, j, i = (int(v[rows // 2, cols // 2]) for v in views)
+    return i, j, k
 
 
 def reportRows(report: Dict[str, Any]) -> List[Tuple[str, float, Optional[float]]]:

@@ -1,0 +1,304 @@
+"""Level 2: fine-tune a model on a user's accepted corrections, and gate the result.
+
+The loop a radiologist runs -- segment, correct a few slices, accept, fine-tune, segment
+again -- must make the next segmentation better and never silently worse. So a fine-tune:
+
+1. trains on the accepted slices at the model's working pixel size, with every BatchNorm
+   layer keeping the statistics of the model it starts from (a few crops are no estimate
+   of them), mixing in *replay* slices of the model's own training data (shipped beside
+   the bundled model) so it does not forget what it knew;
+2. holds some corrected slices out (one in ``holdout_every``) and scores old and new model
+   on them and on a *reference* set shipped with the model, which no fine-tune trains on;
+3. is made active only when no reference region drops by more than ``tolerance`` and
+   the held-out corrections do not get worse. Otherwise the new version is still saved
+   (the user may make it active) and both numbers are reported.
+
+The thesis's level 2 (first two layers frozen, learning rate 9.8e-6, BatchNorm
+re-estimated, no replay) stays available as the ``thesis`` preset.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import EightBitConfig, FineTuneConfig, InferenceConfig, TrainConfig
+from .data import Sample, labels_to_allowed, read_npz, resample_sample
+from .errors import InputError
+from .metrics import MetricAccumulator
+from .preprocessing import eight_bit_to_hu
+from .progress import CancelCheck, ProgressCallback, report
+from .vocabulary import REGIONS
+
+REPLAY = "replay"
+REFERENCE = "reference"
+CORRECTIONS = "corrections"
+# Regions the gate compares; consolidation is reported, not gated: the reference has few
+# consolidation pixels, so one slice swings its mean by more than any tolerance.
+GATED_REGIONS = ("ggo", "infection", "lung")
+
+
+PRESETS: dict[str, FineTuneConfig] = {
+    "default": FineTuneConfig(),
+    # Thesis §4.4.2 / §5.5: first two layers frozen, 9.8e-6, BatchNorm statistics
+    # re-estimated from each batch (Keras' training mode), no replay.
+    "thesis": FineTuneConfig(steps=0, epochs=10, lr=9.8e-6, frozen_layers=2, bn="train", loss="ce",
+                             replay_fraction=0.0),
+}
+
+
+def preset(name: str, **overrides: Any) -> FineTuneConfig:
+    """A named preset (``default`` or ``thesis``) with ``overrides`` (None values ignored)."""
+    if name not in PRESETS:
+        raise InputError(f"unknown fine-tuning preset {name!r}; choose from {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- shipped data
+@dataclass
+class AdaptationData:
+    """Replay and reference slices shipped beside a model (see :func:`load_adaptation_data`)."""
+
+    replay: list[Sample] = field(default_factory=list)
+    reference: list[Sample] = field(default_factory=list)
+    spacing: dict[str, Optional[tuple[float, float]]] = field(default_factory=dict)  # sample name -> (row, col) mm
+
+    def without_groups(self, groups: Sequence[str]) -> "AdaptationData":
+        """The same sets without slices of ``groups`` (e.g. the volume a benchmark adapts to)."""
+        keep = lambda ss: [s for s in ss if s.group not in set(groups)]  # noqa: E731
+        return AdaptationData(keep(self.replay), keep(self.reference), self.spacing)
+
+
+def adaptation_data_path(checkpoint_path: str | Path) -> Path:
+    """``model.pt`` → ``model.adapt.npz`` beside it."""
+    p = Path(checkpoint_path)
+    return p.with_name(p.name[: -len(p.suffix)] + ".adapt.npz" if p.suffix else p.name + ".adapt.npz")
+
+
+def write_adaptation_data(path: str | Path, slices: Sequence[dict[str, Any]]) -> None:
+    """Write slices ``{"ct_uint8" or "hu", "allowed", "name", "group", "role", "spacing"}``
+    into one ``.npz`` (``role``: ``replay`` or ``reference``; ``spacing``: (row, col) mm or None)."""
+    from .atomic import atomic_write_bytes
+    import io
+
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for i, s in enumerate(slices):
+        if s["role"] not in (REPLAY, REFERENCE):
+            raise ValueError(f"role must be {REPLAY} or {REFERENCE}, not {s['role']!r}")
+        if "ct_uint8" in s:
+            arrays[f"ct{i}"] = np.asarray(s["ct_uint8"], np.uint8)
+        else:
+            arrays[f"hu{i}"] = np.round(np.asarray(s["hu"], np.float32)).astype(np.int16)
+        arrays[f"allowed{i}"] = np.asarray(s["allowed"], np.uint8)
+        meta.append({"name": s["name"], "group": s["group"], "role": s["role"],
+                     "spacing": list(s["spacing"]) if s.get("spacing") else None})
+    arrays["meta"] = np.array(json.dumps(meta))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_adaptation_data(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) -> AdaptationData:
+    """Replay and reference slices of a model; an empty set when ``path`` does not exist."""
+    path = Path(path)
+    out = AdaptationData()
+    if not path.exists():
+        return out
+    d = read_npz(path, what="the model's replay and reference slices")
+    try:
+        meta = json.loads(str(d["meta"]))
+        for i, m in enumerate(meta):
+            eight = f"ct{i}" in d
+            hu = eight_bit_to_hu(d[f"ct{i}"], eight_bit) if eight else d[f"hu{i}"].astype(np.float32)
+            s = Sample(hu, d[f"allowed{i}"], str(m["name"]), str(m["group"]), eight)
+            (out.replay if m["role"] == REPLAY else out.reference).append(s)
+            out.spacing[s.name] = tuple(m["spacing"]) if m.get("spacing") else None  # type: ignore[assignment]
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(f"{path} is not a model's replay/reference file ({e})") from None
+    return out
+
+
+# --------------------------------------------------------------------------- scoring
+def score_samples(predictor, samples: Sequence[Sample], spacing: dict[str, Optional[tuple[float, float]]],
+                  regions: Sequence[str] = tuple(REGIONS)) -> dict[str, float]:
+    """Mean Dice per region over the slices that decide it (regions no slice decides are left out)."""
+    acc = MetricAccumulator(regions)
+    for s in samples:
+        labels = predictor.predict_slices([s.hu], spacing=spacing.get(s.name), eight_bit=s.eight_bit)[0]
+        acc.add(s.name, labels, {r: s.region_truth(r) for r in regions})
+    return {r: v["mean"]["dice"] for r, v in acc.summary().items() if v["mean"]["dice"] is not None}
+
+
+@dataclass
+class GateResult:
+    """Old and new model on the reference set and the held-out corrections."""
+
+    reference_before: dict[str, float]
+    reference_after: dict[str, float]
+    holdout_before: dict[str, float]
+    holdout_after: dict[str, float]
+    tolerance: float
+    n_reference: int
+    n_holdout: int
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the new model must not become active (empty: it may)."""
+        why = []
+        for r in GATED_REGIONS:
+            if r in self.reference_before and r in self.reference_after:
+                drop = self.reference_before[r] - self.reference_after[r]
+                if drop > self.tolerance:
+                    why.append(f"reference {r} Dice {self.reference_before[r]:.3f} -> {self.reference_after[r]:.3f}")
+        if self.holdout_before and self.holdout_after:
+            b, a = _mean(self.holdout_before), _mean(self.holdout_after)
+            if a < b - self.tolerance / 2:
+                why.append(f"held-out corrected slices: mean Dice {b:.3f} -> {a:.3f}")
+        return why
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": self.reasons, "tolerance": self.tolerance,
+                "reference": {"before": self.reference_before, "after": self.reference_after, "slices": self.n_reference},
+                "holdout": {"before": self.holdout_before, "after": self.holdout_after, "slices": self.n_holdout}}
+
+    def summary(self) -> str:
+        """One line for a log or the panel: before → after per region."""
+        parts = [f"{r} {self.reference_before[r]:.3f}->{self.reference_after[r]:.3f}"
+                 for r in self.reference_before if r in self.reference_after]
+        text = "reference " + ", ".join(parts) if parts else "no reference slices"
+        if self.holdout_before and self.holdout_after:
+            text += (f"; held-out corrections {_mean(self.holdout_before):.3f}->{_mean(self.holdout_after):.3f}"
+                     f" ({self.n_holdout} slices)")
+        return text
+
+
+def _mean(d: dict[str, float]) -> float:
+    return float(np.mean(list(d.values()))) if d else float("nan")
+
+
+# --------------------------------------------------------------------------- fine-tuning
+@dataclass
+class CorrectionSlice:
+    """One accepted slice as fine-tuning needs it (store.Correction carries more)."""
+
+    ct_hu: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float]
+    known: Optional[tuple[str, ...]]
+    name: str
+    source: str = ""
+    slice_index: int = 0
+
+
+def split_holdout(corrections: Sequence[CorrectionSlice], every: int) -> tuple[list[CorrectionSlice], list[CorrectionSlice]]:
+    """(train, held out): of each source volume's slices in slice order, one in ``every``
+    (the middle one of each run of ``every``) is held out; fewer than ``every`` slices of
+    the volume: none (0 or 1 = none)."""
+    if every <= 1:
+        return list(corrections), []
+    by_source: dict[str, list[CorrectionSlice]] = {}
+    for c in corrections:
+        by_source.setdefault(c.source, []).append(c)
+    train_s, held = [], []
+    for items in by_source.values():
+        items = sorted(items, key=lambda c: c.slice_index)
+        for i, c in enumerate(items):
+            run_start = (i // every) * every
+            if run_start + every <= len(items) and i == run_start + every // 2:
+                held.append(c)
+            else:
+                train_s.append(c)
+    return train_s, held
+
+
+def correction_samples(corrections: Sequence[CorrectionSlice], pixel_mm: Optional[float]) -> tuple[list[Sample], dict]:
+    """Training samples at the working pixel ``pixel_mm`` (None: own grid), and each one's spacing for scoring."""
+    samples, spacing = [], {}
+    for c in corrections:
+        s = Sample(np.asarray(c.ct_hu, np.float32), labels_to_allowed(c.labels, c.known), c.name, CORRECTIONS)
+        samples.append(s)
+        spacing[c.name] = tuple(c.spacing)
+    return samples, spacing
+
+
+@dataclass
+class FineTuneOutcome:
+    checkpoint: Checkpoint
+    gate: GateResult
+    history: list[dict[str, Any]]
+    n_train: int
+    n_replay: int
+    steps: int
+
+
+def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: FineTuneConfig = FineTuneConfig(),
+             data: Optional[AdaptationData] = None, pixel_mm: Optional[float] = InferenceConfig.pixel_mm,
+             device: str = "auto", progress: Optional[ProgressCallback] = None,
+             cancel: Optional[CancelCheck] = None, extra: Optional[dict[str, Any]] = None) -> FineTuneOutcome:
+    """Fine-tune ``init`` on ``corrections`` and score old and new model (see the module docstring).
+
+    ``data``: the model's replay and reference slices (None or empty: no replay, no
+    reference gate). ``pixel_mm``: the working pixel size the model segments at; the
+    corrections (and replay slices with a spacing) are resampled to it.
+    Returns the new checkpoint (float32, not saved) and the gate's verdict.
+    """
+    import torch
+
+    from .inference import Predictor
+    from .training import AugmentConfig, train
+
+    if not corrections:
+        raise InputError("no accepted slices to fine-tune on")
+    data = data or AdaptationData()
+    train_c, held = split_holdout(corrections, config.holdout_every)
+    train_s, _ = correction_samples(train_c, pixel_mm)
+    held_s, held_spacing = correction_samples(held, pixel_mm)
+    train_s = [resample_sample(s, c.spacing, pixel_mm) for s, c in zip(train_s, train_c)]
+    replay = []
+    if config.replay_fraction > 0:
+        for s in data.replay:
+            sp = data.spacing.get(s.name)
+            replay.append(replace(resample_sample(s, sp, pixel_mm) if sp else s, group=REPLAY))
+    weights: tuple[tuple[str, float], ...] = ()
+    if replay:
+        weights = ((CORRECTIONS, 1.0 - config.replay_fraction), (REPLAY, config.replay_fraction))
+    steps = config.steps or max(1, math.ceil(len(train_s) / config.batch_size)) * config.epochs
+    tcfg = TrainConfig(epochs=1, steps_per_epoch=steps, batch_size=config.batch_size, crop=config.crop, lr=config.lr,
+                       frozen_layers=config.frozen_layers, bn=config.bn, loss=config.loss, seed=config.seed,
+                       source_weights=weights, lr_schedule=config.lr_schedule)
+    augment = AugmentConfig(rotate_deg=config.rotate_deg, scale=config.scale, foreground_fraction=config.foreground_fraction)
+    inference = InferenceConfig(pixel_mm=pixel_mm)
+    before = Predictor(init.build_model(), init.config, device, inference)
+    ref_spacing = dict(data.spacing)
+    report(progress, "gate", 0, 2, "scoring the starting model")
+    ref_before = score_samples(before, data.reference, ref_spacing)
+    held_before = score_samples(before, held_s, held_spacing)
+    del before
+    with tempfile.TemporaryDirectory(prefix="drsegunet-finetune-") as tmp:
+        result = train(train_s + replay, [], tmp, tcfg, init=init, device=device, augment=augment,
+                       progress=progress, cancel=cancel, extra=extra)
+    model = result.model
+    report(progress, "gate", 1, 2, "scoring the new model")
+    after = Predictor(model, init.config, device, inference, channels_last=False)
+    ref_after = score_samples(after, data.reference, ref_spacing)
+    held_after = score_samples(after, held_s, held_spacing)
+    gate = GateResult(ref_before, ref_after, held_before, held_after, config.tolerance,
+                      len(data.reference), len(held_s))
+    report(progress, "gate", 2, 2, gate.summary())
+    model.to("cpu")
+    with torch.no_grad():
+        ckpt = Checkpoint.from_model(model.eval(), init.config, half=False, fingerprint=init.fingerprint,
+                                     metrics={"gate": gate.to_dict()},
+                                     extra={**(extra or {}), "history": result.history})
+    return FineTuneOutcome(ckpt, gate, result.history, len(train_s), len(replay), steps)

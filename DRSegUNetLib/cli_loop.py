@@ -1,0 +1,322 @@
+"""Commands of the correction loop: ``corrections add/list/remove``, ``finetune``, ``models``.
+
+The stores default to the user's data folder (``store.default_home()``, ``$DRSEGUNET_HOME``
+when set) -- the same ones the Slicer module uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import default_model_path
+from .config import InferenceConfig, check_pixel_mm
+from .errors import InputError
+
+SliceParser = Callable[[str], Any]
+
+
+def _store_option(p: argparse.ArgumentParser, name: str, what: str) -> None:
+    p.add_argument(f"--{name}", default=None,
+                   help=f"{what} folder (default: the user's data folder, $DRSEGUNET_HOME when set)")
+
+
+def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None], positive_int, positive_float, count) -> None:
+    """Register ``finetune``, ``corrections`` and ``models`` on the subparsers ``sub``."""
+    from .adaptation import PRESETS
+    from .config import FineTuneConfig
+    from .training import BN_MODES, LOSSES
+    from .vocabulary import CHECKABLE
+
+    ft = FineTuneConfig()
+    p = sub.add_parser(
+        "finetune", help="fine-tune level 2 on accepted corrections (gated)",
+        description="Fine-tune a model on the slices of a corrections store and add the result to a model store as a "
+                    "new version. The new version is scored against the one it started from on the reference slices "
+                    "shipped with the model and on held-out corrected slices; it becomes active only if no reference "
+                    "region loses more than --tolerance Dice and the held-out slices do not get worse (--activate). "
+                    "Earlier versions are kept.")
+    _store_option(p, "corrections", "corrections store")
+    _store_option(p, "store", "model store (the new version is added here)")
+    p.add_argument("--model", default=None, help="checkpoint file or store version number to start from "
+                                                  "(default: the store's active version)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="default: BatchNorm statistics kept, lr 1e-4, 40 steps, region Dice, replay (issue 18); "
+                        "thesis: the thesis's level 2 (first two layers frozen, lr 9.8e-6, 10 epochs, BatchNorm "
+                        "re-estimated, no replay). The options below override the preset")
+    p.add_argument("--steps", type=count, default=None, help=f"optimisation steps (default {ft.steps}; 0: use --epochs)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"passes over the accepted slices when --steps is 0 (default {ft.epochs})")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"Adam learning rate (default {ft.lr:g})")
+    p.add_argument("--frozen-layers", type=count, default=None, help=f"first weight layers kept fixed (default {ft.frozen_layers})")
+    p.add_argument("--bn", choices=BN_MODES, default=None, help=f"BatchNorm statistics: frozen keeps the model's, train re-estimates (default {ft.bn})")
+    p.add_argument("--loss", choices=LOSSES, default=None, help=f"training loss (default {ft.loss})")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"crops per step (default {ft.batch_size})")
+    p.add_argument("--crop", type=positive_int, default=None, help=f"crop size in working pixels (default {ft.crop})")
+    p.add_argument("--replay-fraction", type=float, default=None,
+                   help=f"share of crops from the model's own replay slices (default {ft.replay_fraction:g}; 0: none)")
+    p.add_argument("--holdout-every", type=count, default=None,
+                   help=f"hold one corrected slice in N out for the gate (default {ft.holdout_every}; 0: none)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help=f"largest reference Dice drop that still activates the new version (default {ft.tolerance:g})")
+    p.add_argument("--activate", choices=("if-better", "always", "never"), default="if-better",
+                   help="make the new version active: if it passes the gate (default), always, or never")
+    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
+                   help="working pixel size in mm the corrections are resampled to, as segment uses "
+                        f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
+    p.add_argument("--json", default=None, help="write the outcome (version, gate numbers) to this JSON file")
+    p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
+    common(p)
+
+    p = sub.add_parser("corrections", help="add, list or remove accepted correction slices",
+                       description="The corrections store that finetune learns from (the Slicer module's Accept "
+                                   "Corrections writes the same store). Corrections hold patient data.")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = csub.add_parser("add", help="accept slices of a CT and its label map",
+                        description="Store axial slices of CT (in HU) with labels of our vocabulary (0 background, "
+                                    "1 GGO, 2 consolidation, 3 lung) on the CT's grid. Slice indices count along the "
+                                    "axial view segment uses (0 = most inferior).")
+    a.add_argument("ct", help="CT volume in HU (NIfTI, NRRD, MHA, DICOM)")
+    a.add_argument("labels", help="label map with the CT's geometry")
+    a.add_argument("--slices", required=True, help="comma-separated axial slice indices, e.g. 12,40,77")
+    a.add_argument("--known", default=None,
+                   help=f"what was checked on these slices, comma-separated from {', '.join(CHECKABLE)} "
+                        "(default: everything); infection = the lesion outline, with GGO/consolidation left open")
+    _store_option(a, "store", "corrections store")
+    a.add_argument("-v", "--verbose", action="store_true")
+    a = csub.add_parser("list", help="list the stored slices")
+    _store_option(a, "store", "corrections store")
+    a.add_argument("--json", action="store_true", help="one JSON object per slice")
+    a.add_argument("-v", "--verbose", action="store_true")
+    a = csub.add_parser("remove", help="remove stored slices by id")
+    a.add_argument("ids", nargs="+", help="ids as listed by corrections list")
+    _store_option(a, "store", "corrections store")
+    a.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("models", help="list model versions or make one active",
+                       description="The model store: version 1 is the bundled model; finetune adds versions.")
+    msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = msub.add_parser("list", help="list versions, the active one marked, with their gate numbers")
+    _store_option(a, "store", "model store")
+    a.add_argument("-v", "--verbose", action="store_true")
+    a = msub.add_parser("activate", help="make a version active (also one the gate did not activate)")
+    a.add_argument("version", type=positive_int)
+    _store_option(a, "store", "model store")
+    a.add_argument("-v", "--verbose", action="store_true")
+
+
+def _home() -> Path:
+    from .store import default_home
+
+    return default_home()
+
+
+def model_store(path: Optional[str]):
+    from .store import ModelStore
+
+    return ModelStore(Path(path) if path else _home() / "models", bundled=default_model_path())
+
+
+def corrections_store(path: Optional[str], must_exist: bool):
+    from .store import CorrectionsStore
+
+    root = Path(path) if path else _home() / "corrections"
+    if must_exist and not root.is_dir():
+        raise InputError(f"corrections store {root} does not exist")
+    if root.exists() and not root.is_dir():
+        raise InputError(f"corrections store {root} is not a folder")
+    return CorrectionsStore(root)
+
+
+def resolve_model(store, model: Optional[str]):
+    """(checkpoint path, store version or None) for ``--model``: a file, a version number, or None = active."""
+    if model is None:
+        v = store.active()
+        return v.path, v
+    if model.isdigit():
+        try:
+            v = store.get(int(model))
+        except KeyError:
+            raise InputError(f"--model {model}: the store {store.root} has no version {model} "
+                             f"(it has {', '.join(str(x.version) for x in store.versions())})") from None
+        return v.path, v
+    path = Path(model)
+    if not path.is_file():
+        raise InputError(f"checkpoint {model} does not exist")
+    return path, store.version_of(path)
+
+
+def cmd_finetune(args: argparse.Namespace, printer) -> int:
+    from .adaptation import (CorrectionSlice, adaptation_data_path, finetune, load_adaptation_data, preset)
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    check_pixel_mm(args.pixel_mm)
+    if args.replay_fraction is not None and not 0 <= args.replay_fraction < 1:
+        raise InputError(f"--replay-fraction must be from 0 to below 1, got {args.replay_fraction}")
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise InputError(f"--tolerance must be >= 0, got {args.tolerance}")
+    config = preset(args.preset, steps=args.steps, epochs=args.epochs, lr=args.lr, frozen_layers=args.frozen_layers,
+                    bn=args.bn, loss=args.loss, batch_size=args.batch_size, crop=args.crop,
+                    replay_fraction=args.replay_fraction, holdout_every=args.holdout_every, tolerance=args.tolerance)
+    store = model_store(args.store)
+    start, parent = resolve_model(store, args.model)
+    corrections = corrections_store(args.corrections, must_exist=True)
+    ids = corrections.ids()
+    if not ids:
+        raise InputError(f"no accepted slices in {corrections.root}")
+    slices = []
+    for cid in ids:
+        c = corrections.load(cid)
+        slices.append(CorrectionSlice(c.ct_hu, c.labels, tuple(c.spacing), c.known, cid, c.source, c.slice_index))
+    init = load_checkpoint(start)
+    data_path = adaptation_data_path(start)
+    if not data_path.exists():
+        data_path = adaptation_data_path(default_model_path())
+    data = load_adaptation_data(data_path, init.config.eight_bit)
+    fingerprint = corrections.fingerprint(ids)
+    outcome = finetune(init, slices, config, data, args.pixel_mm or None, args.device, progress=printer,
+                       extra={"corrections_fingerprint": fingerprint, "n_corrections": len(slices)})
+    gate = outcome.gate
+    with tempfile.TemporaryDirectory(prefix="drsegunet-finetune-") as tmp:
+        path = Path(tmp) / "model.pt"
+        save_checkpoint(outcome.checkpoint, path)
+        version = store.add_version(path, card={
+            "level": 2, "preset": args.preset, "corrections_fingerprint": fingerprint, "corrections_used": ids,
+            "pixel_mm": args.pixel_mm or None, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "steps": outcome.steps, "replay_slices": outcome.n_replay, "started_from": str(start),
+            "gate": gate.to_dict(), "loss_history": [h["loss"] for h in outcome.history]},
+            parent=parent)
+    activate = args.activate == "always" or (args.activate == "if-better" and gate.passed)
+    if activate:
+        store.set_active(version)
+    previous = parent.version if parent is not None else None
+    if activate:
+        message = f"saved model version {version.version}, now active ({gate.summary()})"
+    else:
+        why = "; ".join(gate.reasons) if args.activate == "if-better" else "--activate never"
+        message = (f"saved model version {version.version} but did NOT make it active ({why}); the active model is "
+                   f"still v{store.active().version}. Make it active anyway with: python -m DRSegUNetLib models "
+                   f"activate {version.version}")
+    result = {"version": version.version, "path": str(version.path), "activated": activate, "parent": previous,
+              "gate": gate.to_dict(), "steps": outcome.steps}
+    if args.json:
+        from .atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), (json.dumps(result, indent=1) + "\n").encode("utf-8"))
+    printer("done", 1, 1, message, **result)
+    if not args.json_progress:
+        print(message, file=sys.stderr)
+    return 0
+
+
+def parse_slices(text: str, n: int) -> list[int]:
+    try:
+        idx = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--slices must be comma-separated integers, got {text!r}") from None
+    if not idx:
+        raise InputError("--slices names no slice")
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise InputError(f"--slices {','.join(map(str, bad))} out of range: the CT has {n} axial slices (0 to {n - 1})")
+    return sorted(set(idx))
+
+
+def cmd_corrections(args: argparse.Namespace, printer) -> int:
+    if args.action == "add":
+        return _corrections_add(args)
+    store = corrections_store(args.store, must_exist=args.action == "remove")
+    if args.action == "list":
+        for info in store.items():
+            if args.json:
+                print(json.dumps({"id": info.id, "source": info.source, "slice": info.slice_index, "time": info.time,
+                                  "shape": list(info.shape), "spacing": list(info.spacing),
+                                  "known": list(info.known) if info.known else None}))
+            else:
+                known = ",".join(info.known) if info.known else "all"
+                print(f"{info.id}  slice {info.slice_index:4d}  {info.shape[0]}x{info.shape[1]}  known {known}  {info.source}")
+        if not args.json:
+            print(f"{len(store)} accepted slices in {store.root}", file=sys.stderr)
+        return 0
+    missing = [i for i in args.ids if i not in store]
+    if missing:
+        raise InputError(f"no correction {', '.join(missing)} in {store.root} (see corrections list)")
+    for cid in args.ids:
+        store.remove(cid)
+    print(f"removed {len(args.ids)} slices; {len(store)} left in {store.root}", file=sys.stderr)
+    return 0
+
+
+def _corrections_add(args: argparse.Namespace) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .imageio import read_ct
+    from .lungs import axial_spacing
+    from .orientation import axial_view
+    from .preprocessing import check_ct_hu
+    from .vocabulary import CHECKABLE, CLASS_NAMES
+
+    known = None
+    if args.known:
+        known = tuple(k.strip() for k in args.known.split(",") if k.strip())
+        bad = sorted(set(known) - set(CHECKABLE))
+        if bad or not known:
+            raise InputError(f"--known: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(CHECKABLE)}")
+        if set(known) >= set(CLASS_NAMES[1:]):
+            known = None  # every segment checked
+    store = corrections_store(args.store, must_exist=False)
+    if store.root.exists() and any(store.root.iterdir()) and not (store.root / store.INDEX).exists() \
+            and not store.ids():
+        raise InputError(f"{store.root} is not a corrections store (it holds other files); give an empty or new folder")
+    ct = read_ct(args.ct)
+    labels = read_ct(args.labels)
+    if labels.GetSize() != ct.GetSize():
+        raise InputError(f"{args.labels} is {labels.GetSize()} voxels but the CT is {ct.GetSize()}; they must match")
+    for what, a, b in (("spacing", labels.GetSpacing(), ct.GetSpacing()), ("origin", labels.GetOrigin(), ct.GetOrigin()),
+                       ("direction", labels.GetDirection(), ct.GetDirection())):
+        if not np.allclose(a, b, atol=1e-3, rtol=1e-4):
+            raise InputError(f"{args.labels} has another {what} than the CT ({tuple(round(x, 4) for x in a)} vs "
+                             f"{tuple(round(x, 4) for x in b)}); resample it onto the CT's grid")
+    ct_array = sitk.GetArrayViewFromImage(ct)
+    check_ct_hu(ct_array, args.ct)
+    lab_array = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(lab_array.dtype, np.floating) and not np.array_equal(lab_array, np.round(lab_array)):
+        raise InputError(f"{args.labels} has fractional values; a label map has 0, 1, 2, 3")
+    values = np.unique(lab_array)
+    if values.min() < 0 or values.max() > 3:
+        raise InputError(f"{args.labels} has labels {sorted(int(v) for v in values if not 0 <= v <= 3)}; "
+                         "ours are 0 background, 1 GGO, 2 consolidation, 3 lung")
+    ct_view = axial_view(ct_array, ct.GetDirection())[0]
+    lab_view = axial_view(lab_array, ct.GetDirection())[0]
+    chosen = parse_slices(args.slices, ct_view.shape[0])
+    spacing = axial_spacing(ct)
+    source = f"{Path(args.ct).name} | {Path(args.ct).resolve()}"
+    pending = [(n, np.asarray(ct_view[n]), np.asarray(lab_view[n]).astype(np.uint8)) for n in chosen]
+    ids = [store.add(c, lab, spacing, source, n, known=known) for n, c, lab in pending]
+    print(f"added {len(ids)} slices ({', '.join(map(str, chosen))}) to {store.root}; {len(store)} in all", file=sys.stderr)
+    for cid in ids:
+        print(cid)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, printer) -> int:
+    store = model_store(args.store)
+    if args.action == "activate":
+        try:
+            v = store.set_active(args.version)
+        except KeyError:
+            raise InputError(f"the store {store.root} has no version {args.version}") from None
+        print(f"model version {v.version} is active ({v.path})", file=sys.stderr)
+        return 0
+    active = store.active().version
+    for v in store.versions():
+        gate = v.card.get("gate") or {}
+        note = ""
+        if gate:
+            note = "  gate passed" if gate.get("passed") else "  gate refused: " + "; ".join(gate.get("reasons", []))
+        print(f"{'*' if v.version == active else ' '} {v.label}  {v.path}{note}")
+    return 0

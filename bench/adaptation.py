@@ -1,0 +1,242 @@
+"""Adaptation benchmark (issue 18): does correcting K slices and fine-tuning make the rest
+of the volume better, and the reference no worse?
+
+For each COVID-19-CT-Seg volume of ``zenodo20_dev.npz`` (its ``group``) and for MedSeg:
+K slices (evenly spaced, or the most uncertain ones by ``inference.slice_uncertainty``)
+are accepted as corrections with the experts' masks (COVID-19-CT-Seg: lung and the lesion
+outline, type left open -- ``known=lung,infection``; MedSeg: ``known=ggo,consolidation``);
+``python -m DRSegUNetLib finetune`` runs as a user runs it (its own process, defaults,
+gate, saving; the wall time includes all of it), and the volume's other slices are scored
+with the model the user then has: the new version if the gate made it active, else the
+one before. The raw fine-tuned version's scores are reported too, and so is the shipped
+reference set (never trained on; slices of the volume being adapted are taken out of the
+replay and reference sets first, as they would be for a new patient).
+
+    .venv/bin/python bench/adaptation.py ../shared/data --json runs/adaptation.json
+
+COVID-19-CT-Seg slices are 8-bit (mapped to approximate HU by the model's rule) at about
+1.5 mm pixels (512 halved to 256); MedSeg crops have no known pixel size and are given the
+working pixel size (no resampling), as the model was trained on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from DRSegUNetLib import default_model_path  # noqa: E402
+from DRSegUNetLib.adaptation import adaptation_data_path, load_adaptation_data, write_adaptation_data  # noqa: E402
+from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
+from DRSegUNetLib.config import InferenceConfig  # noqa: E402
+from DRSegUNetLib.data import read_medseg_folder, read_zenodo_npz  # noqa: E402
+from DRSegUNetLib.inference import Predictor, slice_uncertainty  # noqa: E402
+from DRSegUNetLib.metrics import counts, region_mask  # noqa: E402
+from DRSegUNetLib.store import CorrectionsStore  # noqa: E402
+
+ZENODO_MM = 1.5
+WORKING_MM = InferenceConfig().pixel_mm
+
+
+def slice_scores(predictor: Predictor, samples, spacing, regions):
+    """Per slice: {region: Dice or None (empty in both)} and the slice's uncertainty."""
+    out, unc = [], []
+    for s in samples:
+        labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
+        unc.append(float(slice_uncertainty(prob, labels)[0]))
+        row = {}
+        for r in regions:
+            t = s.region_truth(r)
+            if t is not None:
+                sc = counts(region_mask(labels[0], r), t).scores()
+                row[r] = None if sc is None else sc["dice"]
+        out.append(row)
+    return out, unc
+
+
+def mean_over(rows, idx, region):
+    vals = [rows[i][region] for i in idx if region in rows[i] and rows[i][region] is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def evenly(n: int, k: int) -> list[int]:
+    return sorted({int(round((i + 0.5) * n / k - 0.5)) for i in range(k)})
+
+
+def most_uncertain(unc: list[float], k: int) -> list[int]:
+    """The k most uncertain slices, at least n/(2k) apart (neighbours teach the same thing)."""
+    gap = max(1, len(unc) // (2 * k))
+    picked: list[int] = []
+    for i in sorted(range(len(unc)), key=lambda i: -unc[i]):
+        if all(abs(i - j) >= gap for j in picked):
+            picked.append(i)
+        if len(picked) == k:
+            break
+    return sorted(picked)
+
+
+def volumes(shared: Path, data, names):
+    """(name, pool samples, spacing for scoring, correction spacing, known, regions, groups to drop)."""
+    out = []
+    zen = read_zenodo_npz(shared / "zenodo20" / "zenodo20_dev.npz")
+    med = read_medseg_folder(shared / "medseg" / "train50")
+    shipped = {s.name for s in data.replay + data.reference}
+    for name in names:
+        if name == "medseg":
+            pool = [s for s in med if f"medseg{s.name}" not in shipped]
+            out.append((name, pool, None, (WORKING_MM, WORKING_MM), ("ggo", "consolidation"),
+                        ("ggo", "consolidation", "infection"), ("medseg",)))
+        else:
+            g = f"zenodo{int(name)}"
+            pool = [s for s in zen if s.group == g]
+            out.append((name, pool, (ZENODO_MM, ZENODO_MM), (ZENODO_MM, ZENODO_MM), ("lung", "infection"),
+                        ("infection", "lung"), (g,)))
+    return out
+
+
+def correction_labels(sample) -> np.ndarray:
+    """Our label vocabulary from a sample's allowed sets (the experts' masks)."""
+    a = sample.allowed
+    labels = np.zeros(a.shape, np.uint8)
+    labels[(a & 0b1000) != 0] = 3  # lung (COVID-19-CT-Seg)
+    labels[(a & 0b0110) != 0] = 1  # infection / GGO
+    labels[a == 0b0100] = 2  # consolidation (MedSeg)
+    return labels
+
+
+def run_finetune(model_dir: Path, pool, picked, corr_spacing, known, threads: int):
+    corr = CorrectionsStore(model_dir / "corrections")
+    for i in picked:
+        corr.add(pool[i].hu, correction_labels(pool[i]), corr_spacing, f"bench {pool[i].group}", i, known=known)
+    cmd = [sys.executable, "-m", "DRSegUNetLib", "finetune", "--model", str(model_dir / "model.pt"),
+           "--corrections", str(corr.root), "--store", str(model_dir / "store"), "--json", str(model_dir / "out.json"),
+           "--threads", str(threads)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"finetune failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads((model_dir / "out.json").read_text()), seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="adaptation benchmark (issue 18)")
+    ap.add_argument("shared_data", type=Path, help="the shared data folder (medseg/, zenodo20/)")
+    ap.add_argument("--volumes", default="0,1,2,3,4,5,6,7,8,medseg")
+    ap.add_argument("--k", default="2,5,10", help="corrected slices per volume (0 is always scored)")
+    ap.add_argument("--pickers", default="even,uncertain")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bundled = default_model_path()
+    ckpt = load_checkpoint(bundled)
+    data = load_adaptation_data(adaptation_data_path(bundled), ckpt.config.eight_bit)
+    base = Predictor(ckpt.build_model(), ckpt.config, "cpu", InferenceConfig())
+    ks = [int(k) for k in args.k.split(",") if k.strip() and int(k) > 0]
+    results = {"model": str(bundled), "k": ks, "pickers": args.pickers.split(","), "volumes": {}}
+    for name, pool, spacing, corr_spacing, known, regions, drop in volumes(args.shared_data, data, args.volumes.split(",")):
+        sub = data.without_groups(drop)
+        ref_regions = ("ggo", "consolidation", "infection", "lung")
+        ref_spacing = {s.name: sub.spacing.get(s.name) for s in sub.reference}
+        before_rows, unc = slice_scores(base, pool, spacing, regions)
+        ref_before = {r: v for r, v in _score_ref(base, sub, ref_spacing, ref_regions).items()}
+        vol = {"n": len(pool), "regions": regions, "k0": {r: mean_over(before_rows, range(len(pool)), r) for r in regions},
+               "reference_before": ref_before, "runs": []}
+        print(f"volume {name}: {len(pool)} slices, K=0 " + " ".join(f"{r} {v:.3f}" for r, v in vol["k0"].items() if v is not None),
+              flush=True)
+        for k in ks:
+            for picker in results["pickers"]:
+                picked = evenly(len(pool), k) if picker == "even" else most_uncertain(unc, k)
+                rest = [i for i in range(len(pool)) if i not in set(picked)]
+                with tempfile.TemporaryDirectory(prefix="drsegunet-adapt-") as tmp:
+                    model_dir = Path(tmp)
+                    shutil.copy(bundled, model_dir / "model.pt")
+                    write_adaptation_data(adaptation_data_path(model_dir / "model.pt"), _as_slices(sub))
+                    out, seconds = run_finetune(model_dir, pool, picked, corr_spacing, known, args.threads)
+                    new = Predictor.from_checkpoint(out["path"], device="cpu")
+                    after_rows, _ = slice_scores(new, [pool[i] for i in rest], spacing, regions)
+                    ref_after = _score_ref(new, sub, ref_spacing, ref_regions)
+                run = {"k": k, "picker": picker, "picked": picked, "activated": out["activated"], "seconds": round(seconds, 1),
+                       "gate": out["gate"], "reference_after": ref_after}
+                for r in regions:
+                    b = mean_over(before_rows, rest, r)
+                    a = mean_over(after_rows, range(len(rest)), r)
+                    run[r] = {"before": b, "raw": a, "user": a if out["activated"] else b}
+                vol["runs"].append(run)
+                key = "infection"
+                print(f"  K={k:2d} {picker:9s} {key} {run[key]['before']:.3f} -> raw {run[key]['raw']:.3f} "
+                      f"user {run[key]['user']:.3f} ({run[key]['user'] - run[key]['before']:+.3f}) "
+                      f"{'active' if out['activated'] else 'gated'}  ref ggo "
+                      f"{ref_before.get('ggo', float('nan')):.3f}->{ref_after.get('ggo', float('nan')):.3f}  {seconds:.0f}s",
+                      flush=True)
+        results["volumes"][name] = vol
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+    print()
+    print(table(results))
+    return 0
+
+
+def _score_ref(predictor, sub, ref_spacing, regions):
+    from DRSegUNetLib.adaptation import score_samples
+
+    return score_samples(predictor, sub.reference, ref_spacing, regions)
+
+
+def _as_slices(sub):
+    out = []
+    for role, ss in (("replay", sub.replay), ("reference", sub.reference)):
+        for s in ss:
+            out.append({"hu": s.hu, "allowed": s.allowed, "name": s.name, "group": s.group, "role": role,
+                        "spacing": sub.spacing.get(s.name)})
+    return out
+
+
+def table(results) -> str:
+    """Markdown: per K and picker, mean and worst gain on the rest of the volume (infection Dice,
+    the model the user gets), volumes activated, reference GGO drop, seconds."""
+    lines = ["| K | picker | mean infection gain (user) | worst volume | mean raw gain | activated | "
+             "largest reference GGO drop | mean s per fine-tune |", "|---|---|---|---|---|---|---|---|"]
+    for k in results["k"]:
+        for picker in results["pickers"]:
+            runs = [(n, r) for n, v in results["volumes"].items() for r in v["runs"] if r["k"] == k and r["picker"] == picker]
+            if not runs:
+                continue
+            gains = [r["infection"]["user"] - r["infection"]["before"] for _, r in runs]
+            raw = [r["infection"]["raw"] - r["infection"]["before"] for _, r in runs]
+            worst = min(zip(gains, (n for n, _ in runs)))
+            drops = [results["volumes"][n]["reference_before"].get("ggo", 0) - r["reference_after"].get("ggo", 0)
+                     for n, r in runs if "ggo" in r["reference_after"]]
+            lines.append(f"| {k} | {picker} | {np.mean(gains):+.3f} | {worst[0]:+.3f} ({worst[1]}) | {np.mean(raw):+.3f} | "
+                         f"{sum(r['activated'] for _, r in runs)}/{len(runs)} | {max(drops) if drops else float('nan'):+.3f} | "
+                         f"{np.mean([r['seconds'] for _, r in runs]):.0f} |")
+    lines += ["", "| volume | slices | K=0 infection | " + " | ".join(
+        f"K={k} {p}" for k in results["k"] for p in results["pickers"]) + " |",
+        "|---|---|---|" + "---|" * (len(results["k"]) * len(results["pickers"]))]
+    for n, v in results["volumes"].items():
+        cells = []
+        for k in results["k"]:
+            for p in results["pickers"]:
+                r = next((r for r in v["runs"] if r["k"] == k and r["picker"] == p), None)
+                cells.append("" if r is None else f"{r['infection']['user'] - r['infection']['before']:+.3f}"
+                             + ("" if r["activated"] else " (gated)"))
+        lines.append(f"| {n} | {v['n']} | {v['k0']['infection']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
