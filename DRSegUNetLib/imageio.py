@@ -2,21 +2,30 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
+import re
 import struct
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 # Formats a label map is written in: one file each, 3D (.hdr/.mhd/.nhdr would leave a
 # second data file beside it; pictures hold one slice).
 VOLUME_OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+# Metadata key of images read by read_ct: the file's name, for later messages (inference.validate_ct_image).
+SOURCE_KEY = "DRSegUNetLib.source"
 
 
 def check_volume_output(path: str | os.PathLike, npz: bool = False) -> Path:
@@ -34,6 +43,146 @@ def check_volume_output(path: str | os.PathLike, npz: bool = False) -> Path:
     return path
 
 
+def _one_line(text: str) -> str:
+    """An ITK message on one line, without its C++ source file and line or object address."""
+    lines = [ln for ln in str(text).splitlines() if ln.strip() and not re.match(r"^\s*\w+: In .*, line \d+\s*$", ln)]
+    return re.sub(r"\s*\(0x[0-9a-fA-F]+\)", "", " ".join(" ".join(lines).split()))
+
+
+def _itk_error(error: Exception) -> str:
+    """The reason in a SimpleITK exception's text, without the C++ source paths before it."""
+    text = _one_line(str(error))
+    for mark in ("sitk::ERROR:", "Description:", "ERROR:"):
+        if mark in text:
+            text = text.rsplit(mark, 1)[1]
+            break
+    return text.strip()[:300]
+
+
+if hasattr(sitk, "LoggerBase"):  # SimpleITK >= 2.3: ITK's output window can be replaced from Python
+    class _ITKCollector(sitk.LoggerBase):
+        """Takes what ITK would print on stderr (warnings with C++ source paths) as one-line messages."""
+
+        def __init__(self, messages: list[str]) -> None:
+            super().__init__()
+            self.messages = messages
+
+        def DisplayText(self, text: str) -> None:
+            self.messages.append(_one_line(text))
+
+        def DisplayErrorText(self, text: str) -> None:
+            self.messages.append(_one_line(text))
+
+        def DisplayWarningText(self, text: str) -> None:
+            self.messages.append(_one_line(text))
+
+        def DisplayGenericOutputText(self, text: str) -> None:
+            self.messages.append(_one_line(text))
+
+        def DisplayDebugText(self, text: str) -> None:
+            log.debug("ITK: %s", _one_line(text))
+
+
+@contextmanager
+def itk_messages() -> Iterator[list[str]]:
+    """``with itk_messages() as messages:`` the block's ITK warnings go into ``messages`` (one line
+    each, no C++ paths) instead of stderr; the caller turns the ones that matter into its own
+    messages (read_ct, write_image). The previous ITK output window is restored after the block.
+    With a SimpleITK without ``LoggerBase``, warnings are switched off for the block instead."""
+    messages: list[str] = []
+    if hasattr(sitk, "LoggerBase"):
+        collector = _ITKCollector(messages)
+        previous = collector.SetAsGlobalITKLogger()
+        try:
+            yield messages
+        finally:
+            previous.SetAsGlobalITKLogger()
+    else:
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            yield messages
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _log_itk_messages(messages: Sequence[str], name: str, image: Optional[sitk.Image] = None) -> None:
+    """ITK's messages about reading or writing ``name`` as our own log lines (one line, the file named)."""
+    for m in dict.fromkeys(messages):  # each once (ITK repeats some, e.g. once per header read)
+        if "Non uniform sampling or missing slices" in m:
+            # The slice positions are checked by _check_slice_positions, which refuses real gaps;
+            # what is left is rounding in the headers (0.00066 mm for CIP's series).
+            log.debug("%s: %s (within tolerance)", name, m)
+        elif "unexpected scales in sform" in m:
+            spacing = " x ".join(f"{v:g}" for v in image.GetSpacing()) if image is not None else "its pixdim"
+            log.warning("%s: its NIfTI header gives two voxel sizes (pixdim and sform disagree); %s mm (pixdim) "
+                        "is used: check it against the scanner's before trusting volumes", name, spacing)
+        elif "Non-orthogonal direction matrix coerced" in m:
+            log.warning("%s: its direction matrix is not orthogonal and was made orthogonal; the file may not "
+                        "overlay the CT exactly", name)
+        else:
+            log.warning("%s: %s", name, m)
+
+
+# Slice positions of a DICOM series: a step between neighbours more than this fraction off the
+# series' median step is a gap (missing slices) or an overlap, which stacking on one uniform
+# spacing would get wrong. Rounding of positions in headers is far smaller (CIP: 0.00066 mm of 3.99).
+SLICE_STEP_TOLERANCE = 0.1
+
+
+def _floats(text: str) -> Optional[np.ndarray]:
+    try:
+        return np.array([float(v) for v in str(text).strip().split("\\")], dtype=float)
+    except ValueError:
+        return None
+
+
+def _check_slice_positions(folder: Path, files: Sequence[str], positions: Sequence[Optional[str]],
+                           orientations: Sequence[Optional[str]]) -> None:
+    """InputError when the slices of a DICOM series (in the reader's order) do not lie on one
+    uniform spacing along their normal: missing slices, duplicates, uneven steps, or slices of
+    several orientations. Slices without ImagePositionPatient/ImageOrientationPatient are not checked."""
+    names = [Path(f).name for f in files]
+    pos = [_floats(p) if p else None for p in positions]
+    iop = [_floats(o) if o else None for o in orientations]
+    if len(files) < 3 or any(p is None or len(p) != 3 for p in pos) or iop[0] is None or len(iop[0]) != 6:
+        return
+    for k, o in enumerate(iop):
+        if o is None or len(o) != 6 or np.abs(o - iop[0]).max() > 1e-3:
+            raise InputError(f"{folder.name} mixes DICOM slices of different orientations ({names[0]}, {names[k]}); "
+                             "point to a folder that holds one series")
+    normal = np.cross(iop[0][:3], iop[0][3:])
+    z = np.array([float(p @ normal) for p in pos])
+    steps = np.diff(z)
+    direction = np.sign(np.median(steps)) or 1.0
+    signed = steps * direction
+    step = float(np.median(np.abs(steps)))
+    if step < 1e-3:
+        raise InputError(f"{folder.name}: its {len(files)} DICOM slices are all at one position ({z[0]:.2f} mm): "
+                         "not a stack of axial slices (several time points or copies?); point to a single CT series")
+    tol = SLICE_STEP_TOLERANCE * step
+    gaps = np.flatnonzero(signed >= 1.5 * step)  # room for at least one slice
+    if gaps.size:
+        k = int(gaps[0])
+        missing = int(round(signed[k] / step)) - 1
+        more = f", and {gaps.size - 1} more gap(s)" if gaps.size > 1 else ""
+        raise InputError(f"{folder.name}: slices are missing from its DICOM series: {names[k]} and {names[k + 1]} are "
+                         f"{signed[k]:.4g} mm apart where the others are {step:.4g} mm (about {missing} slice(s) "
+                         f"missing{more}); volumes would be wrong: copy the complete series")
+    off = np.flatnonzero(np.abs(signed - step) > tol)
+    if off.size:
+        k = int(off[0])
+        if signed[k] <= -tol:
+            raise InputError(f"{folder.name}: its DICOM slices are not in order of position ({names[k]} lies before "
+                             f"{names[k + 1]}); point to a folder that holds one series")
+        if signed[k] < tol:
+            raise InputError(f"{folder.name}: {names[k]} and {names[k + 1]} are at the same slice position "
+                             f"({z[k]:.2f} mm): duplicate slices or two series in one folder; keep one copy of each slice")
+        raise InputError(f"{folder.name}: its DICOM slices are unevenly spaced ({names[k]} and {names[k + 1]} are "
+                         f"{signed[k]:.4g} mm apart, the others {step:.4g} mm); they cannot be stacked on one spacing "
+                         "and volumes would be wrong: export the series with even spacing")
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
@@ -43,33 +192,55 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise InputError(f"{folder} holds {len(series)} DICOM series; point to one series' folder")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader.SetFileNames(files)
-    return reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's header, for its position
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"{folder.name}: SimpleITK cannot read its DICOM series ({_itk_error(e)})") from None
+
+    def tag(k: int, key: str) -> Optional[str]:
+        return reader.GetMetaData(k, key) if reader.HasMetaDataKey(k, key) else None
+
+    _check_dicom_pixel_spacing(folder.name, lambda key: reader.HasMetaDataKey(0, key), image.GetSpacing())
+    _check_slice_positions(folder, files, [tag(k, "0020|0032") for k in range(len(files))],
+                           [tag(k, "0020|0037") for k in range(len(files))])
+    return image
 
 
 def read_ct(path: str | os.PathLike) -> sitk.Image:
     """Read a CT volume; a single 2D DICOM slice becomes a one-slice 3D volume.
 
     Raises InputError with one line for anything that is not a readable 3D scalar
-    image with CT geometry (a truncated NIfTI file included). Values are checked
-    for HU by inference, not here.
+    image with CT geometry: a truncated NIfTI file, NaN or infinite voxels (read from the
+    file itself: the NIfTI reader turns them into 0), a NIfTI without voxel size, a DICOM
+    series with missing or unevenly spaced slices, a sheared grid or an implausible
+    spacing (preprocessing.check_ct_geometry). ITK's own warnings go to logging as one
+    line each, not to stderr. Values are checked for HU, and axial slices for their size,
+    by inference.validate_ct_image, not here; the image carries the file's name in its
+    metadata (SOURCE_KEY) so that those messages name the file too.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
-    if path.is_dir():
-        image = _read_dicom_series(path)
-    else:
-        if path.suffix.lower() in PICTURE_SUFFIXES:
-            raise InputError(f"{path.name} is a 2D picture with no CT geometry (spacing, position, "
-                             "orientation); give a CT volume (NIfTI, NRRD, MHA or DICOM)")
-        _check_nifti_complete(path)
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError:
-            raise InputError(f"{path} is not an image SimpleITK can read (NIfTI, NRRD, MHA or DICOM)") from None
+    with itk_messages() as messages:
+        if path.is_dir():
+            image = _read_dicom_series(path)
+        else:
+            if path.suffix.lower() in PICTURE_SUFFIXES:
+                raise InputError(f"{path.name} is a 2D picture with no CT geometry (spacing, position, "
+                                 "orientation); give a CT volume (NIfTI, NRRD, MHA or DICOM)")
+            _check_nifti_complete(path)
+            _check_voxel_size_given(path)
+            try:
+                image = sitk.ReadImage(str(path))
+            except RuntimeError:
+                raise InputError(f"{path} is not an image SimpleITK can read (NIfTI, NRRD, MHA or DICOM)") from None
+    _log_itk_messages(messages, path.name, image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path.name} has {image.GetNumberOfComponentsPerPixel()} components per pixel "
                          "(RGB or vector image); a CT has one")
+    if not path.is_dir() and (path.suffix.lower() == ".dcm" or _is_dicom(path)):
+        _check_dicom_pixel_spacing(path.name, image.HasMetaDataKey, image.GetSpacing())
     if image.GetDimension() == 2:
         if path.suffix.lower() != ".dcm" and not _is_dicom(path):
             raise InputError(f"{path.name} is a 2D image with no slice geometry; give a 3D CT volume")
@@ -80,7 +251,47 @@ def read_ct(path: str | os.PathLike) -> sitk.Image:
         raise InputError(f"{path.name} is {image.GetDimension()}D; give a 3D CT volume")
     if 0 in image.GetSize():
         raise InputError(f"{path.name} is empty (size {image.GetSize()})")
+    _check_finite(path, image)
+    from .preprocessing import check_ct_geometry
+
+    check_ct_geometry(image.GetSize(), image.GetSpacing(), image.GetDirection(), path.name, slices=False)
+    image.SetMetaData(SOURCE_KEY, path.name)
     return image
+
+
+def _nonfinite_error(name: str, nan: int, inf: int, total: int, note: str = "") -> InputError:
+    counts = " and ".join(c for c in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if c)
+    every = " (every voxel)" if nan + inf == total else ""
+    return InputError(f"{name} has {counts} voxel value(s){every}{note}: CT in Hounsfield units must be finite; "
+                      "export the CT again, or fill them (e.g. with -1000, air) and save it")
+
+
+def _count_nonfinite(values: np.ndarray) -> tuple[int, int]:
+    """(NaN, infinite) counts of a float array, a block at a time."""
+    flat = values.reshape(-1)
+    nan = inf = 0
+    for start in range(0, flat.size, 1 << 22):
+        block = flat[start:start + (1 << 22)]
+        if np.isfinite(block).all():
+            continue
+        n = int(np.isnan(block).sum())
+        nan, inf = nan + n, inf + int((~np.isfinite(block)).sum()) - n
+    return nan, inf
+
+
+def _check_finite(path: Path, image: sitk.Image) -> None:
+    """InputError naming ``path`` when its voxels hold NaN or infinity: in the file itself for
+    NIfTI (whose reader reads them as 0), in the image SimpleITK read for other formats."""
+    raw = _nifti_nonfinite(path)
+    if raw is not None:
+        if sum(raw[:2]):
+            raise _nonfinite_error(path.name, *raw, " (a NIfTI reader reads them as 0)")
+        return
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    nan, inf = _count_nonfinite(sitk.GetArrayViewFromImage(image))
+    if nan or inf:
+        raise _nonfinite_error(path.name, nan, inf, int(np.prod(image.GetSize())))
 
 
 def _is_dicom(path: Path) -> bool:
@@ -92,16 +303,22 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _nifti_sizes(header: bytes) -> tuple[int, int] | None:
-    """(vox_offset, voxel data bytes) from the start of a NIfTI-1 or NIfTI-2 header; None if it is not one."""
+def _nifti_header(header: bytes) -> Optional[dict]:
+    """The fields of a NIfTI-1 or NIfTI-2 header (from its first bytes) that the checks need; None
+    if it is not one: endian ('<' or '>'), dim (its used entries), datatype, vox_offset, nbytes (of
+    the voxel data), pixdim (of the dims)."""
     for end in "<>":
         if len(header) >= 348 and struct.unpack(end + "i", header[:4])[0] == 348:
             dim = struct.unpack(end + "8h", header[40:56])
-            bitpix, offset = struct.unpack(end + "h", header[72:74])[0], struct.unpack(end + "f", header[108:112])[0]
+            datatype, bitpix = struct.unpack(end + "2h", header[70:74])
+            pixdim = struct.unpack(end + "8f", header[76:108])
+            offset = struct.unpack(end + "f", header[108:112])[0]
             break
         if len(header) >= 540 and struct.unpack(end + "i", header[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(end + "2h", header[12:16])
             dim = struct.unpack(end + "8q", header[16:80])
-            bitpix, offset = struct.unpack(end + "h", header[14:16])[0], struct.unpack(end + "q", header[168:176])[0]
+            pixdim = struct.unpack(end + "8d", header[104:168])
+            offset = struct.unpack(end + "q", header[168:176])[0]
             break
     else:
         return None
@@ -110,7 +327,111 @@ def _nifti_sizes(header: bytes) -> tuple[int, int] | None:
     voxels = 1
     for n in dim[1:dim[0] + 1]:
         voxels *= n
-    return int(offset), voxels * bitpix // 8
+    return {"endian": end, "dim": tuple(dim[1:dim[0] + 1]), "datatype": int(datatype), "vox_offset": int(offset),
+            "nbytes": voxels * bitpix // 8, "pixdim": tuple(float(v) for v in pixdim[1:dim[0] + 1])}
+
+
+def _nifti_sizes(header: bytes) -> tuple[int, int] | None:
+    """(vox_offset, voxel data bytes) from the start of a NIfTI-1 or NIfTI-2 header; None if it is not one."""
+    h = _nifti_header(header)
+    return None if h is None else (h["vox_offset"], h["nbytes"])
+
+
+def _open_nifti(path: Path):
+    """The open (decompressed) NIfTI file, or None for other files."""
+    name = path.name.lower()
+    if name.endswith(".nii"):
+        return open(path, "rb")
+    if name.endswith(".nii.gz"):
+        return gzip.open(path, "rb")
+    return None
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def _nifti_nonfinite(path: Path) -> Optional[tuple[int, int, int]]:
+    """(NaN, infinite, voxels) in a float .nii/.nii.gz file's voxel data, read from the file (ITK's
+    NIfTI reader turns NaN and infinity into 0, so the image it returns cannot show them);
+    (0, 0, voxels) for a NIfTI of integers; None for other files."""
+    try:
+        f = _open_nifti(path)
+        if f is None:
+            return None
+        with f:
+            h = _nifti_header(f.read(540))
+            if h is None:
+                return None
+            voxels = int(np.prod(h["dim"]))
+            if h["datatype"] not in _NIFTI_FLOATS:
+                return 0, 0, voxels
+            dtype = np.dtype(h["endian"] + _NIFTI_FLOATS[h["datatype"]])
+            f.seek(h["vox_offset"])
+            nan = inf = 0
+            left, block = h["nbytes"], (1 << 22) * dtype.itemsize
+            while left > 0:
+                data = f.read(min(block, left))
+                if not data:
+                    break
+                left -= len(data)
+                n = len(data) // dtype.itemsize * dtype.itemsize
+                a, b = _count_nonfinite(np.frombuffer(data[:n], dtype=dtype))
+                nan, inf = nan + a, inf + b
+            return nan, inf, voxels
+    except (OSError, EOFError, zlib.error, ValueError):
+        return None  # unreadable: the reader has said so, or read it
+
+
+_NO_VOXEL_SIZE = ("{name} has no voxel size ({why}): readers take 1 mm instead, and volumes would be wrong; "
+                  "set the voxel size (in mm) in its header, or export the CT again")
+
+
+def _check_voxel_size_given(path: Path) -> None:
+    """InputError when the header of a NIfTI, NRRD or MetaImage file gives no voxel size (NIfTI
+    pixdim 0 or not finite; no NRRD 'space directions' or 'spacings'; no MetaImage
+    'ElementSpacing' or 'ElementSize'): ITK reads 1 mm without a word, and volumes would be
+    computed from that guess. Other files, and headers that cannot be parsed, pass (DICOM:
+    _check_dicom_pixel_spacing)."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            f = _open_nifti(path)
+            with f:
+                h = _nifti_header(f.read(540))
+            if h is None or all(np.isfinite(v) and v != 0 for v in h["pixdim"][:3]):
+                return
+            why = f"its NIfTI pixdim is {' x '.join(f'{v:g}' for v in h['pixdim'][:3])}"
+        elif name.endswith((".nrrd", ".nhdr")):
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            if not head.startswith(b"NRRD000"):
+                return
+            fields = re.split(rb"\r?\n\r?\n", head, maxsplit=1)[0].decode("latin-1").lower()
+            if re.search(r"^(space directions|spacings)\s*:", fields, re.M):
+                return
+            why = "its NRRD header has neither 'space directions' nor 'spacings'"
+        elif name.endswith((".mha", ".mhd")):
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            fields = head.split(b"ElementDataFile", 1)[0].decode("latin-1").lower()
+            if "ndims" not in fields or re.search(r"^\s*(elementspacing|elementsize)\s*=", fields, re.M):
+                return
+            why = "its MetaImage header has no ElementSpacing"
+        else:
+            return
+    except (OSError, EOFError, zlib.error):
+        return  # unreadable: the reader says so
+    raise InputError(_NO_VOXEL_SIZE.format(name=path.name, why=why))
+
+
+def _check_dicom_pixel_spacing(name: str, has_key: Callable[[str], bool], spacing: Sequence[float]) -> None:
+    """InputError when DICOM slices have no Pixel Spacing (0028,0030), Imager Pixel Spacing
+    (0018,1164) or functional groups that hold one (multi-frame: 5200,9229 / 5200,9230), and GDCM
+    read the 1 mm pixels it takes for none: a screen capture rather than a CT slice."""
+    if any(has_key(k) for k in ("0028|0030", "0018|1164", "5200|9229", "5200|9230")):
+        return
+    if tuple(spacing[:2]) == (1.0, 1.0):
+        raise InputError(_NO_VOXEL_SIZE.format(name=name, why="its DICOM header has no Pixel Spacing"))
 
 
 def _check_nifti_complete(path: Path) -> None:
@@ -198,7 +519,9 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     """Write with SimpleITK to a temporary file, then rename over ``path`` (a name check_volume_output accepts)."""
     tmp, path = atomic_output(check_volume_output(path))
     try:
-        sitk.WriteImage(image, str(tmp), compress)
+        with itk_messages() as messages:
+            sitk.WriteImage(image, str(tmp), compress)
+        _log_itk_messages(messages, path.name, image)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from .config import InferenceConfig, LungConfig, ModelConfig
 from .errors import InputError
 from .network import DRSegUNet
 from .orientation import SliceResult, axial_spacing, axial_view  # noqa: F401  (SliceResult: re-exported)
-from .preprocessing import check_ct_hu, normalize, working_size
+from .preprocessing import check_ct_geometry, check_ct_hu, normalize, working_size
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 
 log = logging.getLogger(__name__)
@@ -284,8 +284,16 @@ class Predictor:
         return labels
 
 
-def validate_ct_image(image: sitk.Image, what: str = "input image") -> np.ndarray:
-    """Check that ``image`` is a scalar 3D CT in HU; return its (z, y, x) array."""
+def validate_ct_image(image: sitk.Image, what: Optional[str] = None) -> np.ndarray:
+    """Check that ``image`` is a scalar 3D CT in HU with CT geometry (preprocessing.check_ct_geometry:
+    orthogonal axes, plausible spacing, axial slices of a sane size); return its (z, y, x) array.
+
+    ``what`` names the image in messages; by default the file imageio.read_ct read it from, else
+    "input image"."""
+    if what is None:
+        from .imageio import SOURCE_KEY
+
+        what = image.GetMetaData(SOURCE_KEY) if image.HasMetaDataKey(SOURCE_KEY) else "input image"
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{what} has {image.GetNumberOfComponentsPerPixel()} components per pixel (RGB?); "
                          "a CT has one")
@@ -294,5 +302,6 @@ def validate_ct_image(image: sitk.Image, what: str = "input image") -> np.ndarra
     if 0 in image.GetSize():
         raise InputError(f"{what} is empty (size {image.GetSize()})")
     array = sitk.GetArrayViewFromImage(image)
-    check_ct_hu(array, what)
+    check_ct_hu(array, what)  # values first: an 8-bit picture is named so, whatever its size
+    check_ct_geometry(image.GetSize(), image.GetSpacing(), image.GetDirection(), what)
     return array

@@ -56,11 +56,23 @@ def axial_view(array_zyx: np.ndarray, direction: Sequence[float]) -> tuple[np.nd
     return view, inverse
 
 
+def axial_shape(size_xyz: Sequence[int], direction: Sequence[float]) -> tuple[int, int, int]:
+    """(slices, rows, cols) of :func:`axial_view` of an image of ``size_xyz`` (SimpleITK's GetSize())."""
+    index_of_patient, _ = _axis_assignment(direction)
+    return tuple(int(size_xyz[index_of_patient[p]]) for p in (2, 1, 0))  # type: ignore[return-value]
+
+
 def axial_spacing(spacing_xyz: Sequence[float], direction: Sequence[float]) -> tuple[float, float]:
     """(row, col) pixel size in mm of the slices of :func:`axial_view`."""
     index_of_patient, _ = _axis_assignment(direction)
     # Rows run along P (patient axis 1), columns along L (patient axis 0).
     return float(spacing_xyz[index_of_patient[1]]), float(spacing_xyz[index_of_patient[0]])
+
+
+def axial_slice_spacing(spacing_xyz: Sequence[float], direction: Sequence[float]) -> float:
+    """Spacing in mm of the slices of :func:`axial_view` (along its axis 0)."""
+    index_of_patient, _ = _axis_assignment(direction)
+    return float(spacing_xyz[index_of_patient[2]])
 
 
 @dataclass

@@ -24,6 +24,18 @@ def normalize(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 WORKING_SIDE = (16, 2048)  # working grids outside this (px a side) are not used
 
+# Geometry of CT this library accepts (check_ct_geometry); anything else is refused with one line.
+# Voxel sizes in mm: clinical chest CT has 0.3-1 mm pixels and 0.5-10 mm slices; the ranges leave a
+# wide margin (downsampled volumes such as CIP's ct-64 at 4.2 mm pass) and still refuse headers in
+# cm or m, zero or absurd spacings, whose volumes in mL would be wrong by orders of magnitude.
+CT_PIXEL_MM = (0.1, 10.0)  # in-plane pixel size of the axial slices (rows and columns)
+CT_SLICE_MM = (0.1, 30.0)  # spacing of the axial slices
+MIN_SLICE_PX = 16  # rows and columns of an axial slice at least (WORKING_SIDE[0]); fewer: not 2D slices
+# Largest |cosine| between two index axes of the direction matrix. ITK writes label maps (NIfTI) with
+# an orthogonal matrix and warns above about this much shear; within it the label map's voxels lie
+# within 0.0001 x the CT's extent (0.05 mm over 500 mm) of the CT's.
+DIRECTION_TOLERANCE = 1e-4
+
 
 def working_size(shape: Sequence[int], spacing: Optional[Sequence[float]],
                  pixel_mm: Optional[float]) -> Optional[tuple[int, int]]:
@@ -78,3 +90,41 @@ def check_ct_hu(array: np.ndarray, what: str = "image") -> None:
         )
     if np.percentile(array if array.size < 4_000_000 else array.ravel()[:: array.size // 4_000_000 + 1], 99) < -500:
         raise InputError(f"{what} is almost all air (99th percentile below -500 HU): no body in view")
+
+
+def check_ct_geometry(size: Sequence[int], spacing: Sequence[float], direction: Sequence[float],
+                      what: str = "image", slices: bool = True) -> None:
+    """Raise InputError unless a 3D image of ``size``, ``spacing`` and ``direction`` (SimpleITK's
+    GetSize, GetSpacing, GetDirection) has the geometry of CT this library segments:
+
+    an orthogonal direction matrix (DIRECTION_TOLERANCE: a sheared grid cannot be given a label map
+    that overlays it), voxel sizes within CT_PIXEL_MM in-plane and CT_SLICE_MM between slices, and
+    (``slices``) axial slices of at least MIN_SLICE_PX pixels a side (a single row, or a coronal or
+    sagittal slice, is not a stack of axial slices).
+    """
+    from .orientation import axial_shape, axial_slice_spacing, axial_spacing
+
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    d = d / np.linalg.norm(d, axis=0, keepdims=True)
+    cosines = np.abs(d.T @ d - np.eye(3))
+    if not np.all(np.isfinite(cosines)) or cosines.max() > DIRECTION_TOLERANCE:
+        a, b = np.unravel_index(int(np.nanargmax(np.nan_to_num(cosines, nan=np.inf))), cosines.shape)
+        angle = float(np.degrees(np.arccos(np.clip((d.T @ d)[a, b], -1.0, 1.0))))
+        raise InputError(f"{what} has a sheared (non-orthogonal) voxel grid: its axes {'ijk'[a]} and {'ijk'[b]} meet "
+                         f"at {angle:.4g} degrees, not 90; a label map could not overlay it: resample the CT onto an "
+                         "orthogonal grid first (e.g. Slicer's Resample Scalar Volume)")
+    rows, cols = axial_spacing(spacing, direction)
+    slice_mm = axial_slice_spacing(spacing, direction)
+    sizes = axial_shape(size, direction)
+    lo, hi = CT_PIXEL_MM
+    if not (lo <= rows <= hi and lo <= cols <= hi):
+        raise InputError(f"{what} has {rows:g} x {cols:g} mm pixels, outside the {lo:g}-{hi:g} mm of CT: its spacing "
+                         "is wrong (or not in mm) and volumes would be wrong; fix the spacing in its header")
+    lo, hi = CT_SLICE_MM
+    if not lo <= slice_mm <= hi:
+        raise InputError(f"{what} has axial slices {slice_mm:g} mm apart, outside the {lo:g}-{hi:g} mm of CT: its "
+                         "spacing is wrong (or not in mm) and volumes would be wrong; fix the spacing in its header")
+    if slices and min(sizes[1:]) < MIN_SLICE_PX:
+        raise InputError(f"{what} has axial slices of {sizes[1]} x {sizes[2]} pixels (size "
+                         f"{' x '.join(str(int(n)) for n in size)}): not a stack of 2D axial CT slices; give a CT "
+                         f"volume whose axial slices are at least {MIN_SLICE_PX} x {MIN_SLICE_PX} pixels")
