@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Many volumes with one model load: segment INPUT... --out-dir DIR (inputs may be files, folders of volumes, DICOM series folders, or --list FILE); finished outputs are skipped on a rerun, and --shard K/N splits the work across workers or GPUs.")
     p.add_argument("paths", nargs="*", metavar="INPUT [OUTPUT]",
                    help="one CT and its label-map path, or (with --out-dir) any number of inputs")
-    p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--model", default=None, help="checkpoint file or model-store version number (default: the store's "
+                                              "active version; the bundled model until a fine-tune adds one)")
+    p.add_argument("--store", default=None, help="model store folder for --model (default: the user's data folder, "
+                                              "$DRSEGUNET_HOME when set)")
     p.add_argument("--seg-nrrd", default=None, help="also write a Slicer .seg.nrrd here (one volume)")
     p.add_argument("--report", default=None, help="also write a JSON report (volumes, %% of lung involved) (one volume)")
     p.add_argument("--overlay", default=None, help="also write a PNG overlay of the most involved slice (one volume)")
@@ -125,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "arrive; it cancels by ending the process (a slice is announced only once it is written).")
     p.add_argument("input", help="CT in HU (any format segment reads)")
     p.add_argument("labels", help="existing .npy uint8 array (z, y, x) the labels are written into")
-    p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--model", default=None, help="checkpoint file or model-store version number (default: the store's "
+                                              "active version; the bundled model until a fine-tune adds one)")
+    p.add_argument("--store", default=None, help="model store folder for --model (default: the user's data folder, "
+                                              "$DRSEGUNET_HOME when set)")
     _add_segment_options(p)
     _add_common(p)
 
@@ -186,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With --predictions, score saved label maps instead of a model: an .npz with 'labels' (N, H, W) uint8 in our vocabulary (0 background, 1 GGO, 2 consolidation, 3 lung), one map per slice of DATA in the order DATA is read, "
                                    "such as the outputs of lungs, pseudolabel or selftrain (OUT/levelK/labels.npz) on DATA.")
     p.add_argument("data", help="MedSeg-style folder (images/*.jpg, masks/*.png) or .npz like zenodo20_dev.npz")
-    p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--model", default=None, help="checkpoint file or model-store version number (default: the store's "
+                                              "active version; the bundled model until a fine-tune adds one)")
+    p.add_argument("--store", default=None, help="model store folder for --model (default: the user's data folder, "
+                                              "$DRSEGUNET_HOME when set)")
     p.add_argument("--predictions", default=None, help="score the label maps in this .npz instead of a model")
     p.add_argument("--by-group", action="store_true", help="also summarise per case group (the 'group' of the .npz)")
     p.add_argument("--regions", default=None,
@@ -412,10 +421,16 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 
 def _predictor(args: argparse.Namespace, batch_size: int):
-    """The model of ``--model`` (default: the bundled one) with the options of segment/evaluate."""
+    """The model of ``--model`` (a file or a store version; default: the store's active version)
+    with the options of segment/evaluate."""
+    from .cli_loop import model_store, resolve_model
     from .inference import Predictor
 
-    return Predictor.from_checkpoint(args.model or default_model_path(), args.device, decision=args.decision,
+    path, version = resolve_model(model_store(args.store), args.model)
+    if version is not None and not version.bundled and args.model is None:
+        log.info("using the active model v%d of %s (python -m DRSegUNetLib models list)", version.version,
+                 model_store(args.store).root)
+    return Predictor.from_checkpoint(path, args.device, decision=args.decision,
                                      batch_size=batch_size, cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
                                      pixel_mm=args.pixel_mm or None)
 

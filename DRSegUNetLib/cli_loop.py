@@ -44,7 +44,9 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None], positive
     p.add_argument("--model", default=None, help="checkpoint file or store version number to start from "
                                                   "(default: the store's active version)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="default: BatchNorm statistics kept, lr 1e-4, 40 steps, region Dice, replay (issue 18); "
+                   help="default: BatchNorm statistics kept, Adam 1e-4 for 40 steps, region Dice on the corrections, "
+                        "half of each batch from the model's replay slices held to its own predictions, and the "
+                        "largest share of the new weights that passes the gate (README, Fine-tuning); "
                         "thesis: the thesis's level 2 (first two layers frozen, lr 9.8e-6, 10 epochs, BatchNorm "
                         "re-estimated, no replay). The options below override the preset")
     p.add_argument("--steps", type=count, default=None, help=f"optimisation steps (default {ft.steps}; 0: use --epochs)")
@@ -58,6 +60,12 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None], positive
     p.add_argument("--crop", type=positive_int, default=None, help=f"crop size in working pixels (default {ft.crop})")
     p.add_argument("--replay-fraction", type=float, default=None,
                    help=f"share of crops from the model's own replay slices (default {ft.replay_fraction:g}; 0: none)")
+    p.add_argument("--replay-loss", choices=("distill", "labels"), default=None,
+                   help=f"replay crops keep the starting model's predictions (distill) or learn their annotations "
+                        f"(labels) (default {ft.replay_loss})")
+    p.add_argument("--no-interpolation", action="store_true",
+                   help="keep the fine-tuned weights as they are instead of the largest share of them "
+                        f"({', '.join(f'{a:g}' for a in ft.alphas)}) that passes the gate")
     p.add_argument("--holdout-every", type=count, default=None,
                    help=f"hold one corrected slice in N out for the gate (default {ft.holdout_every}; 0: none)")
     p.add_argument("--tolerance", type=float, default=None,
@@ -160,7 +168,8 @@ def cmd_finetune(args: argparse.Namespace, printer) -> int:
         raise InputError(f"--tolerance must be >= 0, got {args.tolerance}")
     config = preset(args.preset, steps=args.steps, epochs=args.epochs, lr=args.lr, frozen_layers=args.frozen_layers,
                     bn=args.bn, loss=args.loss, batch_size=args.batch_size, crop=args.crop,
-                    replay_fraction=args.replay_fraction, holdout_every=args.holdout_every, tolerance=args.tolerance)
+                    replay_fraction=args.replay_fraction, holdout_every=args.holdout_every, tolerance=args.tolerance,
+                    replay_loss=args.replay_loss, alphas=(1.0,) if args.no_interpolation else None)
     store = model_store(args.store)
     start, parent = resolve_model(store, args.model)
     corrections = corrections_store(args.corrections, must_exist=True)

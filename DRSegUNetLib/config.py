@@ -157,6 +157,7 @@ class TrainConfig:
     # the statistics of the starting model (eval mode) while still training the affine
     # weights -- what fine-tuning on a few slices needs (issue 18).
     bn: str = "train"
+    optimizer: str = "adam"  # "adam" (thesis) or "sgd" (momentum 0.9; moves parameters by their gradient's size)
 
 
 @dataclass(frozen=True)
@@ -174,10 +175,19 @@ class FineTuneConfig:
     lr_schedule: str = "constant"
     frozen_layers: int = 2
     bn: str = "frozen"  # TrainConfig.bn
+    # Which weights train: "all" (past the frozen layers) or "batchnorm" (only BatchNorm scales
+    # and shifts: a few thousand parameters, which adapts the features' calibration to a scan).
+    trainable: str = "all"
     batch_size: int = 4
     crop: int = 256
     loss: str = "ce+regiondice"
-    replay_fraction: float = 0.3  # share of crops drawn from the model's replay slices
+    replay_fraction: float = 0.5  # share of crops drawn from the model's replay slices
+    # What replay crops train: "distill" = the starting model's own predictions (learning without
+    # forgetting), "labels" = their annotations.
+    replay_loss: str = "distill"
+    # Interpolate the fine-tuned weights with the starting ones and keep the largest share that
+    # passes the gate (1.0 only: no interpolation).
+    alphas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
     rotate_deg: float = 15.0
     scale: tuple[float, float] = (0.8, 1.25)
     foreground_fraction: float = 0.5  # crops centred on corrected lesions

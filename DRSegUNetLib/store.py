@@ -175,15 +175,25 @@ class ModelStore:
         A missing or unreadable pointer, or one naming a version that is gone, falls back
         to the bundled model when there is one (the safe default), else the newest.
         """
+        pointer = self.root / self.ACTIVE
+        problem = None
         try:
-            data = json.loads((self.root / self.ACTIVE).read_text(encoding="utf-8"))
+            data = json.loads(pointer.read_text(encoding="utf-8"))
             return self.get(int(data["version"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except FileNotFoundError:
             pass
+        except KeyError as e:  # a version that is gone
+            problem = f"naming a version that is not there ({str(e).strip(chr(39))})"
+        except (OSError, ValueError, TypeError) as e:
+            problem = f"unreadable ({type(e).__name__}: {e})"
         versions = self.versions()
         if not versions:
             raise LookupError(f"no model: no bundled checkpoint and no version in {self.root}")
-        return versions[0] if versions[0].bundled else versions[-1]
+        fallback = versions[0] if versions[0].bundled else versions[-1]
+        if problem:
+            log.warning("the active-model pointer %s is %s; using v%d instead (python -m DRSegUNetLib models "
+                        "activate N sets it)", pointer, problem, fallback.version)
+        return fallback
 
     # -- writing
     def set_active(self, version: int | ModelVersion) -> ModelVersion:

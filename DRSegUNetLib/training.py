@@ -374,7 +374,12 @@ def train(
     if frozen:
         log.info("frozen layers: %s", ", ".join(frozen))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    elif config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; use adam or sgd")
     total_steps = config.epochs * config.steps_per_epoch
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=config.lr * 0.02)
              if config.lr_schedule == "cosine" else None)

@@ -14,6 +14,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# The user's model and corrections stores must not leak into the tests (segment uses the store's
+# active model by default): every test, and every process a test starts, gets an empty data folder.
+if "DRSEGUNET_TEST_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["DRSEGUNET_TEST_HOME"] = tempfile.mkdtemp(prefix="drsegunet-test-home-")
+os.environ["DRSEGUNET_HOME"] = os.environ["DRSEGUNET_TEST_HOME"]
+
 
 
 

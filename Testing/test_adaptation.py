@@ -253,3 +253,69 @@ def test_segment_report_names_the_most_uncertain_slices(tmp_path, bundled_model)
     u = r["slice_uncertainty"]
     assert len(u) == 79 and all(0 <= x <= 1 for x in u) and max(u) > 0
     assert r["most_uncertain_slices"][0] == int(np.argmax(u))
+
+
+# ----------------------------------------------------------------- the store's active model everywhere
+
+
+def _fake_version(models: Path, bundled_model: Path) -> ModelStore:
+    ms = ModelStore(models, bundled=bundled_model)
+    v = ms.add_version(bundled_model, {"note": "a copy of the bundled model"}, parent=1)
+    ms.set_active(v)
+    return ms
+
+
+def test_segment_uses_the_stores_active_model_and_takes_version_numbers(tmp_path, bundled_model, sample_ct_path, caplog):
+    ms = _fake_version(tmp_path / "models", bundled_model)
+    rep = tmp_path / "r.json"
+    assert main(["segment", str(sample_ct_path), str(tmp_path / "l.nii.gz"), "--store", str(ms.root),
+                 "--report", str(rep), "--device", "cpu"]) == 0
+    assert json.loads(rep.read_text())["model"] == str(ms.path_of(2))
+    assert main(["segment", str(sample_ct_path), str(tmp_path / "l.nii.gz"), "--store", str(ms.root), "--model", "1",
+                 "--report", str(rep), "--device", "cpu"]) == 0
+    assert json.loads(rep.read_text())["model"] == str(bundled_model)
+
+
+def test_segment_model_version_that_does_not_exist_says_which_there_are(tmp_path, sample_ct_path, capsys):
+    assert main(["segment", str(sample_ct_path), str(tmp_path / "l.nii.gz"), "--store", str(tmp_path / "m"),
+                 "--model", "7"]) == 2
+    assert "has no version 7" in capsys.readouterr().err
+
+
+def test_a_garbled_active_pointer_is_reported_not_silently_replaced(tmp_path, bundled_model, caplog):
+    ms = _fake_version(tmp_path / "models", bundled_model)
+    (ms.root / "active.json").write_text("{garbled")
+    with caplog.at_level("WARNING"):
+        assert ms.active().version == 1
+    assert "active-model pointer" in caplog.text and "unreadable" in caplog.text
+    (ms.root / "active.json").write_text('{"version": 9}')
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert ms.active().version == 1
+    assert "not there" in caplog.text
+
+
+# ----------------------------------------------------------------- distillation and interpolation
+
+
+def test_distillation_is_zero_for_the_starting_model_and_grows_with_change():
+    from DRSegUNetLib.adaptation import distillation_loss
+
+    torch.manual_seed(0)
+    old = torch.randn(2, 4, 8, 8)
+    assert float(distillation_loss(old, old)) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < float(distillation_loss(old + 0.1 * torch.randn_like(old), old)) < float(
+        distillation_loss(old + torch.randn_like(old), old))
+
+
+def test_interpolated_weights_lie_between_start_and_end(tiny_checkpoint):
+    from DRSegUNetLib.adaptation import interpolate
+
+    start = load_checkpoint(tiny_checkpoint).state_dict
+    end = {k: (v + 1.0 if v.is_floating_point() else v + 5) for k, v in start.items()}
+    half = interpolate(start, end, 0.5)
+    k = next(k for k, v in start.items() if v.is_floating_point())
+    assert torch.allclose(half[k], start[k].float() + 0.5)
+    counter = next(k for k, v in start.items() if not v.is_floating_point())
+    assert torch.equal(half[counter], end[counter])
+    assert all(torch.equal(interpolate(start, end, 1.0)[k], end[k]) for k in start)

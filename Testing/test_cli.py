@@ -444,11 +444,11 @@ def test_finetune_that_diverges_adds_no_version(tmp_path, capsys, tiny_checkpoin
     _corrections(tmp_path / "c")
     models = tmp_path / "models"
     argv = ["finetune", "--corrections", str(tmp_path / "c"), "--store", str(models), "--model", str(tiny_checkpoint),
-            "--epochs", "3", "--crop", "32", "--device", "cpu"]
+            "--steps", "3", "--crop", "32", "--device", "cpu", "--activate", "always"]
     assert main(argv + ["--lr", "1e12"]) == 2
-    assert "training diverged" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fine-tuning diverged" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not models.exists() or not any(p.name.startswith("v") for p in models.iterdir())
-    assert main(argv + ["--epochs", "1"]) == 0
+    assert main(argv + ["--steps", "1"]) == 0
     assert ModelStore(models).active().version == 2
     assert main(argv + ["--lr", "1e12"]) == 2
     assert ModelStore(models).active().version == 2 and [v.version for v in ModelStore(models).versions()] == [2]

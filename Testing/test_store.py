@@ -405,7 +405,7 @@ def test_finetune_card_names_what_it_trained_on(tmp_path: Path, tiny_checkpoint:
 
     import torch
 
-    import DRSegUNetLib.training as training
+    import DRSegUNetLib.adaptation as adaptation
     from DRSegUNetLib.cli import main
 
     threads = torch.get_num_threads()
@@ -419,19 +419,19 @@ def test_finetune_card_names_what_it_trained_on(tmp_path: Path, tiny_checkpoint:
         return c.add(np.where(labels > 0, -800, 40).astype(np.int16), labels, (1, 1), "vol", i)
 
     first = accept(0)
-    real_train = training.train
+    real_train = adaptation._train_steps
 
     def train_while_another_instance_accepts(*a, **k):
         accept(1)
         return real_train(*a, **k)
 
-    monkeypatch.setattr(training, "train", train_while_another_instance_accepts)
+    monkeypatch.setattr(adaptation, "_train_steps", train_while_another_instance_accepts)
     models = ModelStore(tmp_path / "models")
     v2 = models.add_version(tiny_checkpoint, {}, parent=1)
     models.set_active(models.add_version(b"switched to meanwhile", {}, parent=1))
     try:
         rc = main(["finetune", "--corrections", str(c.root), "--store", str(models.root), "--model", str(v2.path),
-                   "--epochs", "1", "--crop", "32", "--device", "cpu", "--pixel-mm", "0"])
+                   "--steps", "1", "--crop", "32", "--device", "cpu", "--pixel-mm", "0", "--activate", "always"])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0 and len(c) == 2

@@ -45,6 +45,8 @@ from DRSegUNetLib.metrics import counts, region_mask  # noqa: E402
 from DRSegUNetLib.store import CorrectionsStore  # noqa: E402
 
 ZENODO_MM = 1.5
+# Audit set: MedSeg slices that neither a fine-tune nor its gate sees (the bundled model's test ids).
+AUDIT_MEDSEG = ("1", "2", "26", "30", "41", "42", "46", "47", "49", "57")
 WORKING_MM = InferenceConfig().pixel_mm
 
 
@@ -93,9 +95,11 @@ def volumes(shared: Path, data, names):
     shipped = {s.name for s in data.replay + data.reference}
     for name in names:
         if name == "medseg":
-            pool = [s for s in med if f"medseg{s.name}" not in shipped]
+            # MedSeg slices come from many patients: the "volume" is the slices that are neither
+            # shipped with the model nor in the audit set; replay and reference stay whole.
+            pool = [s for s in med if f"medseg{s.name}" not in shipped and s.name not in AUDIT_MEDSEG]
             out.append((name, pool, None, (WORKING_MM, WORKING_MM), ("ggo", "consolidation"),
-                        ("ggo", "consolidation", "infection"), ("medseg",)))
+                        ("ggo", "consolidation", "infection"), ()))
         else:
             g = f"zenodo{int(name)}"
             pool = [s for s in zen if s.group == g]
@@ -145,8 +149,12 @@ def main() -> int:
     ckpt = load_checkpoint(bundled)
     data = load_adaptation_data(adaptation_data_path(bundled), ckpt.config.eight_bit)
     base = Predictor(ckpt.build_model(), ckpt.config, "cpu", InferenceConfig())
+    audit = [s for s in read_medseg_folder(args.shared_data / "medseg" / "train50") if s.name in AUDIT_MEDSEG]
+    audit_regions = ("ggo", "consolidation", "infection")
+    audit_before = _score_ref(base, type("A", (), {"reference": audit})(), {}, audit_regions)
     ks = [int(k) for k in args.k.split(",") if k.strip() and int(k) > 0]
-    results = {"model": str(bundled), "k": ks, "pickers": args.pickers.split(","), "volumes": {}}
+    results = {"model": str(bundled), "k": ks, "pickers": args.pickers.split(","), "volumes": {},
+               "audit_before": audit_before}
     for name, pool, spacing, corr_spacing, known, regions, drop in volumes(args.shared_data, data, args.volumes.split(",")):
         sub = data.without_groups(drop)
         ref_regions = ("ggo", "consolidation", "infection", "lung")
@@ -169,8 +177,9 @@ def main() -> int:
                     new = Predictor.from_checkpoint(out["path"], device="cpu")
                     after_rows, _ = slice_scores(new, [pool[i] for i in rest], spacing, regions)
                     ref_after = _score_ref(new, sub, ref_spacing, ref_regions)
+                    audit_after = _score_ref(new, type("A", (), {"reference": audit})(), {}, audit_regions)
                 run = {"k": k, "picker": picker, "picked": picked, "activated": out["activated"], "seconds": round(seconds, 1),
-                       "gate": out["gate"], "reference_after": ref_after}
+                       "gate": out["gate"], "reference_after": ref_after, "audit_after": audit_after}
                 for r in regions:
                     b = mean_over(before_rows, rest, r)
                     a = mean_over(after_rows, range(len(rest)), r)
@@ -180,7 +189,8 @@ def main() -> int:
                 print(f"  K={k:2d} {picker:9s} {key} {run[key]['before']:.3f} -> raw {run[key]['raw']:.3f} "
                       f"user {run[key]['user']:.3f} ({run[key]['user'] - run[key]['before']:+.3f}) "
                       f"{'active' if out['activated'] else 'gated'}  ref ggo "
-                      f"{ref_before.get('ggo', float('nan')):.3f}->{ref_after.get('ggo', float('nan')):.3f}  {seconds:.0f}s",
+                      f"{ref_before.get('ggo', float('nan')):.3f}->{ref_after.get('ggo', float('nan')):.3f} audit ggo "
+                      f"{audit_before['ggo']:.3f}->{audit_after['ggo']:.3f} alpha {out['gate'].get('alpha')}  {seconds:.0f}s",
                       flush=True)
         results["volumes"][name] = vol
         if args.json:
@@ -209,8 +219,9 @@ def _as_slices(sub):
 def table(results) -> str:
     """Markdown: per K and picker, mean and worst gain on the rest of the volume (infection Dice,
     the model the user gets), volumes activated, reference GGO drop, seconds."""
-    lines = ["| K | picker | mean infection gain (user) | worst volume | mean raw gain | activated | "
-             "largest reference GGO drop | mean s per fine-tune |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| K | picker | mean infection gain (user) | worst volume | mean gain of the saved version | activated | "
+             "largest reference GGO drop (saved version) | mean audit GGO change (user) | mean s per fine-tune |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k in results["k"]:
         for picker in results["pickers"]:
             runs = [(n, r) for n, v in results["volumes"].items() for r in v["runs"] if r["k"] == k and r["picker"] == picker]
@@ -221,9 +232,10 @@ def table(results) -> str:
             worst = min(zip(gains, (n for n, _ in runs)))
             drops = [results["volumes"][n]["reference_before"].get("ggo", 0) - r["reference_after"].get("ggo", 0)
                      for n, r in runs if "ggo" in r["reference_after"]]
+            audit = [(r["audit_after"]["ggo"] - results["audit_before"]["ggo"]) if r["activated"] else 0.0 for _, r in runs]
             lines.append(f"| {k} | {picker} | {np.mean(gains):+.3f} | {worst[0]:+.3f} ({worst[1]}) | {np.mean(raw):+.3f} | "
                          f"{sum(r['activated'] for _, r in runs)}/{len(runs)} | {max(drops) if drops else float('nan'):+.3f} | "
-                         f"{np.mean([r['seconds'] for _, r in runs]):.0f} |")
+                         f"{np.mean(audit):+.3f} | {np.mean([r['seconds'] for _, r in runs]):.0f} |")
     lines += ["", "| volume | slices | K=0 infection | " + " | ".join(
         f"K={k} {p}" for k in results["k"] for p in results["pickers"]) + " |",
         "|---|---|---|" + "---|" * (len(results["k"]) * len(results["pickers"]))]

@@ -44,6 +44,9 @@ RECIPES = {
     "E_rd_lr2e-4_replay": dict(steps=40, lr=2e-4, frozen=2, bn="frozen", replay=0.3, crop=256, bs=4, loss="ce+regiondice"),
     "G_rd_lr1e-4_replay50": dict(steps=40, lr=1e-4, frozen=2, bn="frozen", replay=0.5, crop=256, bs=4, loss="ce+regiondice"),
     "H_rd_lr1e-4_replay_dec": dict(steps=40, lr=1e-4, frozen=35, bn="frozen", replay=0.3, crop=256, bs=4, loss="ce+regiondice"),
+    "A_noaug": dict(steps=40, lr=1e-4, frozen=2, bn="frozen", replay=0.3, crop=256, bs=4, loss="ce+regiondice",
+                    aug=dict(rotate_deg=0.0, scale=(1.0, 1.0), hu_gain=(1.0, 1.0), hu_shift=0.0, gamma=(1.0, 1.0),
+                             noise_hu=0.0, blur_sigma=0.0)),
     "F_ce_lr1e-4_replay": dict(steps=40, lr=1e-4, frozen=2, bn="frozen", replay=0.3, crop=256, bs=4, loss="ce"),
 }
 
