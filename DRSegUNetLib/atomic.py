@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, prefix: str | None 
     """Write ``data`` to ``path``: nothing half-written is ever visible at ``path``.
 
     ``prefix`` names the temporary file (default ``.<name>.``), so that a store can
-    recognise and clean up leftovers of a writer that died.
+    recognise and clean up leftovers of a writer that died. An OSError while writing
+    (a full disk gives one without a file name) names ``path``.
     """
     path = Path(path)
     fd, tmp = temp_beside(path, prefix or f".{path.name}.", ".tmp")
@@ -63,7 +65,58 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, prefix: str | None 
             os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno is None or e.filename not in (None, tmp):
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+# Temporary files are older than this only when the writer that made them died (a write takes
+# seconds): remove_stale_temporaries removes them.
+STALE_AFTER_S = 3600.0
+_MKSTEMP_RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between prefix and suffix
+
+
+def temporary_name_patterns(path: str | os.PathLike) -> list[re.Pattern]:
+    """Names of the temporary files our writers put beside ``path`` while writing it (R: mkstemp's
+    8 random characters): atomic_write_bytes's ``.NAME.R.tmp``; imageio.atomic_output's ``.STEM-R.SUFFIX``
+    (STEM: the name up to its first dot; SUFFIX: the format's, e.g. ``.nii.gz``), which is also the
+    staged file of imageio.output_set; and what a writer makes beside such a staged file: ``.-R.SUFFIX``
+    (atomic_output of it) and ``..STEM-R.SUFFIX.R.tmp`` (atomic_write_bytes of it)."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix or ".tmp"
+    rnd, stem, sfx = _MKSTEMP_RANDOM, re.escape(path.name.split(".")[0]), re.escape(suffix)
+    return [re.compile(rf"\.{re.escape(path.name)}\.{rnd}\.tmp"),
+            re.compile(rf"\.(?:{stem})?-{rnd}{sfx}"),
+            re.compile(rf"\.\.{stem}-{rnd}{sfx}\.{rnd}\.tmp")]
+
+
+def remove_stale_temporaries(path: str | os.PathLike, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary files of ``path`` (temporary_name_patterns) older than ``max_age_s``,
+    left by a writer that was killed before it renamed them; return what was removed. Younger
+    ones may belong to a writer at work and stay; a folder that cannot be listed is left alone."""
+    import time
+
+    path = Path(path)
+    patterns = temporary_name_patterns(path)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(".") or not any(p.fullmatch(entry.name) for p in patterns):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > max_age_s:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -19,15 +20,28 @@ from .config import PIXEL_MM_RANGE, InferenceConfig, check_pixel_mm
 
 log = logging.getLogger("DRSegUNetLib")
 
+DEFAULT_SPLIT = Path(__file__).parent / "splits" / "default.json"
+
 
 class ProgressPrinter:
-    """Turns progress callbacks into a one-line bar on stderr, or JSON lines on stdout."""
+    """Turns progress callbacks into a one-line bar on stderr when it is a terminal, plain lines on
+    stderr when it is a file or a pipe (no carriage returns or terminal escapes; at most one line a
+    second, plus each stage's last step and every epoch), or JSON lines on stdout."""
 
     line_open = False  # a bar is on stderr without its newline (an error message starts a new line)
+    BAR_INTERVAL_S = 0.5
+    LINE_INTERVAL_S = 1.0
 
     def __init__(self, json_lines: bool = False, quiet: bool = False) -> None:
         self.json_lines, self.quiet = json_lines, quiet
         self._last = 0.0
+
+    @staticmethod
+    def _terminal() -> bool:
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, ValueError):  # replaced or closed
+            return False
 
     def __call__(self, stage: str, step: int, total: int, message: str = "", **info: Any) -> None:
         if self.json_lines:
@@ -35,13 +49,19 @@ class ProgressPrinter:
             return
         if self.quiet:
             return
+        terminal = self._terminal()
         now = time.time()
-        if step < total and now - self._last < 0.5 and stage != "epoch":
+        last = step >= total or stage == "epoch"
+        if not last and now - self._last < (self.BAR_INTERVAL_S if terminal else self.LINE_INTERVAL_S):
             return
         self._last = now
+        if not terminal:
+            sys.stderr.write(f"{stage} {step}/{total}{' ' + message if message else ''}\n")
+            sys.stderr.flush()
+            return
         width = 30
         done = int(width * step / total) if total else width
-        end = "\n" if step >= total or stage == "epoch" else ""
+        end = "\n" if last else ""
         sys.stderr.write(f"\r{stage:>8} [{'#' * done}{'.' * (width - done)}] {step}/{total} {message}\033[K{end}")
         sys.stderr.flush()
         ProgressPrinter.line_open = not end
@@ -72,13 +92,16 @@ _positive_int, _positive_float, _count = _number(int, 0), _number(float, 0.0), _
 
 def _add_training_budget(p: argparse.ArgumentParser, epochs: int) -> None:
     """Options shared by train and crossval: the budget, crops, optimiser and loss."""
-    p.add_argument("--epochs", type=_positive_int, default=epochs)
-    p.add_argument("--steps-per-epoch", type=_positive_int, default=50)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--crop", type=_positive_int, default=128, help="square crop size in pixels (native resolution)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce")
+    p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"training epochs (default {epochs})")
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=50, help="optimiser steps per epoch (default 50)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="crops per step (default 8)")
+    p.add_argument("--crop", type=_positive_int, default=128,
+                   help="square crop size in pixels (native resolution; default 128)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant (default) or cosine decay over the run")
+    p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce",
+                   help="ce (default): marginal cross-entropy; ce+dice adds a soft Dice term")
 
 
 def _add_workers(p: argparse.ArgumentParser) -> None:
@@ -88,7 +111,7 @@ def _add_workers(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
@@ -138,14 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model", description="Train DRSegUNet (Adam + marginal categorical cross-entropy) on annotated slices; writes best.pt (best validation Dice) and last.pt atomically.")
     p.add_argument("data", nargs="+", help="MedSeg-style folders (images/, masks/) and/or COVID-19-CT-Seg-style .npz files")
     p.add_argument("--out", required=True, help="output folder for checkpoints and history.json")
-    p.add_argument("--split", default=str(Path(__file__).parent / "splits" / "default.json"),
-                   help="JSON split file naming validation and test slices (default: the bundled split)")
+    p.add_argument("--split", default=str(DEFAULT_SPLIT),
+                   help="JSON split file naming validation and test slices (default: the bundled "
+                        "splits/default.json; \"\" = every slice trains)")
     p.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning / level 2)")
     _add_training_budget(p, epochs=40)
-    p.add_argument("--frozen-layers", type=_count, default=0, help="freeze the first N layers (level 2: 2)")
-    p.add_argument("--base-filters", type=int, default=16)
-    p.add_argument("--upsampling", choices=("transpose", "upsample"), default="transpose")
-    p.add_argument("--val-every", type=int, default=1)
+    p.add_argument("--frozen-layers", type=_count, default=0, help="freeze the first N layers (default 0; level 2: 2)")
+    p.add_argument("--base-filters", type=int, default=16,
+                   help="filters of the first layer, doubled at each level down (default 16: the thesis's network)")
+    p.add_argument("--upsampling", choices=("transpose", "upsample"), default="transpose",
+                   help="decoder: transposed convolutions (default transpose) or up-sampling and a convolution")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
     p.add_argument("--source-weights", default="", metavar="SRC=W,...",
                    help="relative frequency of crops per source, e.g. medseg=3,zenodo=1 (default: equal)")
     p.add_argument("--select-regions", default="", metavar="R,...",
@@ -156,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
                    help=f"working pixel size for --slice-pixel-mm (default {InferenceConfig.pixel_mm:g})")
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                   help="bfloat16 autocast for training steps; auto = on CUDA and on CPUs with native bf16 "
-                        "(off reproduces float32 runs exactly)")
+                   help="bfloat16 autocast for training steps; auto (default) = on CUDA and on CPUs with native "
+                        "bf16 (off reproduces float32 runs exactly)")
     _add_workers(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and augmentation (default 0)")
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     _add_common(p)
 
@@ -172,14 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("medseg", metavar="MEDSEG_DIR", help="MedSeg train50 folder (images/, masks/)")
     p.add_argument("zenodo", metavar="ZENODO_NPZ", help="COVID-19-CT-Seg .npz (zenodo20_dev.npz)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {', '.join(MODELS)} (default: all)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma list of models (default {','.join(MODELS)}: all)")
     p.add_argument("--folds", default="0,1,2,3,4", help="comma list of folds to run (default 0,1,2,3,4)")
     p.add_argument("--folds-file", default=None, help="folds JSON (default: the bundled splits/folds.json)")
     p.add_argument("--rescore", action="store_true",
                    help="folds stored under an older decision rule (e.g. before the Otsu body of 8-bit slices) are "
                         "scored again from their last.pt instead of refused; nothing is trained again")
     _add_training_budget(p, epochs=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every model's training (default 0)")
     _add_workers(p)
     p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
     # For tests and smoke runs only: every model at this width; the first N slices per source.
@@ -201,10 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regions", default=None,
                    help="comma list of regions to score (ggo, consolidation, infection, lung; default: all the data decides)")
     p.add_argument("--json", required=True, help="where to write the metrics JSON")
-    p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax")
+    p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
+                   help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
     _add_inference_options(p)
     p.add_argument("--split-part", choices=("all", "train", "val", "test"), default="all",
-                   help="score only this part of --split (default: every slice in DATA)")
+                   help="score only this part of --split (default all: every slice in DATA; the JSON and a note "
+                        "on stderr say how many scored slices are in each part)")
     p.add_argument("--slice-pixel-mm", type=float, default=0.0,
                    help="pixel size in mm to assume for DATA's slices, which carry no geometry; the network then runs "
                         f"at --pixel-mm as segment does on CT (default 0: on the slices' own grid)")
@@ -213,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-averaged", action="store_true",
                    help="also write the Inf-Net-style Dice averaged over 256 probability thresholds per slice "
                         "(docs/crossval.md; needs --model, not --predictions; doubles the time)")
-    p.add_argument("--split", default=str(Path(__file__).parent / "splits" / "default.json"))
+    p.add_argument("--split", default=str(DEFAULT_SPLIT),
+                   help="split file that says which slices trained the model (train), validated it (val) or were "
+                        "held out (test) (default: the bundled model's splits/default.json)")
     _add_common(p)
 
     from .config import SelfTrainConfig
@@ -226,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="label map (volume format, or .npz)")
     _add_lung_threshold(p, st)
     p.add_argument("--value", type=int, default=3, help="label value of lung pixels (default 3 = lung; 1 for a 0/1 mask)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
     p = sub.add_parser("pseudolabel", help="k-means pseudo-labels of a CT volume (thesis §4.4.1)",
                        description="Lung extraction, k-means (K=3) on the lung-extracted image (--cluster-domain) and morphological clean-up: a label map 0 background, 1 GGO, 3 lung with the input's geometry. "
@@ -236,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lung-mask", default=None, help="use this lung mask (nonzero = lung) of a volume instead of extracting one")
     _add_lung_threshold(p, st)
     _add_cluster_domain(p)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
     p = sub.add_parser("selftrain", help="weakly supervised self-learning: pseudo-labels, level 1, level 2 (thesis §4.4)",
                        description="Recursive learning without annotations (thesis §4.4.2, §5.5): k-means pseudo-labels (OUT/level0); level 1 trained from scratch on them, then predicting labels for the inputs and --extra slices (OUT/level1); "
@@ -244,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Each level keeps best.pt, labels.npz and metrics.json; OUT/state.json lets a rerun skip finished levels (an interrupted level starts again).")
     p.add_argument("inputs", nargs="+", help="CT volumes in HU (files, folders, DICOM series folders) and/or .npz files of 8-bit slices (ct_uint8)")
     p.add_argument("--out", required=True, help="output folder (level0, level1, ..., state.json)")
-    p.add_argument("--extra", nargs="*", default=[], help="more unlabelled inputs, labelled first by level 1's predictions")
+    p.add_argument("--extra", nargs="*", default=[],
+                   help="more unlabelled inputs, labelled first by level 1's predictions (default: none)")
     p.add_argument("--levels", "--rounds", dest="levels", type=int, default=st.levels,
                    help=f"trained levels: 1 from scratch, 2.. fine-tuned (default {st.levels})")
     p.add_argument("--level1-lr", type=float, default=st.level1_lr, help=f"default {st.level1_lr:g} (thesis §5.5)")
@@ -252,14 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level2-lr", type=float, default=st.level2_lr, help=f"levels >= 2; default {st.level2_lr:g} (thesis §5.5)")
     p.add_argument("--level2-epochs", type=int, default=st.level2_epochs, help=f"levels >= 2; default {st.level2_epochs}")
     p.add_argument("--frozen-layers", type=int, default=st.frozen_layers, help=f"levels >= 2; default {st.frozen_layers} (stem conv1, bn1)")
-    p.add_argument("--steps-per-epoch", type=int, default=st.steps_per_epoch, help="0 (default): one pass over the training slices")
-    p.add_argument("--batch-size", type=int, default=st.batch_size)
-    p.add_argument("--crop", type=int, default=st.crop, help="square training crop in pixels")
-    p.add_argument("--loss", choices=("ce", "ce+dice"), default=st.loss)
+    p.add_argument("--steps-per-epoch", type=int, default=st.steps_per_epoch,
+                   help=f"optimiser steps per epoch (default {st.steps_per_epoch}: one pass over the training slices)")
+    p.add_argument("--batch-size", type=int, default=st.batch_size, help=f"crops per step (default {st.batch_size})")
+    p.add_argument("--crop", type=int, default=st.crop, help=f"square training crop in pixels (default {st.crop})")
+    p.add_argument("--loss", choices=("ce", "ce+dice"), default=st.loss,
+                   help=f"ce: marginal cross-entropy, ce+dice adds a soft Dice term (default {st.loss})")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=st.lr_schedule,
                    help="every level: constant (default, thesis) or cosine decay to 2%% of the level's rate")
-    p.add_argument("--base-filters", type=int, default=st.base_filters, help="network width (16 = the thesis's network)")
-    p.add_argument("--seed", type=int, default=st.seed)
+    p.add_argument("--base-filters", type=int, default=st.base_filters,
+                   help=f"network width (default {st.base_filters}; 16 = the thesis's network)")
+    p.add_argument("--seed", type=int, default=st.seed, help=f"seed of k-means and of every level (default {st.seed})")
     p.add_argument("--threshold", choices=("auto", "thesis", "otsu"), default="auto",
                    help="lung threshold rule: auto (default) = Otsu per slice for 8-bit .npz slices, the thesis's fixed -170 HU for CT in HU; "
                         "thesis = fixed levels (--threshold-hu, --eight-bit-threshold-hu); otsu = Otsu per slice for every input")
@@ -278,13 +313,55 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Copy a checkpoint with float16 weights (half the size), recording the code commit and test metrics given as JSON files.")
     p.add_argument("model", help="checkpoint to export (e.g. a training run's best.pt)")
     p.add_argument("output", help="where to write the exported checkpoint")
-    p.add_argument("--test-metrics", nargs="*", default=[], help="evaluate --json outputs to record in the checkpoint")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--test-metrics", nargs="*", default=[],
+                   help="evaluate --json outputs of this checkpoint to record in it; each must name this checkpoint "
+                        "(default: none)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
-    p = sub.add_parser("info", help="describe a checkpoint", description="Print a checkpoint's config, classes, training data fingerprint and metrics as JSON.")
-    p.add_argument("model", nargs="?", default=None, help="checkpoint (default: the bundled model)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("info", help="describe a checkpoint or list a model store's versions",
+                       description="Print a checkpoint's config, classes, training data fingerprint and metrics as "
+                                   "JSON; for a model-store folder, list its versions with the active one marked "
+                                   "(as models list does).")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint, or model-store folder (default: the bundled model)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _name_defaults(parser)
     return parser
+
+
+def _help_names_default(action: argparse.Action) -> bool:
+    """Whether an option's help says its default: "default" and the value as a word (a path's file
+    name will do; an empty default needs only the word). None and False defaults need nothing."""
+    import re
+
+    default, text = action.default, action.help or ""
+    if default is None or default is False or default == argparse.SUPPRESS:
+        return True
+    if "default" not in text:
+        return False
+    if isinstance(default, (str, list, tuple)) and not default:
+        return True
+    values = {str(default)}
+    if isinstance(default, float):
+        values.add(f"{default:g}")
+    if isinstance(default, str) and "/" in default:
+        values.add(Path(default).name)
+    return any(re.search(rf"(?<![\w.-]){re.escape(v)}(?![\w-])", text) for v in values)
+
+
+def _name_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default X)" to the help of every option of every command that does not say its
+    default, and give -v/--verbose its help where it has none (options the correction-loop commands
+    of cli_loop add)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _name_defaults(sub)
+        elif action.option_strings and action.dest == "verbose" and not action.help:
+            action.help = "log debug messages"
+        elif action.option_strings and action.help and action.help != argparse.SUPPRESS \
+                and not _help_names_default(action):
+            action.help = f"{action.help} (default {action.default})"
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -315,6 +392,47 @@ def _check_writable_folder(out: Path) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
 
+# The first bytes of files that are sometimes renamed .nii or .nii.gz by mistake.
+_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG picture"), (b"\x89PNG\r\n\x1a\n", "a PNG picture"), (b"GIF8", "a GIF picture"),
+               (b"II*\x00", "a TIFF picture"), (b"MM\x00*", "a TIFF picture"), (b"BM", "a BMP picture"),
+               (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a zip archive"), (b"NRRD", "an NRRD image"))
+
+
+def check_nifti_signature(path: str | Path) -> None:
+    """InputError when a file named .nii or .nii.gz is not NIfTI at all (neither gzip nor a NIfTI
+    header), saying what it looks like: the reader would call it truncated."""
+    import struct
+
+    from .errors import InputError
+
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if head[:2] == b"\x1f\x8b":
+        return  # gzip: read_ct checks what it holds
+    if len(head) >= 4 and {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]} & {348, 540}:
+        if name.endswith(".gz"):
+            raise InputError(f"{path.name} is an uncompressed NIfTI file named .nii.gz; rename it to .nii")
+        return
+    if not head:
+        raise InputError(f"{path.name} is empty (0 bytes); give a CT volume (NIfTI, NRRD, MHA or DICOM)")
+    kind = "a DICOM file" if head[128:132] == b"DICM" else next((k for m, k in _SIGNATURES if head.startswith(m)), None)
+    raise InputError(f"{path.name} is not a NIfTI file{f' but {kind}' if kind else ''} (it has neither a NIfTI "
+                     "header nor gzip compression); give a CT volume (NIfTI, NRRD, MHA or DICOM) with its own "
+                     "file extension")
+
+
+def _read_ct(path: str | Path):
+    """imageio.read_ct, after check_nifti_signature."""
+    from .imageio import read_ct
+
+    check_nifti_signature(path)
+    return read_ct(path)
+
+
 def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any], writable: bool = True) -> None:
     """InputError when an output path is an input (by any path to the same file) or another output;
     with ``writable``, OSError when an output's folder could not be written (_check_writable_folder)."""
@@ -334,14 +452,60 @@ def _check_outputs(inputs: Sequence[Any], outputs: Sequence[Any], writable: bool
                 raise InputError(f"output {out} is the input {inp}; write the output to another path")
         if any(out.resolve() == other.resolve() for other in outs[:i]):
             raise InputError(f"output {out} is given twice; give each output its own path")
+    _remove_stale_temporaries(outs)
+
+
+def _remove_stale_temporaries(outputs: Sequence[Path]) -> None:
+    """Temporary files of these outputs that a killed run left (atomic.remove_stale_temporaries)."""
+    from .atomic import remove_stale_temporaries
+
+    for out in outputs:
+        for stale in remove_stale_temporaries(out):
+            log.info("removed %s, a temporary file of an interrupted run", stale)
+
+
+@contextmanager
+def _writing(final: Path | str, staged: Path):
+    """Errors of a writer writing ``staged`` (the temporary file of output ``final``) as OSErrors that
+    name ``final``: an OSError without a file name (a full disk) or naming the temporary file, and
+    SimpleITK's RuntimeError (e.g. "fwrite wrote only ..." of the NRRD writer)."""
+    import errno
+    import os
+
+    try:
+        yield staged
+    except OSError as e:
+        if e.errno is None or e.filename not in (None, str(staged), os.fspath(staged)):
+            raise
+        raise type(e)(e.errno, e.strerror, str(final)) from None
+    except RuntimeError as e:
+        if "SimpleITK" not in str(e) and "ITK ERROR" not in str(e):
+            raise
+        lines = [ln.strip().removeprefix("[nrrd]").strip() for ln in str(e).splitlines() if ln.strip()]
+        raise OSError(errno.EIO, f"could not be written: {lines[-1] if lines else 'ITK error'}; is the disk full?",
+                      str(final)) from None
+
+
+def _check_written_nifti(final: Path | str, staged: Path) -> None:
+    """OSError naming ``final`` when the NIfTI file just written to ``staged`` is shorter than its
+    header says: the NIfTI writer reports no error when the disk fills up."""
+    import errno
+
+    from .errors import InputError
+    from .imageio import _check_nifti_complete
+
+    try:
+        _check_nifti_complete(staged)
+    except InputError:
+        raise OSError(errno.ENOSPC, "written incompletely (is the disk full?)", str(final)) from None
 
 
 def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, report=None, overlay=None,
                  progress=None) -> list[str]:
     """Segment one CT and write its outputs all-or-nothing (a failure leaves every old file as it was)."""
-    from .imageio import output_set, read_ct, write_image
+    from .imageio import output_set, write_image
 
-    image = read_ct(input_path)
+    image = _read_ct(input_path)
     uncertainty: list = []
     labels = predictor.predict(image, progress=progress, uncertainty=uncertainty)
     outputs = []
@@ -349,44 +513,74 @@ def _segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, r
         if seg_nrrd:
             from .segio import write_seg_nrrd
 
-            write_seg_nrrd(labels, stage(seg_nrrd))
+            with _writing(seg_nrrd, stage(seg_nrrd)) as tmp:
+                write_seg_nrrd(labels, tmp)
             outputs.append(str(seg_nrrd))
         if report:
-            from .report import compute_report, write_report
+            from .report import add_uncertainty, compute_report, write_report
 
-            from .report import add_uncertainty
-
-            rep = compute_report(labels)
+            rep = compute_report(labels, progress=progress)
             rep.update(input=str(input_path), model=str(predictor.source), inference=predictor.settings())
             add_uncertainty(rep, uncertainty)
-            write_report(rep, stage(report))
+            with _writing(report, stage(report)) as tmp:
+                write_report(rep, tmp)
             outputs.append(str(report))
         if overlay:
             from .overlay import write_overlay
 
-            write_overlay(image, labels, stage(overlay))
+            with _writing(overlay, stage(overlay)) as tmp:
+                index = write_overlay(image, labels, tmp)
+            log.info("overlay %s shows axial slice %d of %d (0 = most inferior)", overlay, index,
+                     _axial_slices(labels))
             outputs.append(str(overlay))
         # The label map last: its presence marks a finished input for reruns.
-        write_image(labels, stage(labels_path))
+        with _writing(labels_path, stage(labels_path)) as tmp:
+            write_image(labels, tmp)
+            if str(labels_path).lower().endswith((".nii", ".nii.gz")):
+                _check_written_nifti(labels_path, tmp)
         outputs.append(str(labels_path))
     return outputs
 
 
-def expand_inputs(paths: Sequence[str], list_file: Optional[str]) -> list[Path]:
-    """Files stay; a folder of DICOM files is one input; other folders give their volume files."""
+def _axial_slices(image) -> int:
+    from .orientation import axial_shape
+
+    return axial_shape(image.GetSize(), image.GetDirection())[0]
+
+
+def _looks_like_dicom_series(folder: Path) -> bool:
     from .imageio import _is_dicom
 
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    return any(f.suffix.lower() == ".dcm" or _is_dicom(f) for f in files[:5])
+
+
+def expand_inputs(paths: Sequence[str], list_file: Optional[str]) -> list[Path]:
+    """Files stay; a folder of DICOM files is one input; other folders give their volume files.
+
+    What a folder holds besides its volume files (sub-folders, DICOM series among them, and
+    files of other types) is not segmented: a warning lists it and says why."""
     items = [Path(p) for p in paths]
     if list_file:
         items += [Path(line.strip()) for line in Path(list_file).read_text().splitlines() if line.strip() and not line.startswith("#")]
     out: list[Path] = []
     for p in items:
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file())
-            if any(f.suffix.lower() == ".dcm" or _is_dicom(f) for f in files[:5]):
+            if _looks_like_dicom_series(p):
                 out.append(p)
-            else:
-                out += [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
+                continue
+            skipped = []
+            for f in sorted(p.iterdir()):
+                if f.is_file() and f.name.lower().endswith(VOLUME_SUFFIXES):
+                    out.append(f)
+                elif f.is_dir():
+                    skipped.append(f"{f.name}/ (a DICOM series folder: give it as an input of its own)"
+                                   if _looks_like_dicom_series(f) else f"{f.name}/ (a folder: folders are not searched)")
+                else:
+                    skipped.append(f"{f.name} (not a volume file: {', '.join(VOLUME_SUFFIXES)})")
+            if skipped:
+                shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+                log.warning("skipped %d item(s) of %s: %s", len(skipped), p, shown)
         else:
             out.append(p)
     return out
@@ -404,7 +598,7 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     """The decision rule, batch and working pixel of segment and segment-stream (see _predictor)."""
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
                    help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="slices per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="slices per forward pass (default 4)")
     _add_inference_options(p)
     p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
                    help=f"working pixel size of the network in mm (default {InferenceConfig.pixel_mm:g}, about the "
@@ -415,7 +609,8 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """Options of the decision rule shared by segment and evaluate (see _predictor)."""
     p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
-                   help="bfloat16 on CPU: auto = where the CPU has native bf16 (about 2x faster; a few near-tie pixels may differ from float32)")
+                   help="bfloat16 on CPU: auto (default) = where the CPU has native bf16 (about 2x faster; a few "
+                        "near-tie pixels may differ from float32)")
     p.add_argument("--flip-tta", action="store_true",
                    help="average the probabilities of each slice and its left-right mirror (twice the time)")
 
@@ -575,7 +770,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 **({"slice_pixel_mm": slice_mm, "pixel_mm": args.pixel_mm or None} if slice_mm else {})},
                    progress=ProgressPrinter(json_lines=args.json_progress),
                    extra={"command": " ".join(sys.argv)})
-    Path(args.out, "history.json").write_text(json.dumps(result.history, indent=1))
+    from .atomic import atomic_write_bytes
+
+    atomic_write_bytes(Path(args.out, "history.json"), json.dumps(result.history, indent=1).encode())
     if val:
         log.info("best validation Dice %.4f at epoch %d: %s", result.best_score, result.best_epoch, result.best_path)
     else:
@@ -623,25 +820,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         def score(s):  # labels and, once, the probabilities behind them
             labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
             return labels[0], prob[0]
+    parts = dict(zip(("train", "val", "test"), apply_split(samples, load_split(args.split) if args.split else {})))
     if args.split_part != "all":
-        parts = dict(zip(("train", "val", "test"), apply_split(samples, load_split(args.split))))
         samples = parts[args.split_part]
+    scored = {id(s) for s in samples}
+    checkpoint = None if args.predictions else predictor.checkpoint
+    split = {"file": Path(args.split).name if args.split else None,
+             "model_trained_with": ((checkpoint.fingerprint or {}).get("split") if checkpoint is not None else None),
+             **{part: sum(id(s) in scored for s in members) for part, members in parts.items()}}
+    _split_note(args, split, len(samples))
     gm = GroupedMetrics(regions)
     tad = ThresholdAveragedAccumulator() if args.threshold_averaged else None
-    for s in samples:
+    printer = ProgressPrinter()
+    for i, s in enumerate(samples, 1):
         labels, prob = score(s)
         truths = {r: s.region_truth(r) for r in regions}
         gm.add(s.group, s.name, labels, truths)
         if tad is not None:
             tad.add(s.source, prob.float().cpu().numpy(), truths)
+        printer("evaluate", i, len(samples), f"slice {s.name}")
     summary = gm.summary()
-    out = {"data": str(args.data), "model": None if args.predictions else str(args.model or default_model_path()),
+    model = None if args.predictions else predictor.source
+    out = {"data": str(args.data), "model": model, "model_sha256": _file_sha256(model) if model else None,
            "decision": None if args.predictions else args.decision,
            "bf16": None if args.predictions else predictor.uses_bf16,
            "flip_tta": None if args.predictions else predictor.inference.flip_tta,
            "slice_pixel_mm": None if args.predictions else (args.slice_pixel_mm or None),
            "pixel_mm": None if args.predictions or not args.slice_pixel_mm else predictor.inference.pixel_mm,
-           "n_slices": len(samples), "split_part": args.split_part, "metrics": summary}
+           "n_slices": len(samples), "split_part": args.split_part,
+           # how many scored slices the split puts in each part: "train" ones taught the model
+           "split": split, "n_slices_in_training_part": split["train"], "metrics": summary}
     if args.predictions:
         out["predictions"] = str(args.predictions)
     if args.by_group:
@@ -655,6 +863,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         log.info("%-14s Dice mean %.4f  pooled %.4f  (%d slices)", region, m["mean"]["dice"] or 0.0,
                  (m["pooled"] or {}).get("dice", 0.0), m["n_slices"])
     return 0
+
+
+def _file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _split_note(args: argparse.Namespace, split: dict, n: int) -> None:
+    """One line on stderr: how many of the ``n`` slices to be scored trained the model under the split."""
+    if not split["file"]:
+        log.warning("scoring %d slices with no --split: nothing says which of them trained the model", n)
+        return
+    note = (f"scoring {n} slices; the split {split['file']} puts {split['train']} of them in the model's training "
+            f"part, {split['val']} in validation and {split['test']} in test")
+    if split["model_trained_with"] and split["model_trained_with"] != split["file"]:
+        note += f" (but the model was trained under the split {split['model_trained_with']})"
+    if split["train"]:
+        log.warning("%s: training slices inflate the scores; --split-part test scores the held-out test slices only",
+                    note)
+    else:
+        log.info("%s", note)
 
 
 def cmd_crossval(args: argparse.Namespace) -> int:
@@ -715,6 +949,7 @@ def _read_for_labels(path: str, threshold_hu: Optional[float], method: str = "au
         if Path(path).suffix.lower() != ".npz" and output.lower().endswith(".npz"):
             raise InputError(f"{path} is a CT volume: write a volume (.nii.gz, .nrrd, .mha), which keeps its "
                              f"geometry, not {Path(output).name}")
+    check_nifti_signature(path)
     inp = read_slices(path)
     return inp, lung_config_for(inp, threshold_hu=threshold_hu, method=method)
 
@@ -730,7 +965,7 @@ def _write_labels(inp, labels, output: str) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from .imageio import write_image
+    from .imageio import output_set, write_image
     from .orientation import axial_view
     from .selftrain import save_label_maps
 
@@ -740,7 +975,10 @@ def _write_labels(inp, labels, output: str) -> None:
     _, inverse = axial_view(sitk.GetArrayViewFromImage(inp.image), inp.image.GetDirection())
     image = sitk.GetImageFromArray(np.ascontiguousarray(inverse(labels.astype(np.uint8))))
     image.CopyInformation(inp.image)
-    write_image(image, output)
+    with output_set() as stage, _writing(output, stage(output)) as tmp:
+        write_image(image, tmp)
+        if output.lower().endswith((".nii", ".nii.gz")):
+            _check_written_nifti(output, tmp)
 
 
 def _require_lung(inp, lungs, where: str) -> None:
@@ -781,12 +1019,12 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
     printer = ProgressPrinter()
     inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output, [args.lung_mask])
     if args.lung_mask:
-        from .imageio import mask_on_grid, read_ct
+        from .imageio import mask_on_grid
         from .orientation import axial_view
 
         if inp.image is None:
             raise InputError("--lung-mask works with CT volumes, not with 8-bit .npz slices")
-        mask = mask_on_grid(read_ct(args.lung_mask), inp.image, f"lung mask {args.lung_mask}")
+        mask = mask_on_grid(_read_ct(args.lung_mask), inp.image, f"lung mask {args.lung_mask}")
         view, _ = axial_view(mask, inp.image.GetDirection())
         lungs = np.ascontiguousarray(view) != 0
         _require_lung(inp, lungs, f"the lung mask {args.lung_mask} is empty")
@@ -838,6 +1076,9 @@ def _loop_command(name: str):
         from . import cli_loop
 
         printer = ProgressPrinter(json_lines=getattr(args, "json_progress", False))
+        if name == "corrections" and args.action == "add":
+            check_nifti_signature(args.ct)
+            check_nifti_signature(args.labels)
         return getattr(cli_loop, f"cmd_{name}")(args, printer)
     return run
 
@@ -846,10 +1087,9 @@ def cmd_segment_stream(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .errors import InputError
-    from .imageio import read_ct
 
     check_pixel_mm(args.pixel_mm)
-    image = read_ct(args.input)
+    image = _read_ct(args.input)
     shape = tuple(image.GetSize()[::-1])
     try:
         labels = np.load(args.labels, mmap_mode="r+")
@@ -880,14 +1120,47 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _metrics_of(path: str, model: str) -> dict:
+    """An ``evaluate --json`` output that scored the checkpoint ``model``; InputError otherwise.
+
+    evaluate records the checkpoint's sha256 (and its path); a file without the sha256 (written
+    before evaluate recorded it) must name ``model`` by its path."""
+    from .errors import InputError
+
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"--test-metrics {path} is not JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("metrics"), dict) or "data" not in d:
+        raise InputError(f"--test-metrics {path} is not an evaluate --json output")
+    if d.get("predictions"):
+        raise InputError(f"--test-metrics {path} scores saved label maps ({d['predictions']}), "
+                         f"not the checkpoint {model}")
+    if not d.get("model"):
+        raise InputError(f"--test-metrics {path} names no model; run evaluate --model {model} and record its JSON")
+    named = str(d["model"])
+    if d.get("model_sha256"):
+        same = d["model_sha256"] == _file_sha256(model)
+    else:
+        try:
+            same = Path(named).samefile(model)
+        except OSError:
+            same = False
+    if not same:
+        raise InputError(f"--test-metrics {path} holds metrics of {named}, not of {model}: run evaluate "
+                         f"--model {model} and record its JSON")
+    return d
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, save_checkpoint
 
+    _check_outputs([args.model, *args.test_metrics], [args.output])
     ckpt = load_checkpoint(args.model)
+    metrics = [_metrics_of(path, args.model) for path in args.test_metrics]  # all checked before anything is written
     ckpt.state_dict = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt.state_dict.items()}
     ckpt.extra = {**ckpt.extra, "exported_from": str(args.model), "export_commit": _git_commit()}
-    for path in args.test_metrics:
-        d = json.loads(Path(path).read_text())
+    for d in metrics:
         ckpt.metrics.setdefault("test", {})[Path(d["data"]).name] = {
             r: {"dice_mean": m["mean"]["dice"], "dice_pooled": (m["pooled"] or {}).get("dice"), "n_slices": m["n_slices"]}
             for r, m in d["metrics"].items()}
@@ -896,10 +1169,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_store_folder(folder: Path) -> Optional[Path]:
+    """``folder`` if it is a model store (version folders or an active pointer), its ``models``
+    subfolder if that is one (the user's data folder), else None."""
+    from .store import _VERSION_DIR, ModelStore
+
+    for root in (folder, folder / "models"):
+        if root.is_dir() and ((root / ModelStore.ACTIVE).exists()
+                              or any(_VERSION_DIR.match(d.name) and (d / ModelStore.CHECKPOINT).is_file()
+                                     for d in root.iterdir())):
+            return root
+    return None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
+    from .errors import InputError
     from .network import keras_parameter_count
 
+    if args.model and Path(args.model).is_dir():
+        store = _model_store_folder(Path(args.model))
+        if store is None:
+            raise InputError(f"{args.model} is a folder but not a model store (no version folders v0002, ... "
+                             "and no active.json); give a checkpoint file or a model-store folder")
+        from . import cli_loop
+
+        return cli_loop.cmd_models(argparse.Namespace(action="list", store=str(store)), None)
     path = args.model or default_model_path()
     ckpt = load_checkpoint(path)
     info = {"path": str(path), "config": ckpt.config.to_dict(), "class_names": list(ckpt.class_names),
@@ -916,24 +1211,60 @@ COMMANDS = {"segment": cmd_segment, "segment-stream": cmd_segment_stream, "train
             "selftrain": cmd_selftrain, "crossval": cmd_crossval}
 
 
+def _stdout_closed_by_reader(error: BrokenPipeError) -> bool:
+    """Whether a BrokenPipeError is stdout's: a pipe (``info | head -1``) whose reader has gone."""
+    import os
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return error.filename is None and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
+
+
+def _drop_stdout() -> None:
+    """Point stdout (and stderr when it is the same pipe) at /dev/null, so that nothing more is written
+    to the closed pipe, not even by Python's flush at exit."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        try:
+            same = os.path.sameopenfile(sys.stdout.fileno(), sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):
+            same = False
+        os.dup2(devnull, sys.stdout.fileno())
+        if same:
+            os.dup2(devnull, sys.stderr.fileno())
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command; exit 2 with one line on stderr for what the user can fix: bad input, a bad
+    checkpoint, and OSErrors (a missing file, a folder that cannot be written, a full disk), each
+    naming the path."""
     from .errors import Cancelled, CheckpointError, InputError
 
     args = build_parser().parse_args(argv)
     _setup(args)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit, so that a closed pipe is seen below
+        return code
     except (InputError, CheckpointError) as e:
         ProgressPrinter.end_line()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a folder that cannot be written, a path that is a file, a missing file
-        if getattr(args, "verbose", False):
-            raise
-        ProgressPrinter.end_line()
-        what = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        print(f"error: {what} ({e.strerror})" if what and e.strerror else f"error: {e}", file=sys.stderr)
-        return 1
+    except BrokenPipeError as e:
+        if not _stdout_closed_by_reader(e):
+            return _os_error(args, e)
+        _drop_stdout()  # the reader has what it wanted (e.g. `info | head -1`): not an error
+        return 0
+    except OSError as e:  # a folder that cannot be written, a path that is a file, a missing file, a full disk
+        return _os_error(args, e)
     except Cancelled:
         ProgressPrinter.end_line()
         print("cancelled", file=sys.stderr)
@@ -942,3 +1273,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ProgressPrinter.end_line()
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _os_error(args: argparse.Namespace, e: OSError) -> int:
+    if getattr(args, "verbose", False):
+        raise e
+    ProgressPrinter.end_line()
+    what = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    print(f"error: {what} ({e.strerror})" if what and e.strerror else f"error: {e.strerror or e}", file=sys.stderr)
+    return 2

@@ -33,8 +33,13 @@ def overlay_slice(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def write_overlay(image: sitk.Image, labels: sitk.Image, path: str | os.PathLike, index: int | None = None) -> int:
-    """Write the overlay of axial slice ``index`` (default: most infection) and return the index."""
+    """Write the overlay of axial slice ``index`` (default: most infection) and return the index.
+
+    The PNG says which slice it shows in its text chunks: ``slice_index`` (0 = most inferior, as
+    segment's report and the corrections store count), ``slices`` (how many) and a ``Description``.
+    """
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     hu, _ = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())
     lab, _ = axial_view(sitk.GetArrayViewFromImage(labels), labels.GetDirection())
@@ -42,7 +47,12 @@ def write_overlay(image: sitk.Image, labels: sitk.Image, path: str | os.PathLike
         infection = np.isin(lab, REGIONS["infection"]).sum(axis=(1, 2))
         index = int(np.argmax(infection)) if infection.any() else lab.shape[0] // 2
     rgb = overlay_slice(np.asarray(hu[index], dtype=np.float32), np.asarray(lab[index]))
+    info = PngInfo()
+    info.add_text("slice_index", str(index))
+    info.add_text("slices", str(lab.shape[0]))
+    info.add_text("Description", f"DRSegUNet overlay of axial slice {index} of {lab.shape[0]} (0 = most inferior): "
+                                 "GGO yellow, consolidation red, lung outline blue")
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
     return index

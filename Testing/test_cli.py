@@ -202,7 +202,7 @@ def test_segment_many_checks_a_read_only_out_dir_only_when_there_is_work(tmp_pat
     args = ["segment", str(inputs), "--out-dir", str(out), "--model", str(tiny_checkpoint), "--outputs", "labels"]
     assert main(args) == 0  # nothing to write: the read-only folder does not matter
     (out / "one.nii.gz").unlink()
-    assert main(args) == 1
+    assert main(args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {out} (Permission denied)"
     assert loaded == []  # refused before the model was loaded
 
@@ -355,7 +355,7 @@ def test_label_map_named_like_two_extensions_is_written_there(tmp_path):
 
 
 def test_os_errors_are_one_line(tmp_path, capsys, tiny_checkpoint):
-    assert main(["segment", "--list", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "o")]) == 1
+    assert main(["segment", "--list", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'missing.txt'} (No such file or directory)"]
     (tmp_path / "file").write_text("")
@@ -364,7 +364,7 @@ def test_os_errors_are_one_line(tmp_path, capsys, tiny_checkpoint):
     slab = tmp_path / "slab.nrrd"
     sitk.WriteImage(sitk.ReadImage(str(CT64))[:, :, 30:33], str(slab))
     out = tmp_path / "file" / "l.nii.gz"  # in a folder that cannot be made
-    assert main(["segment", str(slab), str(out), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 1
+    assert main(["segment", str(slab), str(out), "--model", str(tiny_checkpoint), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {tmp_path / 'file'} (Not a directory)" and "Traceback" not in "\n".join(err)
 
@@ -395,7 +395,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, c
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     out = locked / "new" / "e.json"  # the missing folder would be made in "locked"
     assert main(["evaluate", str(TESTDATA / "zenodo_mini.npz"), "--model", str(tiny_checkpoint),
-                 "--json", str(out), "--device", "cpu"]) == 1
+                 "--json", str(out), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {locked} (Permission denied)"
     assert worked == [] and list(locked.iterdir()) == []
 
@@ -474,7 +474,7 @@ def test_an_extra_output_that_is_a_folder_is_refused_before_anything_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "overlays"]
 
 
-def test_segment_writes_its_outputs_all_or_nothing(tmp_path, sample_ct_path, tiny_checkpoint, monkeypatch):
+def test_segment_writes_its_outputs_all_or_nothing(tmp_path, sample_ct_path, tiny_checkpoint, monkeypatch, capsys):
     import DRSegUNetLib.imageio as imageio
 
     ct = tmp_path / "ct.nrrd"
@@ -490,7 +490,9 @@ def test_segment_writes_its_outputs_all_or_nothing(tmp_path, sample_ct_path, tin
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(imageio, "write_image", disk_full)
-    assert main(args) == 1
+    assert main(args) == 2
+    # one line naming the label map, not the temporary file it was being written to
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {outs['labels']} (No space left on device)"
     assert all(p.read_text() == "old" for p in outs.values())  # the seg, report and overlay were not replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ct.nrrd", *(p.name for p in outs.values())])
     monkeypatch.undo()

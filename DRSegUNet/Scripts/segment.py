@@ -9,7 +9,8 @@ In plain Python with slicer-core installed (``pip install slicer-core``):
 
 CT: a .nrrd/.nii(.gz)/.mha file, a DICOM file or a DICOM series folder, in HU.
 MODEL: a checkpoint file or a model version number of the model store (default: the active one).
-Exits 0 on success, 2 with a one-line message on bad input, 1 on other failures.
+Exits 0 on success, 2 with a one-line message on bad input (checked before the work: an output
+whose folder is missing or not writable, too), 1 on other failures.
 """
 import argparse
 import os
@@ -32,6 +33,23 @@ def parseArgs(argv):
     return p.parse_args(argv)
 
 
+def _outputProblem(path, option):
+    """Why ``path`` cannot be written, in one line, or None. Checked before the work: the writers
+    run after the whole volume is segmented, and the .seg.nrrd writer makes no folder."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"{option} {path} is a folder; give a file name"
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        return f"the folder of {option} {folder} {what}; create it or write elsewhere"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write {option} {path}: the folder {folder} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"cannot write {option} {path}: the file is read-only"
+    return None
+
+
 def _inSlicerApplication(slicer) -> bool:
     return getattr(slicer, "app", None) is not None
 
@@ -46,6 +64,13 @@ def _importSlicerLayer():
 
 def main(argv=None) -> int:
     args = parseArgs(sys.argv[1:] if argv is None else argv)
+    problem = None
+    if not str(args.output).endswith(".seg.nrrd"):
+        problem = f"--output must end with .seg.nrrd, got {args.output}"
+    problem = problem or _outputProblem(args.output, "--output") or (args.report and _outputProblem(args.report, "--report"))
+    if problem:
+        print(f"segment.py: error: {problem}", file=sys.stderr)
+        return 2
     import slicer
 
     if not _inSlicerApplication(slicer):
@@ -61,8 +86,6 @@ def main(argv=None) -> int:
             print(f"segment {step}/{total}", file=sys.stderr, flush=True)
 
     try:
-        if not str(args.output).endswith(".seg.nrrd"):
-            raise InputError(f"--output must end with .seg.nrrd, got {args.output}")
         from DRSegUNetLib.imageio import read_ct
 
         logic = layer.DRSegUNetLogic(scene=slicer.mrmlScene)
