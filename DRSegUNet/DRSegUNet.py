@@ -14,7 +14,8 @@ import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from DRSegUNetSlicer import DEVICES, DRSegUNetLogic, _, translate, volumeNodeFromSitkImage
+from DRSegUNetSlicer import (DEVICES, SETTING_DATA_FOLDER, SETTING_DEVICE, SETTING_PIXEL_SIZE, DRSegUNetLogic, _,
+                             translate, volumeNodeFromSitkImage)
 
 
 class DRSegUNet(ScriptedLoadableModule):
@@ -33,6 +34,22 @@ class DRSegUNet(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "DRSegUNet is a research tool, not a medical device. Sample CT: COVID-19-NY-SBU (TCIA), CC BY 4.0."
         )
+        app = getattr(slicer, "app", None)  # None outside the application (slicer-core, tests)
+        if app is not None:
+            app.connect("startupCompleted()", self.onStartupCompleted)
+
+    @staticmethod
+    def onStartupCompleted():
+        """Our terminology (names, codes, colours of the three segments) and the sample CT in Sample Data."""
+        from DRSegUNetSlicer import startup
+
+        for step in (startup.loadTerminology, startup.registerSampleData):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - never break Slicer's startup
+                import logging
+
+                logging.exception("DRSegUNet: %s failed at startup", step.__name__)
 
 
 class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -48,6 +65,8 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fineTune = None
         self._timer = None
         self._polling = False
+        self._parameters = None
+        self._updatingGUI = False
 
     def setup(self):
         import qt
@@ -57,7 +76,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DRSegUNetLogic()
+        self.logic = DRSegUNetLogic()  # its data folder: $DRSEGUNET_HOME, the DRSegUNet/DataFolder setting, or the default
 
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -68,11 +87,23 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         defaults = self.logic.fineTuneDefaults()
         self.ui.stepsSpinBox.value = defaults["steps"]
         self.ui.learningRateSpinBox.value = defaults["lr"]
-        self.ui.pixelSizeSpinBox.value = self.logic.defaultPixelSize()
+        low, high = self.logic.pixelSizeRange()  # the spin box offers only valid sizes; 0 is the check box
+        self.ui.pixelSizeSpinBox.minimum, self.ui.pixelSizeSpinBox.maximum = low, high
+        self.ui.pixelSizeSpinBox.value = self.logic.defaultPixelSize() or low
+        self.ui.dataFolderPathLineEdit.currentPath = str(self.logic.dataFolder)
+        if os.environ.get("DRSEGUNET_HOME"):
+            self.ui.dataFolderPathLineEdit.enabled = False
+            self.ui.dataFolderPathLineEdit.toolTip = _("Set by the DRSEGUNET_HOME environment variable.")
 
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateButtons)
+        for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.pixelSizeSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+        self.ui.ownGridCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.dataFolderPathLineEdit.connect("currentPathChanged(QString)", self.onDataFolderChanged)
+        self.ui.editButton.connect("clicked(bool)", self.onEdit)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.setActiveModelButton.connect("clicked(bool)", self.onSetActiveModel)
@@ -82,8 +113,11 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelFineTuneButton.connect("clicked(bool)", self.onCancelFineTune)
         # Closing the scene removes the nodes a running segmentation writes into.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        # A loaded scene brings its own parameter node values; a closed one leaves an empty node.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneChanged)
         self.refreshModels()
-        self.updateButtons()
+        self.initializeParameterNode()
 
     def cleanup(self):
         self.removeObservers()
@@ -100,12 +134,82 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Segmentation stopped: the scene was closed.")
         self.updateButtons()
 
+    def onSceneChanged(self, caller=None, event=None):
+        self.initializeParameterNode()
+
     def enter(self):
         self.refreshModels()
+        self.initializeParameterNode()
+
+    # -- the parameter node (saved with the scene) and the settings (kept across sessions)
+    def initializeParameterNode(self):
+        self._parameters = self.logic.parameters()
+        settings = slicer.app.userSettings()
+        self._parameters.setDefaults(device=settings.value(SETTING_DEVICE), pixelMM=settings.value(SETTING_PIXEL_SIZE))
+        if self._parameters.inputVolume is None:
+            self._parameters.inputVolume = self.ui.inputVolumeSelector.currentNode()
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self):
+        p = self._parameters
+        self._updatingGUI = True
+        try:
+            self.ui.inputVolumeSelector.setCurrentNode(p.inputVolume)
+            self.ui.outputSegmentationSelector.setCurrentNode(p.outputSegmentation)
+            model = p.model
+            index = self.ui.modelComboBox.findData(int(model)) if model and model.isdigit() else -1
+            if index < 0 and model and not model.isdigit():
+                index = self.ui.modelComboBox.findData(self.FILE_MODEL)
+                self.ui.modelPathLineEdit.currentPath = model
+            if index >= 0:
+                self.ui.modelComboBox.setCurrentIndex(index)
+            self.ui.deviceComboBox.setCurrentIndex(max(0, self.ui.deviceComboBox.findText(p.device)))
+            self.ui.ownGridCheckBox.checked = p.pixelMM == 0
+            if p.pixelMM:
+                self.ui.pixelSizeSpinBox.value = p.pixelMM
+        finally:
+            self._updatingGUI = False
+        self.updateButtons()
+
+    def updateParameterNodeFromGUI(self, *_args):
+        if self._updatingGUI or self._parameters is None:
+            return
+        p = self._parameters
+        wasModifying = p.node.StartModify()
+        try:
+            p.inputVolume = self.ui.inputVolumeSelector.currentNode()
+            p.outputSegmentation = self.ui.outputSegmentationSelector.currentNode()
+            data = self.ui.modelComboBox.currentData
+            p.model = (self.ui.modelPathLineEdit.currentPath or None) if data == self.FILE_MODEL else data
+            p.device = self.ui.deviceComboBox.currentText
+            p.pixelMM = self.selectedPixelSize()
+        finally:
+            p.node.EndModify(wasModifying)
+        settings = slicer.app.userSettings()
+        settings.setValue(SETTING_DEVICE, p.device)
+        settings.setValue(SETTING_PIXEL_SIZE, repr(p.pixelMM))
+        self.updateButtons()
+
+    def selectedPixelSize(self) -> float:
+        return 0.0 if self.ui.ownGridCheckBox.checked else float(self.ui.pixelSizeSpinBox.value)
+
+    def onDataFolderChanged(self, path):
+        # Emitted on every keystroke: switch only to a folder that exists (the browse dialog can make one).
+        if not path or not os.path.isdir(path) or os.path.normpath(path) == os.path.normpath(str(self.logic.dataFolder)):
+            return
+        if self._fineTune is not None and not self._fineTune.finished:
+            slicer.util.warningDisplay(_("Wait for fine-tuning to finish before moving the data folder."))
+            self.ui.dataFolderPathLineEdit.currentPath = str(self.logic.dataFolder)
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot use this data folder.")):
+            self.logic.setDataFolder(path)
+            slicer.app.userSettings().setValue(SETTING_DATA_FOLDER, str(self.logic.dataFolder))
+            self.refreshModels(selectActive=True)
         self.updateButtons()
 
     # -- state shown in the GUI
-    def refreshModels(self):
+    def refreshModels(self, selectActive=False):
+        """List the model versions; select the parameter node's model, or the active one (``selectActive``)."""
         combo = self.ui.modelComboBox
         combo.blockSignals(True)
         combo.clear()
@@ -116,6 +220,11 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setCurrentIndex(combo.count - 1)
         combo.addItem(_("From file..."), self.FILE_MODEL)
         combo.blockSignals(False)
+        if self._parameters is not None:
+            if selectActive:
+                self.updateParameterNodeFromGUI()
+            else:
+                self.updateGUIFromParameterNode()
         n = len(self.logic.correctionsStore)
         self.ui.acceptedSlicesLabel.text = _("{n} accepted slices").format(n=n)
 
@@ -124,7 +233,10 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         tuning = self._fineTune is not None and not self._fineTune.finished
         fromFile = self.ui.modelComboBox.currentData == self.FILE_MODEL
         self.ui.modelPathLineEdit.visible = fromFile
+        self.ui.pixelSizeSpinBox.enabled = not self.ui.ownGridCheckBox.checked
         self.ui.segmentButton.enabled = bool(self.ui.inputVolumeSelector.currentNode()) and not segmenting
+        self.ui.editButton.enabled = bool(
+            self.ui.inputVolumeSelector.currentNode() and self.ui.outputSegmentationSelector.currentNode()) and not segmenting
         self.ui.cancelButton.enabled = segmenting
         self.ui.acceptCorrectionsButton.enabled = bool(
             self.ui.inputVolumeSelector.currentNode() and self.ui.outputSegmentationSelector.currentNode()) and not segmenting
@@ -144,11 +256,15 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation.")):
             self.logic.setupPythonRequirements(askUser=self.askUser)  # asks first: no busy cursor over the question
+        output = self.ui.outputSegmentationSelector.currentNode()
+        existing = self.askExistingSegments(output)
+        if existing is None:
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             # None: the logic creates "<volume> DRSegUNet", and only once the inputs passed its checks.
             self._job = self.logic.startSegmentation(
-                self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(),
-                self.selectedModelPath(), self.ui.deviceComboBox.currentText, self.ui.pixelSizeSpinBox.value)
+                self.ui.inputVolumeSelector.currentNode(), output, self.selectedModelPath(),
+                self.ui.deviceComboBox.currentText, self.selectedPixelSize(), existing=existing)
             self.ui.outputSegmentationSelector.setCurrentNode(self._job.segmentationNode)
             if self.ui.modelComboBox.currentData == self.FILE_MODEL:
                 self.ui.modelPathLineEdit.addCurrentPathToHistory()  # remembered under its settingKey
@@ -157,6 +273,39 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
         self.updateButtons()
 
+    def askExistingSegments(self, segmentationNode):
+        """"replace", "keep" or None (cancel) when the output already has our segments; "ask" otherwise."""
+        import qt
+
+        existing = self.logic.existingSegments(segmentationNode)
+        if not existing:
+            return "ask"
+        names = ", ".join(segmentationNode.GetSegmentation().GetSegment(i).GetName() for i in existing)
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle(_("DRSegUNet: segments exist"))
+        box.setIcon(qt.QMessageBox.Question)
+        box.setText(_("'{node}' already has the segments {names}.").format(node=segmentationNode.GetName(), names=names))
+        box.setInformativeText(_("Replace them (they are removed once the first new slice arrives), keep both "
+                                 "(the new ones are named e.g. \"Lung (DRSegUNet 2)\"), or cancel?"))
+        replaceButton = box.addButton(_("Replace"), qt.QMessageBox.DestructiveRole)
+        keepButton = box.addButton(_("Keep both"), qt.QMessageBox.AcceptRole)
+        cancelButton = box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(keepButton)
+        box.setEscapeButton(cancelButton)
+        box.exec_()
+        clicked = box.clickedButton()
+        if clicked == replaceButton:
+            return "replace"
+        if clicked == keepButton:
+            return "keep"
+        return None
+
+    def onEdit(self):
+        with slicer.util.tryWithErrorDisplay(_("Cannot open the Segment Editor.")):
+            self.logic.setUpSegmentEditor(self.ui.outputSegmentationSelector.currentNode(),
+                                          self.ui.inputVolumeSelector.currentNode())
+            slicer.util.selectModule("SegmentEditor")
+
     def onCancel(self):
         if self._job is not None:
             self._job.cancel()
@@ -164,7 +313,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSetActiveModel(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to switch the model.")):
             self.logic.modelStore.set_active(int(self.ui.modelComboBox.currentData))
-            self.refreshModels()
+            self.refreshModels(selectActive=True)
 
     def onAcceptCorrections(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to store the corrections.")):
@@ -192,7 +341,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fineTuneResultLabel.text = _("Fine-tuning; the new version is then scored against the active one...")
             self._fineTune = self.logic.startFineTune(
                 steps=self.ui.stepsSpinBox.value, lr=self.ui.learningRateSpinBox.value,
-                device=self.ui.deviceComboBox.currentText, pixelMM=self.ui.pixelSizeSpinBox.value)
+                device=self.ui.deviceComboBox.currentText, pixelMM=self.selectedPixelSize())
             self._timer.start()
         self.updateButtons()
 
@@ -238,7 +387,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise
             self.ui.progressBar.maximum = max(job.total, 1)
             self.ui.progressBar.value = job.step
-            self.ui.statusLabel.text = job.message
+            self.ui.statusLabel.text = "\n".join([job.message] + job.notes)
             if job.finished:
                 job.finishedAndReported = True
                 if job.tableNode is not None:
@@ -261,7 +410,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.finished:
                 job.finishedAndReported = True
                 self.ui.fineTuneResultLabel.text = job.message
-                self.refreshModels()
+                self.refreshModels(selectActive=True)
                 job.raiseIfFailed()
 
     @staticmethod
@@ -347,8 +496,23 @@ class DRSegUNetTest(ScriptedLoadableModuleTest):
             tune.raiseIfFailed()
             self.assertNotEqual(logic.modelStore.active().version, before)
 
-            # Save and read back.
+            # Save, read the file back, and check what it holds: our segments, a lung, the same labels.
+            inScene = logic.labelsFromSegmentation(job.segmentationNode, volume)
             path = os.path.join(tmp, "out.seg.nrrd")
             logic.saveSegmentation(job.segmentationNode, path)
-            self.assertTrue(os.path.getsize(path) > 0)
+            loaded = logic.loadSegmentation(path, "DRSegUNet read back")
+            segmentation = loaded.GetSegmentation()
+            self.assertEqual([segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())],
+                             [s.name for s in SEGMENTS])
+            for s in SEGMENTS:
+                segment = segmentation.GetSegment(s.segment_id)
+                np.testing.assert_allclose(segment.GetColor(), s.color, atol=1e-6)
+                terminology = vtk.reference("")
+                segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+                self.assertEqual(terminology.get(), s.terminology)
+            readBack = logic.labelsFromSegmentation(loaded, volume)
+            np.testing.assert_array_equal(readBack, inScene)
+            lungVoxels = int((readBack > 0).sum())  # the Lung segment is the whole lung field
+            self.assertGreater(lungVoxels, 1000, "the bundled model found no lung in the bundled CT slice")
+            self.assertTrue((readBack == CONSOLIDATION).any())  # the accepted correction is in the file
         self.delayDisplay("Test passed")

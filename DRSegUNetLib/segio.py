@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .imageio import atomic_output
-from .vocabulary import SEGMENTS
+from .vocabulary import ANATOMIC_CONTEXT, SEGMENTS, TERMINOLOGY_CONTEXT
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
@@ -26,10 +26,10 @@ def ijk_to_lps(image: sitk.Image) -> np.ndarray:
 
 def _terminology_dict(seg) -> dict:
     return {
-        "contextName": "Segmentation category and type - DICOM master list",
+        "contextName": TERMINOLOGY_CONTEXT,
         "category": list(seg.category),
         "type": list(seg.type),
-        "anatomicContextName": "Anatomic codes - DICOM master list",
+        "anatomicContextName": ANATOMIC_CONTEXT,
     }
 
 

@@ -37,6 +37,14 @@ REGIONS: dict[str, tuple[int, ...]] = {
     "lung": (GGO, CONSOLIDATION, LUNG),  # the whole lung field, lesions included
 }
 
+# Slicer terminology: our own context (DRSegUNet/Resources/<TERMINOLOGY_FILE_NAME>, made by
+# slicer_terminology_context() and loaded by the Slicer module at startup) lists exactly these
+# three types with the names and colours below; the anatomic region is left empty.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DRSegUNet"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+TERMINOLOGY_FILE_NAME = "SegmentationCategoryTypeModifier-DRSegUNet.term.json"
+_TERMINOLOGY_SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
+
 _CATEGORY_ANATOMY = ("SCT", "123037004", "Anatomical Structure")
 _CATEGORY_ALTERED = ("SCT", "49755003", "Morphologically Altered Structure")
 
@@ -58,10 +66,15 @@ class Segment:
         """Slicer's terminology entry string (category and type; no modifiers)."""
         c, t = self.category, self.type
         return (
-            "Segmentation category and type - DICOM master list"
+            f"{TERMINOLOGY_CONTEXT}"
             f"~{c[0]}^{c[1]}^{c[2]}~{t[0]}^{t[1]}^{t[2]}~^^"
-            "~Anatomic codes - DICOM master list~^^~^^"
+            f"~{ANATOMIC_CONTEXT}~^^~^^"
         )
+
+    @property
+    def color_rgb255(self) -> list[int]:
+        """The colour as a terminology file's ``recommendedDisplayRGBValue`` (0-255)."""
+        return [int(round(255 * c)) for c in self.color]
 
 
 SEGMENTS: tuple[Segment, ...] = (
@@ -72,3 +85,39 @@ SEGMENTS: tuple[Segment, ...] = (
     Segment("lung", "Lung", (GGO, CONSOLIDATION, LUNG), (0.50, 0.68, 0.85),
             _CATEGORY_ANATOMY, ("SCT", "39607008", "Lung"), 1),
 )
+
+
+def slicer_terminology_context() -> dict:
+    """The Slicer terminology context (``.term.json``, dcmqi segment-context schema) of SEGMENTS.
+
+    The Slicer module ships it as ``DRSegUNet/Resources/<TERMINOLOGY_FILE_NAME>``; a test checks
+    that file against this function (``python -m DRSegUNetLib.vocabulary FILE`` writes it).
+    """
+    categories: list[dict] = []
+    for s in SEGMENTS:
+        scheme, code, meaning = s.category
+        category = next((c for c in categories if (c["CodingSchemeDesignator"], c["CodeValue"]) == (scheme, code)), None)
+        if category is None:
+            category = {"CodeMeaning": meaning, "CodingSchemeDesignator": scheme, "CodeValue": code,
+                        "showAnatomy": False, "Type": []}
+            categories.append(category)
+        category["Type"].append({
+            "CodeMeaning": s.type[2], "CodingSchemeDesignator": s.type[0], "CodeValue": s.type[1],
+            "3dSlicerLabel": s.name, "recommendedDisplayRGBValue": s.color_rgb255,
+        })
+    return {"SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT, "@schema": _TERMINOLOGY_SCHEMA,
+            "SegmentationCodes": {"Category": categories}}
+
+
+def write_slicer_terminology_context(path) -> None:
+    """Write :func:`slicer_terminology_context` as the module's ``.term.json`` (2-space JSON, newline at the end)."""
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(slicer_terminology_context(), indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_slicer_terminology_context(sys.argv[1] if len(sys.argv) > 1 else TERMINOLOGY_FILE_NAME)

@@ -7,6 +7,8 @@ slicer-core in pytest); everything worth testing outside MRML is in ``DRSegUNetL
 - :mod:`.processes`: the process runner segmentation and fine-tuning start (tests inject a fake).
 - :mod:`.jobs`: segmentation and fine-tuning in separate processes, polled from the main thread.
 - :mod:`.logic`: :class:`DRSegUNetLogic`, segment / report / accept / fine-tune.
+- :mod:`.parameters`: the panel's choices on a parameter node saved with the scene.
+- :mod:`.startup`: what the module does once Slicer has started (terminology, Sample Data).
 """
 import os
 import sys
@@ -40,15 +42,26 @@ ATTR_SOURCE = "DRSegUNet.Source"
 ATTR_REPORT = "DRSegUNet.Report"
 ATTR_UNCERTAINTY = "DRSegUNet.SliceUncertainty"  # per axial slice: DRSegUNetLib.inference.slice_uncertainty
 ATTR_ACCEPTED = "DRSegUNet.AcceptedSlices"  # axial slice indices accepted as corrections
+ATTR_SEGMENT_IDS = "DRSegUNet.SegmentIds"  # {"ggo": id, "consolidation": id, "lung": id} of the last run's segments
 BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+CLOSED_SURFACE = "Closed surface"  # vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+# What to do with segments a segmentation already has under our names or IDs (see DRSegUNetLogic.startSegmentation).
+EXISTING_SEGMENTS = ("ask", "replace", "keep")
+# Application settings (written by the widget; the data folder is also read by the logic, for the headless script).
+SETTING_DATA_FOLDER = "DRSegUNet/DataFolder"
+SETTING_DEVICE = "DRSegUNet/Device"
+SETTING_PIXEL_SIZE = "DRSegUNet/PixelSize"
 
 from .conversions import ijkToRasArray, sitkImageFromVolumeNode, volumeNodeFromSitkImage  # noqa: E402
 from .jobs import FineTuneJob, SegmentationJob  # noqa: E402
-from .logic import DRSegUNetLogic, reportRows  # noqa: E402
+from .logic import DRSegUNetLogic, ExistingSegmentsError, reportRows, setSegmentTerminology  # noqa: E402
+from .parameters import DRSegUNetParameters  # noqa: E402
 from .processes import ProcessRunner, RunningProcess, SubprocessRunner  # noqa: E402
 
 __all__ = [
-    "ATTR_ACCEPTED", "ATTR_MODEL", "ATTR_REPORT", "ATTR_UNCERTAINTY", "ATTR_SLICE_HASHES", "ATTR_SOURCE", "DEVICES", "DRSegUNetLogic", "FineTuneJob",
-    "ProcessRunner", "RunningProcess", "SegmentationJob", "SubprocessRunner", "ijkToRasArray", "reportRows",
-    "sitkImageFromVolumeNode", "volumeNodeFromSitkImage",
+    "ATTR_ACCEPTED", "ATTR_MODEL", "ATTR_REPORT", "ATTR_SEGMENT_IDS", "ATTR_UNCERTAINTY", "ATTR_SLICE_HASHES",
+    "ATTR_SOURCE", "CLOSED_SURFACE", "DEVICES", "DRSegUNetLogic", "DRSegUNetParameters", "EXISTING_SEGMENTS",
+    "ExistingSegmentsError", "FineTuneJob", "ProcessRunner", "RunningProcess", "SETTING_DATA_FOLDER", "SETTING_DEVICE",
+    "SETTING_PIXEL_SIZE", "SegmentationJob", "SubprocessRunner", "ijkToRasArray", "reportRows",
+    "setSegmentTerminology", "sitkImageFromVolumeNode", "volumeNodeFromSitkImage",
 ]

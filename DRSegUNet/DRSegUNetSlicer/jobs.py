@@ -22,7 +22,7 @@ from DRSegUNetLib.orientation import SliceResult, axial_view
 from DRSegUNetLib.store import ModelVersion
 from DRSegUNetLib.vocabulary import SEGMENTS
 
-from . import ATTR_REPORT, ATTR_UNCERTAINTY, BINARY_LABELMAP, _
+from . import ATTR_REPORT, ATTR_UNCERTAINTY, BINARY_LABELMAP, CLOSED_SURFACE, _
 from .processes import RunningProcess
 
 if TYPE_CHECKING:
@@ -91,10 +91,25 @@ class SegmentationJob(Job):
     Each axial slice is written whole into the three segments' own full-size labelmaps
     (with ``SliceResult.place``), so on Cancel the slices written so far stay, no slice is
     half-written, and nothing more is written after Cancel.
+
+    The segmentation is not touched before the first slice arrives: only then are the
+    segments made (and, with ``existing="replace"``, the old ones removed), so a run that
+    fails to start leaves the segmentation as it was. ``existing="keep"`` writes next to
+    segments with our names under new names (``logic.plannedSegments``).
+
+    While slices stream in, derived representations are not rebuilt per slice: a closed
+    surface (Show 3D) is taken away at the first slice and made once at the end, and the
+    labelmaps' ``Modified()`` (which makes the segmentation drop every derived
+    representation, of all segments) runs at most once per :attr:`derivedInterval` seconds
+    and once at the end. Between those the slice views still see each slice: the
+    segment's ``Modified()`` and the labelmap's voxel array ``Modified()``, which reaches the
+    display pipelines but not the segmentation's invalidation.
     """
 
+    derivedInterval = 10.0  # seconds between labelmap Modified() events while streaming
+
     def __init__(self, logic: "DRSegUNetLogic", volumeNode, segmentationNode, image: sitk.Image,
-                 modelPath: str, device: str, pixelMM: Optional[float] = None):
+                 modelPath: str, device: str, pixelMM: Optional[float] = None, existing: str = "keep"):
         super().__init__()
         self.logic = logic
         self.volumeNode = volumeNode
@@ -110,7 +125,14 @@ class SegmentationJob(Job):
         self.report: Optional[Dict[str, Any]] = None
         self.tableNode = None
         self.message = _("Loading the model...")
-        logic.prepareSegments(segmentationNode, volumeNode)
+        self.notes: List[str] = []  # what the run changed besides the segments (the source representation)
+        self.existing = existing  # "replace" or "keep" (see DRSegUNetLogic.startSegmentation)
+        self.segmentIds = logic.plannedSegments(segmentationNode, existing)  # ours -> (ID, name) in the node
+        self.prepared = False  # the segments exist (the first slice has arrived)
+        self.derivedUpdates = 0  # labelmap Modified() rounds sent (each drops and may rebuild derived representations)
+        self._hadSurface = False
+        self._lastDerived = 0.0
+        self._aborted = False
         if logic.predictorFactory is None:
             self._source: Any = _SliceProcess(logic, image, modelPath, device, pixelMM, self.total)
         else:
@@ -123,6 +145,7 @@ class SegmentationJob(Job):
 
     def abort(self) -> None:
         """Cancel and stop the computation now (module cleanup, scene close)."""
+        self._aborted = True  # the scene is going: no 3D surface to rebuild
         self.cancel()
         self._source.stop()
         if not self.finished:
@@ -150,29 +173,83 @@ class SegmentationJob(Job):
                     self.error = payload
                     self._finish("failed")
         finally:
-            if written:
-                self._labelmapsModified()
+            if written and not self.finished:
+                if time.monotonic() - self._lastDerived >= self.derivedInterval:
+                    self._labelmapsModified()
+                else:
+                    self._labelmapsModified(quiet=True)
 
-    def _labelmapsModified(self) -> None:
-        """Tell the displays (and derived representations, e.g. the 3D surface) that the labelmaps changed."""
+    def _prepare(self) -> None:
+        """At the first slice: take the 3D surface away, remove what "replace" replaces, add our segments."""
+        node = self.segmentationNode
+        segmentation = node.GetSegmentation()
+        self._hadSurface = segmentation.GetNumberOfSegments() > 0 and bool(segmentation.ContainsRepresentation(CLOSED_SURFACE))
+        if self._hadSurface:
+            node.RemoveClosedSurfaceRepresentation()
+        remove = self.logic.existingSegments(node) if self.existing == "replace" else []
+        self.segmentIds = self.logic.plannedSegments(node, self.existing)  # the user may have added segments meanwhile
+        self.notes += self.logic.prepareSegments(node, self.volumeNode, self.segmentIds, remove=remove)
+        self.prepared = True
+        self._lastDerived = time.monotonic()
+
+    def _labelmapsModified(self, quiet: bool = False) -> None:
+        """Tell the displays that our labelmaps changed.
+
+        ``quiet``: only the voxel arrays are marked modified; the slice views' pipelines
+        re-read them, but the segmentation (which observes the labelmap itself) keeps its
+        derived representations. Otherwise the labelmaps are marked modified: the
+        segmentation drops every derived representation, which Slicer rebuilds where shown.
+        """
         segmentation = self.segmentationNode.GetSegmentation()
-        for s in SEGMENTS:
-            segment = segmentation.GetSegment(s.segment_id)
+        done: List[Any] = []  # kept alive, so a labelmap shared by two segments is the same wrapper
+        modify = self.segmentationNode.StartModify()  # the node's content-modified events: one, at EndModify
+        try:
+            self._markLabelmaps(segmentation, quiet, done)
+        finally:
+            self.segmentationNode.EndModify(modify)
+        if not quiet:
+            self.derivedUpdates += 1
+            self._lastDerived = time.monotonic()
+
+    def _markLabelmaps(self, segmentation, quiet: bool, done: List[Any]) -> None:
+        for segmentId, _name in self.segmentIds.values():
+            segment = segmentation.GetSegment(segmentId)
             labelmap = segment.GetRepresentation(BINARY_LABELMAP) if segment is not None else None
-            if labelmap is not None:
+            if labelmap is None or any(labelmap is d for d in done):  # saving merges layers: one labelmap, two segments
+                continue
+            done.append(labelmap)
+            if quiet:
+                scalars = labelmap.GetPointData().GetScalars()
+                if scalars is not None:
+                    scalars.Modified()
+            else:
                 labelmap.Modified()
 
+    def _finishDisplay(self) -> None:
+        """Once at the end: one labelmap Modified(), and the 3D surface again if it was shown."""
+        if not self.prepared or self._aborted or self.segmentationNode.GetScene() is None:
+            return
+        segmentation = self.segmentationNode.GetSegmentation()
+        showSurface = self._hadSurface or bool(segmentation.ContainsRepresentation(CLOSED_SURFACE))
+        self._labelmapsModified()
+        if showSurface:
+            self.segmentationNode.CreateClosedSurfaceRepresentation()
+
     def _writeSlice(self, result) -> None:
+        if not self.prepared:
+            self._prepare()
         result.place(self.labels)
+        segmentation = self.segmentationNode.GetSegmentation()
         modify = self.segmentationNode.StartModify()
         try:
             for s in SEGMENTS:
-                array = self.logic.segmentLabelmapArray(self.segmentationNode, self.volumeNode, s.segment_id,
+                segmentId = self.segmentIds[s.segment_id][0]
+                array = self.logic.segmentLabelmapArray(self.segmentationNode, self.volumeNode, segmentId,
                                                         self.labels, s.labels)
                 if array is not None:
                     result.place(array, s.labels)
                     # What slicer.util.arrayFromSegmentInternalBinaryLabelmap asks for after writing.
-                    self.segmentationNode.GetSegmentation().GetSegment(s.segment_id).Modified()
+                    segmentation.GetSegment(segmentId).Modified()
         finally:
             self.segmentationNode.EndModify(modify)
         self.done[result.index] = True
@@ -190,8 +267,14 @@ class SegmentationJob(Job):
     def _conclude(self, state: str) -> None:
         self.state = state
         self._source.close()
+        if state == "completed" and not self.prepared:
+            self._prepare()  # no slice at all (an empty volume): the segments still exist, empty
+        self._finishDisplay()
         if state == "failed":
             self.message = _("Failed: {error}").format(error=self.error)
+            return
+        if not self.prepared:  # cancelled before the first slice: the segmentation is as it was
+            self.message = _("Cancelled before the first slice; the segmentation is unchanged.")
             return
         self.logic.recordPrediction(self.segmentationNode, self.volumeNode, self.image, self.labels, self.modelPath)
         self.segmentationNode.SetAttribute(ATTR_UNCERTAINTY, json.dumps([round(float(u), 5) for u in self.uncertainty]))
@@ -295,7 +378,8 @@ class _SliceProcess:
         self.settings: Optional[Dict[str, Any]] = None
         self.direction = image.GetDirection()
         self.total = total  # axial slices (the job's count)
-        self.folder = Path(tempfile.mkdtemp(prefix="drsegunet-segment-"))
+        # The CT copy goes to Slicer's temporary folder (its settings), else the system's.
+        self.folder = Path(tempfile.mkdtemp(prefix="drsegunet-segment-", dir=logic.temporaryFolder()))
         self.process: Optional[RunningProcess] = None
         self._labels: Optional[np.ndarray] = None
         self._events: "collections.deque[Tuple[str, Any]]" = collections.deque()

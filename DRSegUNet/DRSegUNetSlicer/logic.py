@@ -17,9 +17,11 @@ from DRSegUNetLib.orientation import axial_view
 from DRSegUNetLib.store import HOME_ENV, CorrectionsStore, ModelStore, default_home
 from DRSegUNetLib.vocabulary import LUNG, SEGMENTS
 
-from . import ATTR_ACCEPTED, ATTR_MODEL, ATTR_SLICE_HASHES, ATTR_SOURCE, ATTR_UNCERTAINTY, BINARY_LABELMAP, DEVICES, _
+from . import (ATTR_ACCEPTED, ATTR_MODEL, ATTR_SEGMENT_IDS, ATTR_SLICE_HASHES, ATTR_SOURCE, ATTR_UNCERTAINTY,
+               BINARY_LABELMAP, DEVICES, EXISTING_SEGMENTS, SETTING_DATA_FOLDER, _)
 from .conversions import orientedImageFromMask, sitkImageFromVolumeNode
 from .jobs import FineTuneJob, SegmentationJob
+from .parameters import DRSegUNetParameters, parameterNode
 from .processes import ProcessRunner, SubprocessRunner
 
 _REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
@@ -32,6 +34,33 @@ def libraryPredictor(modelPath: str, device: str):
     return Predictor.from_checkpoint(modelPath, device=device)
 
 
+class ExistingSegmentsError(ValueError):
+    """The output segmentation already has segments a run would write (our names or IDs); say what to do with them."""
+
+    def __init__(self, message: str, segmentIds: Sequence[str]):
+        super().__init__(message)
+        self.segmentIds = list(segmentIds)
+
+
+def setSegmentTerminology(segment, terminologyEntry: str) -> None:
+    """``vtkSegment.SetTerminology`` where Slicer has it (5.10+), else the tag it writes (5.6, 5.8)."""
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(terminologyEntry)
+    else:
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminologyEntry)
+
+
+def _sourceRepresentationName(segmentation) -> str:
+    """``GetSourceRepresentationName`` (Slicer 5.4+; "master" before)."""
+    getter = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    return getter()
+
+
+def _segmentIdsAndNames(segmentation) -> List[Tuple[str, str]]:
+    return [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i).GetName())
+            for i in range(segmentation.GetNumberOfSegments())]
+
+
 def _sliceHash(labels: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), digest_size=6).hexdigest()
 
@@ -41,7 +70,8 @@ class DRSegUNetLogic:
 
     Args:
         scene: the MRML scene (default ``slicer.mrmlScene``).
-        modelStore / correctionsStore: default in the data folder (see :meth:`dataFolder`).
+        dataFolder: where the model versions and the corrections live (default: :meth:`defaultDataFolder`).
+        modelStore / correctionsStore: default in the data folder.
         processRunner: starts the fine-tuning process (default :class:`SubprocessRunner`).
         predictorFactory: ``(modelPath, device) -> Predictor`` to segment in a worker thread of
             this process (tests, scripts); None (default): a separate process runs the network
@@ -50,13 +80,14 @@ class DRSegUNetLogic:
 
     def __init__(self, scene=None, modelStore: Optional[ModelStore] = None,
                  correctionsStore: Optional[CorrectionsStore] = None, processRunner: Optional[ProcessRunner] = None,
-                 predictorFactory: Optional[Callable[[str, str], Any]] = None):
+                 predictorFactory: Optional[Callable[[str, str], Any]] = None, dataFolder: Optional[str] = None):
         self.scene = scene if scene is not None else slicer.mrmlScene
-        home = self.dataFolder()
+        self.dataFolder = Path(dataFolder) if dataFolder else self.defaultDataFolder()
         # `is None`, not `or`: an empty corrections store is falsy (it has a length).
         self.modelStore = modelStore if modelStore is not None else ModelStore(
-            home / "models", bundled=DRSegUNetLib.default_model_path())
-        self.correctionsStore = correctionsStore if correctionsStore is not None else CorrectionsStore(home / "corrections")
+            self.dataFolder / "models", bundled=DRSegUNetLib.default_model_path())
+        self.correctionsStore = correctionsStore if correctionsStore is not None else CorrectionsStore(
+            self.dataFolder / "corrections")
         self.processRunner = processRunner if processRunner is not None else SubprocessRunner()
         self.predictorFactory = predictorFactory
         self._segmentationsLogic = None
@@ -65,13 +96,48 @@ class DRSegUNetLogic:
             self._segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
             self._segmentationsLogic.SetMRMLScene(self.scene)
 
+    # -- where things are kept
     @staticmethod
-    def dataFolder() -> Path:
-        """``$DRSEGUNET_HOME``, else a folder beside Slicer's settings, else the per-user default."""
+    def defaultDataFolder() -> Path:
+        """Where model versions and corrections live unless the caller says otherwise.
+
+        ``$DRSEGUNET_HOME``; else, inside Slicer, the folder of the ``DRSegUNet/DataFolder``
+        setting (the panel's *Data folder*), else ``DRSegUNet`` in Slicer's local per-user data
+        folder (Qt's AppLocalDataLocation: ``%LOCALAPPDATA%\\slicer.org\\Slicer`` on Windows, not the
+        roaming profile), unless the folder earlier versions used (beside Slicer's settings file)
+        already holds a store; else (plain Python) the library's per-user default.
+        """
+        if os.environ.get(HOME_ENV):
+            return default_home()
         app = getattr(slicer, "app", None)
-        if app is not None and not os.environ.get(HOME_ENV):
-            return Path(app.slicerUserSettingsFilePath).parent / "DRSegUNet"
-        return default_home()
+        if app is None:
+            return default_home()
+        setting = app.userSettings().value(SETTING_DATA_FOLDER)
+        if setting:
+            return Path(str(setting)).expanduser()
+        legacy = Path(app.slicerUserSettingsFilePath).parent / "DRSegUNet"
+        local = _slicerLocalDataFolder(app) / "DRSegUNet"
+        if not local.exists() and any((legacy / sub).is_dir() for sub in ("models", "corrections")):
+            return legacy  # what earlier versions wrote stays where it is
+        return local
+
+    def setDataFolder(self, folder: str) -> None:
+        """Keep model versions and corrections in ``folder`` from now on (new stores there; nothing is moved)."""
+        folder = Path(folder).expanduser()
+        if not str(folder).strip() or str(folder) == ".":
+            raise ValueError(_("Choose a folder for the models and corrections."))
+        self.dataFolder = folder
+        self.modelStore = ModelStore(folder / "models", bundled=DRSegUNetLib.default_model_path())
+        self.correctionsStore = CorrectionsStore(folder / "corrections")
+
+    @staticmethod
+    def temporaryFolder() -> Optional[str]:
+        """Slicer's temporary folder (*Application Settings → General → Temporary directory*); None: the system's."""
+        app = getattr(slicer, "app", None)
+        path = getattr(app, "temporaryPath", None) if app is not None else None
+        if path and os.path.isdir(str(path)):
+            return str(path)
+        return None
 
     # -- requirements
     def setupPythonRequirements(self, askUser: Callable[[str], bool], withTorch: bool = True) -> None:
@@ -143,32 +209,114 @@ class DRSegUNetLogic:
                 "tolerance": float(cfg.tolerance)}
 
     # -- segmentation
-    def prepareSegments(self, segmentationNode, volumeNode) -> None:
-        """(Re)create the three segments, empty, with fixed names, colours and terminology.
+    def existingSegments(self, segmentationNode) -> List[str]:
+        """IDs of the segments of ``segmentationNode`` that have our segment IDs or names ("Lung", ...)."""
+        if segmentationNode is None:
+            return []
+        ids, names = {s.segment_id for s in SEGMENTS}, {s.name for s in SEGMENTS}
+        return [i for i, name in _segmentIdsAndNames(segmentationNode.GetSegmentation()) if i in ids or name in names]
 
-        Each segment gets its own full-size labelmap layer, so finished slices can be
-        written in place (writing one slice through SetBinaryLabelmapToSegment either
-        clears the segment or, with shared layers, spills into the other segments).
+    def plannedSegments(self, segmentationNode, existing: str = "replace") -> Dict[str, Tuple[str, str]]:
+        """Our segment id (``vocabulary.Segment.segment_id``) → (segment ID, name) a run writes.
+
+        Our own IDs and names, unless ``existing`` is "keep" and the segmentation already has
+        one of them: then "lung_2" / "Lung (DRSegUNet 2)" and so on, the first number free for all three.
         """
+        planned = {s.segment_id: (s.segment_id, s.name) for s in SEGMENTS}
+        if existing != "keep" or not self.existingSegments(segmentationNode):
+            return planned
+        taken = _segmentIdsAndNames(segmentationNode.GetSegmentation())
+        usedIds, usedNames = {i for i, _n in taken}, {n for _i, n in taken}
+        number = 2
+        while True:
+            planned = {s.segment_id: (f"{s.segment_id}_{number}", f"{s.name} (DRSegUNet {number})") for s in SEGMENTS}
+            if not any(i in usedIds or n in usedNames for i, n in planned.values()):
+                return planned
+            number += 1
+
+    def segmentIdsOf(self, segmentationNode) -> Dict[str, str]:
+        """Our segment id → the segment's ID in ``segmentationNode`` (the last run's, else by our ID or name)."""
+        segmentation = segmentationNode.GetSegmentation()
+        recorded = json.loads(segmentationNode.GetAttribute(ATTR_SEGMENT_IDS) or "{}")
+        found = {}
+        for s in SEGMENTS:
+            for candidate in (recorded.get(s.segment_id), s.segment_id, segmentation.GetSegmentIdBySegmentName(s.name)):
+                if candidate and segmentation.GetSegment(candidate) is not None:
+                    found[s.segment_id] = candidate
+                    break
+        return found
+
+    def checkOutputSegmentation(self, segmentationNode, existing: str) -> None:
+        """Refuse an output a run cannot write into without loss (see :meth:`startSegmentation`)."""
+        if segmentationNode is None:
+            return
+        if existing not in EXISTING_SEGMENTS:
+            raise ValueError(f"existing must be one of {', '.join(EXISTING_SEGMENTS)}, not {existing!r}")
+        clashing = self.existingSegments(segmentationNode)
+        if clashing and existing == "ask":
+            names = [segmentationNode.GetSegmentation().GetSegment(i).GetName() for i in clashing]
+            raise ExistingSegmentsError(_(
+                "'{node}' already has the segments {names}: replace them or keep both.").format(
+                node=segmentationNode.GetName(), names=", ".join(f"'{n}'" for n in names)), clashing)
+        segmentation = segmentationNode.GetSegmentation()
+        source = _sourceRepresentationName(segmentation)
+        if source != BINARY_LABELMAP:
+            staying = [n for i, n in _segmentIdsAndNames(segmentation) if existing != "replace" or i not in clashing]
+            if staying:
+                raise ValueError(_(
+                    "'{node}' stores its segments as '{source}' (its source representation) and DRSegUNet writes "
+                    "binary labelmaps: switching would remake {names} from labelmaps. Choose \"Create new "
+                    "segmentation\", or make Binary labelmap the source representation in the Segmentations "
+                    "module first.").format(node=segmentationNode.GetName(), source=source,
+                                            names=", ".join(f"'{n}'" for n in staying)))
+
+    def prepareSegments(self, segmentationNode, volumeNode, segmentIds: Optional[Dict[str, Tuple[str, str]]] = None,
+                        remove: Sequence[str] = ()) -> List[str]:
+        """Add the three segments, empty, with fixed names, colours and terminology; returns notes for the user.
+
+        ``segmentIds``: our segment id → (segment ID, name) (default: our own, see
+        :meth:`plannedSegments`); ``remove``: segment IDs to remove first (a "replace" run, once
+        its first slice has arrived). A segmentation whose source representation is not a
+        binary labelmap (e.g. closed surfaces) is switched to binary labelmap, with a note:
+        otherwise what is written here would be a derived representation, remade or dropped
+        by Slicer. Each segment gets its own full-size labelmap layer, so finished slices can be
+        written in place (writing one slice through SetBinaryLabelmapToSegment either clears
+        the segment or, with shared layers, spills into the other segments).
+        """
+        segmentIds = segmentIds or {s.segment_id: (s.segment_id, s.name) for s in SEGMENTS}
+        notes = []
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         if segmentationNode.GetDisplayNode() is None:
             segmentationNode.CreateDefaultDisplayNodes()
         segmentation = segmentationNode.GetSegmentation()
+        for old in remove:
+            if segmentation.GetSegment(old) is not None:
+                segmentation.RemoveSegment(old)
+        source = _sourceRepresentationName(segmentation)
+        if source != BINARY_LABELMAP:
+            # As the Segment Editor does: keep what the other segments hold, as labelmaps.
+            if segmentation.GetNumberOfSegments() and not segmentation.CreateRepresentation(BINARY_LABELMAP):
+                raise RuntimeError(f"could not convert '{segmentationNode.GetName()}' to binary labelmaps")
+            segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+            notes.append(_("'{node}' kept its segments as '{source}'; it now keeps them as binary labelmaps, "
+                           "which is what DRSegUNet writes.").format(node=segmentationNode.GetName(), source=source))
         empty = np.zeros(volumeNode.GetImageData().GetDimensions()[::-1], dtype=np.uint8)
         for s in SEGMENTS:
-            for old in {s.segment_id, segmentation.GetSegmentIdBySegmentName(s.name)} - {""}:
-                if segmentation.GetSegment(old) is not None:
-                    segmentation.RemoveSegment(old)
+            segmentId, name = segmentIds[s.segment_id]
+            if segmentation.GetSegment(segmentId) is not None:
+                segmentation.RemoveSegment(segmentId)  # only ever one of ours: plannedSegments avoids the user's
             segment = slicer.vtkSegment()
-            segment.SetName(s.name)
+            segment.SetName(name)
             segment.SetColor(*s.color)
             segment.SetNameAutoGenerated(False)
             segment.SetColorAutoGenerated(False)
-            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), s.terminology)
+            setSegmentTerminology(segment, s.terminology)
             segment.AddRepresentation(BINARY_LABELMAP, orientedImageFromMask(volumeNode, empty))
-            if not segmentation.AddSegment(segment, s.segment_id):
-                raise RuntimeError(f"could not add segment '{s.name}'")
+            if not segmentation.AddSegment(segment, segmentId):
+                raise RuntimeError(f"could not add segment '{name}'")
+        segmentationNode.SetAttribute(ATTR_SEGMENT_IDS, json.dumps({k: v[0] for k, v in segmentIds.items()}))
+        return notes
 
     def segmentLabelmapArray(self, segmentationNode, volumeNode, segmentId: str, labels: np.ndarray,
                              values: Sequence[int]) -> Optional[np.ndarray]:
@@ -217,31 +365,45 @@ class DRSegUNetLogic:
                     low=PIXEL_MM_RANGE[0], high=PIXEL_MM_RANGE[1])) from None
 
     def startSegmentation(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
-                          pixelMM: Optional[float] = None) -> SegmentationJob:
+                          pixelMM: Optional[float] = None, existing: str = "ask") -> SegmentationJob:
         """Start segmenting ``volumeNode`` into ``segmentationNode`` (new if None); poll the returned job.
 
         ``pixelMM``: the working pixel size in mm the network sees each axial slice at (0: the
         CT's own grid; None: the library's default, :meth:`defaultPixelSize`). Labels are
         always written on the volume's own grid.
+
+        ``existing``: what to do when ``segmentationNode`` already has segments with our names
+        or IDs ("Lung", "Consolidation", "Ground-glass opacity"): "ask" (default) raises
+        :class:`ExistingSegmentsError` so the caller can ask the user; "keep" keeps them and
+        adds ours as "Lung (DRSegUNet 2)" and so on; "replace" removes them, but only once the
+        first slice has arrived, so a run that fails to start loses nothing. Nothing is
+        written into the segmentation before that first slice.
+
+        A segmentation whose source representation is not a binary labelmap (closed
+        surfaces) is switched to binary labelmap when that remakes none of the user's segments
+        (it has none that stay), else refused with a ValueError.
         """
         if volumeNode is None:
             raise ValueError(_("Select an input CT volume."))
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         self._checkPixelSize(pixelMM)
+        self.checkOutputSegmentation(segmentationNode, existing)
         modelPath = self.modelPath(model)
         if not os.path.isfile(modelPath):
             raise ValueError(_("Model file not found: {path}").format(path=modelPath))
         image = sitkImageFromVolumeNode(volumeNode)
         if segmentationNode is None:
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} DRSegUNet")
-        return SegmentationJob(self, volumeNode, segmentationNode, image, modelPath, device, pixelMM)
+        return SegmentationJob(self, volumeNode, segmentationNode, image, modelPath, device, pixelMM,
+                               existing="replace" if existing == "replace" else "keep")
 
     def segment(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
                 progress: Optional[Callable[..., None]] = None, cancel: Optional[Callable[[], bool]] = None,
-                timeout: Optional[float] = None, pixelMM: Optional[float] = None, **pollArgs) -> SegmentationJob:
+                timeout: Optional[float] = None, pixelMM: Optional[float] = None, existing: str = "ask",
+                **pollArgs) -> SegmentationJob:
         """Segment and wait (headless use). Raises the worker's error if it failed."""
-        job = self.startSegmentation(volumeNode, segmentationNode, model, device, pixelMM)
+        job = self.startSegmentation(volumeNode, segmentationNode, model, device, pixelMM, existing)
         job.wait(progress=progress, cancel=cancel, timeout=timeout, **pollArgs)
         job.raiseIfFailed()
         return job
@@ -284,12 +446,13 @@ class DRSegUNetLogic:
     def labelsFromSegmentation(self, segmentationNode, volumeNode) -> np.ndarray:
         """The segmentation in our label vocabulary on the volume's (z, y, x) grid.
 
-        "Lung" → 3, then "Ground-glass opacity" → 1, then "Consolidation" → 2 (later wins).
+        "Lung" → 3, then "Ground-glass opacity" → 1, then "Consolidation" → 2 (later wins);
+        the segments of the last DRSegUNet run (see :meth:`segmentIdsOf`).
         """
-        segmentation = segmentationNode.GetSegmentation()
+        segmentIds = self.segmentIdsOf(segmentationNode)
         labels = np.zeros(volumeNode.GetImageData().GetDimensions()[::-1], dtype=np.uint8)
         for s in sorted(SEGMENTS, key=lambda s: -len(s.labels)):  # the lung field first, lesions over it
-            segmentId = s.segment_id if segmentation.GetSegment(s.segment_id) else segmentation.GetSegmentIdBySegmentName(s.name)
+            segmentId = segmentIds.get(s.segment_id)
             if segmentId:
                 labels[self._exportSegment(segmentationNode, segmentId, volumeNode) > 0] = \
                     s.labels[0] if len(s.labels) == 1 else LUNG
@@ -401,6 +564,51 @@ class DRSegUNetLogic:
         slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
         return r, a, s
 
+    # -- Segment Editor
+    SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"  # the node the Segment Editor module uses (SegmentEditor.py)
+
+    def setUpSegmentEditor(self, segmentationNode, volumeNode, segmentId: Optional[str] = None):
+        """Point the Segment Editor module's node at this segmentation and CT, with overlap allowed.
+
+        *Lung* overlaps the lesion segments, so the overwrite mode is "Allow overlap"
+        (``OverwriteNone``): with Slicer's default, painting one segment erases the others under
+        the brush. Returns the ``vtkMRMLSegmentEditorNode``; the widget then opens the module.
+        """
+        if segmentationNode is None or volumeNode is None:
+            raise ValueError(_("Select the CT volume and its segmentation."))
+        editorNode = self.scene.GetSingletonNode(self.SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+        if editorNode is None:
+            editorNode = slicer.vtkMRMLSegmentEditorNode()
+            editorNode.SetSingletonTag(self.SEGMENT_EDITOR_SINGLETON_TAG)
+            editorNode = self.scene.AddNode(editorNode)
+        editorNode.SetAndObserveSegmentationNode(segmentationNode)
+        if hasattr(editorNode, "SetAndObserveSourceVolumeNode"):  # Slicer 5.4+
+            editorNode.SetAndObserveSourceVolumeNode(volumeNode)
+        else:
+            editorNode.SetAndObserveMasterVolumeNode(volumeNode)
+        editorNode.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+        if segmentId is None:
+            segmentId = self.segmentIdsOf(segmentationNode).get(SEGMENTS[0].segment_id)
+        if segmentId:
+            editorNode.SetSelectedSegmentID(segmentId)
+        return editorNode
+
+    # -- the panel's choices, saved with the scene
+    def getParameterNode(self):
+        """The module's ``vtkMRMLScriptedModuleNode`` in this scene (made if missing)."""
+        return parameterNode(self.scene)
+
+    def parameters(self) -> DRSegUNetParameters:
+        """Input, output, model, device and working pixel size, read from and written to :meth:`getParameterNode`."""
+        return DRSegUNetParameters(self.getParameterNode(), defaultPixelMM=self.defaultPixelSize())
+
+    @staticmethod
+    def pixelSizeRange() -> Tuple[float, float]:
+        """The working pixel sizes (mm) accepted besides 0 (the CT's own grid)."""
+        from DRSegUNetLib.config import PIXEL_MM_RANGE
+
+        return float(PIXEL_MM_RANGE[0]), float(PIXEL_MM_RANGE[1])
+
     # -- fine-tuning
     @staticmethod
     def pythonExecutable() -> str:
@@ -455,6 +663,20 @@ class DRSegUNetLogic:
         return FineTuneJob(self, process, parent)
 
     # -- files
+    def loadSegmentation(self, path: str, name: Optional[str] = None):
+        """Read a .seg.nrrd into a new segmentation node with the storage node (inside and outside the application)."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or Path(path).name.split(".")[0])
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        self.scene.AddNode(storage)
+        try:
+            storage.SetFileName(str(path))
+            if not storage.ReadData(node):
+                self.scene.RemoveNode(node)
+                raise RuntimeError(f"could not read {path}")
+        finally:
+            self.scene.RemoveNode(storage)
+        return node
+
     def saveSegmentation(self, segmentationNode, path: str) -> None:
         """Write a .seg.nrrd with the storage node (works inside and outside the application)."""
         storage = slicer.vtkMRMLSegmentationStorageNode()
@@ -465,6 +687,19 @@ class DRSegUNetLogic:
                 raise RuntimeError(f"could not write {path}")
         finally:
             self.scene.RemoveNode(storage)
+
+
+def _slicerLocalDataFolder(app) -> Path:
+    """Qt's AppLocalDataLocation for Slicer (``<base>/<organization>/<application>``), computed without qt."""
+    organization = str(getattr(app, "organizationName", "") or "slicer.org")
+    application = str(getattr(app, "applicationName", "") or "Slicer")
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / organization / application
 
 
 def _axialSliceVoxel(volumeNode, dims: Sequence[int], index: int) -> Tuple[int, int, int]:
