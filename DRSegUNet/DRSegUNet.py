@@ -77,6 +77,7 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DRSegUNetLogic()  # its data folder: $DRSEGUNET_HOME, the DRSegUNet/DataFolder setting, or the default
+        self.logic.installingChanged = self.onInstallingChanged
 
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -121,6 +122,8 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.installingChanged = None
         if self._timer:
             self._timer.stop()
         for job in (self._job, self._fineTune):
@@ -228,19 +231,28 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         n = len(self.logic.correctionsStore)
         self.ui.acceptedSlicesLabel.text = _("{n} accepted slices").format(n=n)
 
+    def onInstallingChanged(self, installing):
+        """While torch or pip packages install, say so and disable what would start a second install."""
+        self.ui.installStatusLabel.visible = installing
+        self.updateButtons()
+        slicer.app.processEvents()  # show it now: the install blocks until it is done
+
     def updateButtons(self, *_args):
         segmenting = self._job is not None and not self._job.finished
         tuning = self._fineTune is not None and not self._fineTune.finished
+        installing = self.logic.installing  # Segment, Accept and Fine-tune install packages first
+        self.ui.installStatusLabel.visible = installing
         fromFile = self.ui.modelComboBox.currentData == self.FILE_MODEL
         self.ui.modelPathLineEdit.visible = fromFile
         self.ui.pixelSizeSpinBox.enabled = not self.ui.ownGridCheckBox.checked
-        self.ui.segmentButton.enabled = bool(self.ui.inputVolumeSelector.currentNode()) and not segmenting
+        self.ui.segmentButton.enabled = bool(self.ui.inputVolumeSelector.currentNode()) and not segmenting and not installing
         self.ui.editButton.enabled = bool(
             self.ui.inputVolumeSelector.currentNode() and self.ui.outputSegmentationSelector.currentNode()) and not segmenting
         self.ui.cancelButton.enabled = segmenting
         self.ui.acceptCorrectionsButton.enabled = bool(
-            self.ui.inputVolumeSelector.currentNode() and self.ui.outputSegmentationSelector.currentNode()) and not segmenting
-        self.ui.fineTuneButton.enabled = not tuning and len(self.logic.correctionsStore) > 0
+            self.ui.inputVolumeSelector.currentNode() and self.ui.outputSegmentationSelector.currentNode()
+        ) and not segmenting and not installing
+        self.ui.fineTuneButton.enabled = not tuning and not installing and len(self.logic.correctionsStore) > 0
         self.ui.cancelFineTuneButton.enabled = tuning
         self.ui.setActiveModelButton.enabled = not fromFile and not tuning
         self.ui.nextSliceButton.enabled = bool(
@@ -253,9 +265,19 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return str(self.logic.modelStore.path_of(int(self.ui.modelComboBox.currentData)))
 
     # -- actions
+    def requirementsReady(self, failure, withTorch=True):
+        """Set up torch and the pip packages (asking first: no busy cursor over the question); False,
+        after showing why, when they are not there (declined, failed, an install already running)."""
+        ready = False
+        with slicer.util.tryWithErrorDisplay(failure):
+            self.logic.setupPythonRequirements(askUser=self.askUser, withTorch=withTorch)
+            ready = True
+        self.updateButtons()
+        return ready
+
     def onSegment(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation.")):
-            self.logic.setupPythonRequirements(askUser=self.askUser)  # asks first: no busy cursor over the question
+        if not self.requirementsReady(_("Failed to start the segmentation.")):
+            return
         output = self.ui.outputSegmentationSelector.currentNode()
         existing = self.askExistingSegments(output)
         if existing is None:
@@ -316,8 +338,8 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshModels(selectActive=True)
 
     def onAcceptCorrections(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to store the corrections.")):
-            self.logic.setupPythonRequirements(askUser=self.askUser, withTorch=False)
+        if not self.requirementsReady(_("Failed to store the corrections."), withTorch=False):
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to store the corrections."), waitCursor=True):
             sliceRange = None
             if self.ui.acceptRangeRadioButton.checked:
@@ -334,8 +356,8 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onFineTune(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning.")):
-            self.logic.setupPythonRequirements(askUser=self.askUser)
+        if not self.requirementsReady(_("Failed to start fine-tuning.")):
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start fine-tuning."), waitCursor=True):
             self.ui.fineTuneLog.plainText = ""
             self.ui.fineTuneResultLabel.text = _("Fine-tuning; the new version is then scored against the active one...")

@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, check_torch
 from .atomic import atomic_write_bytes
 from .config import ModelConfig
 from .errors import CheckpointError
 from .network import build_network
 from .vocabulary import CLASS_NAMES
+
+check_torch(torch.__version__)  # one line (TorchVersionError) under a torch older than MIN_TORCH
 
 FORMAT = "drsegunet-checkpoint/1"
 

@@ -1243,18 +1243,23 @@ def _drop_stdout() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a command; exit 2 with one line on stderr for what the user can fix: bad input, a bad
-    checkpoint, and OSErrors (a missing file, a folder that cannot be written, a full disk), each
+    checkpoint, a torch older than ``DRSegUNetLib.MIN_TORCH``, and OSErrors (a missing file, a folder that cannot be written, a full disk), each
     naming the path."""
-    from .errors import Cancelled, CheckpointError, InputError
+    from .errors import Cancelled, CheckpointError, InputError, TorchVersionError
 
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # the finetune and corrections parsers import the modules that need torch
+    except TorchVersionError as e:  # a torch older than MIN_TORCH: one line, as for bad input
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     _setup(args)
     try:
         code = COMMANDS[args.command](args)
         if sys.stdout is not None:
             sys.stdout.flush()  # here, not at exit, so that a closed pipe is seen below
         return code
-    except (InputError, CheckpointError) as e:
+    except (InputError, CheckpointError, TorchVersionError) as e:
         ProgressPrinter.end_line()
         print(f"error: {e}", file=sys.stderr)
         return 2

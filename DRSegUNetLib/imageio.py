@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import re
 import struct
@@ -204,7 +205,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     _check_dicom_pixel_spacing(folder.name, lambda key: reader.HasMetaDataKey(0, key), image.GetSpacing())
     _check_slice_positions(folder, files, [tag(k, "0020|0032") for k in range(len(files))],
                            [tag(k, "0020|0037") for k in range(len(files))])
-    return image
+    return _one_slice_spacing(image, tag(0, SPACING_BETWEEN_SLICES)) if len(files) == 1 else image
 
 
 def read_ct(path: str | os.PathLike) -> sitk.Image:
@@ -239,12 +240,16 @@ def read_ct(path: str | os.PathLike) -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path.name} has {image.GetNumberOfComponentsPerPixel()} components per pixel "
                          "(RGB or vector image); a CT has one")
+    between = None
     if not path.is_dir() and (path.suffix.lower() == ".dcm" or _is_dicom(path)):
         _check_dicom_pixel_spacing(path.name, image.HasMetaDataKey, image.GetSpacing())
+        if image.HasMetaDataKey(SPACING_BETWEEN_SLICES):
+            between = image.GetMetaData(SPACING_BETWEEN_SLICES)
     if image.GetDimension() == 2:
         if path.suffix.lower() != ".dcm" and not _is_dicom(path):
             raise InputError(f"{path.name} is a 2D image with no slice geometry; give a 3D CT volume")
         image = sitk.JoinSeries(image)
+    image = _one_slice_spacing(image, between)
     if image.GetDimension() == 4:
         raise InputError(f"{path.name} is 4D (size {image.GetSize()}); give a single 3D CT volume")
     if image.GetDimension() != 3:
@@ -422,6 +427,27 @@ def _check_voxel_size_given(path: Path) -> None:
     except (OSError, EOFError, zlib.error):
         return  # unreadable: the reader says so
     raise InputError(_NO_VOXEL_SIZE.format(name=path.name, why=why))
+
+
+SPACING_BETWEEN_SLICES = "0018|0088"
+
+
+def _spacing_between_slices(text: Optional[str]) -> Optional[float]:
+    """A DICOM Spacing Between Slices (0018,0088) value if positive and finite, else None."""
+    try:
+        value = float(str(text).strip().split("\\")[0]) if text is not None else math.nan
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _one_slice_spacing(image: sitk.Image, between: Optional[str]) -> sitk.Image:
+    """A one-slice DICOM volume with its Spacing Between Slices as z spacing, as SimpleITK 2.4+ reads it;
+    2.3 and older (Slicer 5.6, 5.8) read 1 mm, which would change the volumes a report gives."""
+    value = _spacing_between_slices(between)
+    if value is not None and image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        image.SetSpacing(tuple(image.GetSpacing()[:2]) + (value,))
+    return image
 
 
 def _check_dicom_pixel_spacing(name: str, has_key: Callable[[str], bool], spacing: Sequence[float]) -> None:

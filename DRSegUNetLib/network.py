@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import check_torch
 from .config import NetworkConfig
+
+check_torch(torch.__version__)  # one line (TorchVersionError) under a torch older than MIN_TORCH
 
 
 def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

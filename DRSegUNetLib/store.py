@@ -45,18 +45,24 @@ _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 _TMP_PREFIX = ".tmp-"
 
 
+def platform_data_folder(roaming: bool = True) -> Path:
+    """The platform's per-user application-data folder: Windows %APPDATA% (roaming) or
+    %LOCALAPPDATA%, macOS Application Support, elsewhere $XDG_DATA_HOME or ~/.local/share."""
+    if sys.platform.startswith("win"):
+        if roaming:
+            return Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+
+
 def default_home() -> Path:
     """Per-user data folder: ``$DRSEGUNET_HOME``, else the platform's application-data folder."""
     env = os.environ.get(HOME_ENV)
     if env:
         return Path(env).expanduser()
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "DRSegUNet"
+    return platform_data_folder() / "DRSegUNet"
 
 
 def _now_iso() -> str:

@@ -373,7 +373,7 @@ def test_a_lung_mask_stored_in_another_axis_order_is_used_where_its_voxels_lie(t
 
 @pytest.mark.parametrize("command,case,message", [
     (command, case, message) for case, message in [
-        ("no_lung", "no lung found in"), ("coronal", "is it a coronal or sagittal image?"),
+        ("no_lung", "no lung found in"), ("coronal", "not a stack of 2D axial CT slices"),
         ("threshold", "between the HU of air and bone"), ("nan", "between the HU of air and bone"),
         ("npz_out", "write a volume")] for command in ("lungs", "pseudolabel")
 ] + [("pseudolabel", "empty_mask", "is empty")])

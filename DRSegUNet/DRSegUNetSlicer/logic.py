@@ -90,6 +90,8 @@ class DRSegUNetLogic:
             self.dataFolder / "corrections")
         self.processRunner = processRunner if processRunner is not None else SubprocessRunner()
         self.predictorFactory = predictorFactory
+        self._installing = False
+        self.installingChanged: Optional[Callable[[bool], None]] = None  # called when :attr:`installing` changes
         self._segmentationsLogic = None
         if getattr(getattr(slicer, "modules", None), "segmentations", None) is None:
             # Outside the application nothing has registered the segment representations yet.
@@ -140,29 +142,96 @@ class DRSegUNetLogic:
         return None
 
     # -- requirements
+    @property
+    def installing(self) -> bool:
+        """True while :meth:`setupPythonRequirements` installs torch or pip packages (the panel disables
+        Segment, Accept and Fine-tune and says so; a second call meanwhile raises)."""
+        return self._installing
+
+    def _setInstalling(self, value: bool) -> None:
+        self._installing = bool(value)
+        if self.installingChanged is not None:
+            self.installingChanged(self._installing)
+
+    @staticmethod
+    def installedTorchVersion() -> Optional[str]:
+        """The installed torch's version from its package metadata (without importing it), or None."""
+        import importlib.metadata
+
+        try:
+            return importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
     def setupPythonRequirements(self, askUser: Callable[[str], bool], withTorch: bool = True) -> None:
-        """Install torch (PyTorch extension) and Resources/requirements.txt, after asking. Slicer only."""
+        """Install or upgrade torch (PyTorch extension, ``torch>=DRSegUNetLib.MIN_TORCH``) and
+        Resources/requirements.txt, after asking. Slicer only.
+
+        :attr:`installing` is True while an install runs; calling again meanwhile (a second
+        click while pip runs and Slicer processes events) raises a RuntimeError.
+        """
+        if self._installing:
+            raise RuntimeError(_("Python packages are being installed: wait for the installation to finish."))
         if getattr(slicer, "app", None) is None:
             return  # plain Python: the environment is the caller's
-        import importlib.util
-
-        if withTorch and importlib.util.find_spec("torch") is None:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_("DRSegUNet needs the PyTorch extension: install it from the Extensions Manager."))
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if not askUser(_("DRSegUNet needs PyTorch, which will now be downloaded and installed "
-                                 "(this may take several minutes). Continue?")):
-                    raise RuntimeError(_("PyTorch is required; installation was declined."))
-                if torchLogic.installTorch(askConfirmation=False) is None:
-                    raise RuntimeError(_("PyTorch could not be installed; use the PyTorch Utils module."))
+        if withTorch:
+            self._setupTorch(askUser)
         missing = self.missingRequirements()
         if missing:
             if not askUser(_("DRSegUNet needs these Python packages: {p}. Install them now?").format(p=", ".join(missing))):
                 raise RuntimeError(_("Required Python packages were not installed: {p}").format(p=", ".join(missing)))
-            slicer.util.pip_install(missing)
+            self._setInstalling(True)
+            try:
+                slicer.util.pip_install(missing)
+            finally:
+                self._setInstalling(False)
+
+    def _setupTorch(self, askUser: Callable[[str], bool]) -> None:
+        """torch at least ``DRSegUNetLib.MIN_TORCH``: installed or upgraded with PyTorch Utils after asking."""
+        import importlib.util
+
+        minimum = DRSegUNetLib.MIN_TORCH
+        version = self.installedTorchVersion()
+        if version is None and importlib.util.find_spec("torch") is not None:
+            return  # importable without package metadata (a source build): the library checks it when it loads
+        if version is not None and DRSegUNetLib.torch_version_problem(version) is None:
+            return
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            if version is None:
+                raise RuntimeError(_("DRSegUNet needs the PyTorch extension: install it from the Extensions Manager."))
+            raise RuntimeError(_("DRSegUNet needs PyTorch {minimum} or newer and PyTorch {version} is installed: "
+                                 "install the PyTorch extension from the Extensions Manager to upgrade it.").format(
+                minimum=minimum, version=version))
+        if version is None:
+            question = _("DRSegUNet needs PyTorch ({minimum} or newer), which will now be downloaded and installed "
+                         "(this may take several minutes). Continue?").format(minimum=minimum)
+            declined = _("PyTorch is required; installation was declined.")
+        else:
+            question = _("DRSegUNet needs PyTorch {minimum} or newer and PyTorch {version} is installed. Upgrade it "
+                         "now (this may take several minutes; other modules that use PyTorch get the new version "
+                         "too)?").format(minimum=minimum, version=version)
+            declined = _("DRSegUNet needs PyTorch {minimum} or newer (PyTorch {version} is installed); the upgrade "
+                         "was declined.").format(minimum=minimum, version=version)
+        if not askUser(question):
+            raise RuntimeError(declined)
+        self._setInstalling(True)
+        try:
+            installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=">=" + minimum)
+        finally:
+            self._setInstalling(False)
+        if installed is None:
+            raise RuntimeError(_("PyTorch could not be installed; use the PyTorch Utils module."))
+        now = self.installedTorchVersion()
+        if now is not None and DRSegUNetLib.torch_version_problem(now) is not None:
+            raise RuntimeError(_("PyTorch {version} is still installed and DRSegUNet needs {minimum} or newer: "
+                                 "upgrade it with the PyTorch Utils module.").format(version=now, minimum=minimum))
+        loaded = getattr(sys.modules.get("torch"), "__version__", None)
+        if loaded is not None and DRSegUNetLib.torch_version_problem(str(loaded)) is not None:
+            raise RuntimeError(_("PyTorch {version} is installed; this Slicer session still has PyTorch {old} "
+                                 "loaded: restart Slicer.").format(version=now, old=loaded))
 
     @staticmethod
     def missingRequirements() -> List[str]:
@@ -691,15 +760,11 @@ class DRSegUNetLogic:
 
 def _slicerLocalDataFolder(app) -> Path:
     """Qt's AppLocalDataLocation for Slicer (``<base>/<organization>/<application>``), computed without qt."""
+    from DRSegUNetLib.store import platform_data_folder
+
     organization = str(getattr(app, "organizationName", "") or "slicer.org")
     application = str(getattr(app, "applicationName", "") or "Slicer")
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / organization / application
+    return platform_data_folder(roaming=False) / organization / application
 
 
 def _axialSliceVoxel(volumeNode, dims: Sequence[int], index: int) -> Tuple[int, int, int]:
