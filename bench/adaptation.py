@@ -118,13 +118,13 @@ def correction_labels(sample) -> np.ndarray:
     return labels
 
 
-def run_finetune(model_dir: Path, pool, picked, corr_spacing, known, threads: int):
+def run_finetune(model_dir: Path, pool, picked, corr_spacing, known, threads: int, extra: list[str]):
     corr = CorrectionsStore(model_dir / "corrections")
     for i in picked:
         corr.add(pool[i].hu, correction_labels(pool[i]), corr_spacing, f"bench {pool[i].group}", i, known=known)
     cmd = [sys.executable, "-m", "DRSegUNetLib", "finetune", "--model", str(model_dir / "model.pt"),
            "--corrections", str(corr.root), "--store", str(model_dir / "store"), "--json", str(model_dir / "out.json"),
-           "--threads", str(threads)]
+           "--threads", str(threads), *extra]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     seconds = time.time() - t0
@@ -135,13 +135,21 @@ def run_finetune(model_dir: Path, pool, picked, corr_spacing, known, threads: in
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="adaptation benchmark (issue 18)")
-    ap.add_argument("shared_data", type=Path, help="the shared data folder (medseg/, zenodo20/)")
+    ap.add_argument("shared_data", type=Path, nargs="?", help="the shared data folder (medseg/, zenodo20/)")
+    ap.add_argument("--table", type=Path, nargs="+", default=None,
+                    help="print the table of earlier --json outputs (merged) instead of running")
     ap.add_argument("--volumes", default="0,1,2,3,4,5,6,7,8,medseg")
     ap.add_argument("--k", default="2,5,10", help="corrected slices per volume (0 is always scored)")
     ap.add_argument("--pickers", default="even,uncertain")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--finetune-args", default="", help="extra finetune options, e.g. '--preset thesis'")
     args = ap.parse_args()
+    if args.table:
+        print(table(merge([json.loads(p.read_text()) for p in args.table])))
+        return 0
+    if args.shared_data is None:
+        ap.error("give the shared data folder (or --table)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -153,7 +161,7 @@ def main() -> int:
     audit_regions = ("ggo", "consolidation", "infection")
     audit_before = _score_ref(base, type("A", (), {"reference": audit})(), {}, audit_regions)
     ks = [int(k) for k in args.k.split(",") if k.strip() and int(k) > 0]
-    results = {"model": str(bundled), "k": ks, "pickers": args.pickers.split(","), "volumes": {},
+    results = {"model": str(bundled), "finetune_args": args.finetune_args, "k": ks, "pickers": args.pickers.split(","), "volumes": {},
                "audit_before": audit_before}
     for name, pool, spacing, corr_spacing, known, regions, drop in volumes(args.shared_data, data, args.volumes.split(",")):
         sub = data.without_groups(drop)
@@ -173,7 +181,8 @@ def main() -> int:
                     model_dir = Path(tmp)
                     shutil.copy(bundled, model_dir / "model.pt")
                     write_adaptation_data(adaptation_data_path(model_dir / "model.pt"), _as_slices(sub))
-                    out, seconds = run_finetune(model_dir, pool, picked, corr_spacing, known, args.threads)
+                    out, seconds = run_finetune(model_dir, pool, picked, corr_spacing, known, args.threads,
+                                                args.finetune_args.split())
                     new = Predictor.from_checkpoint(out["path"], device="cpu")
                     after_rows, _ = slice_scores(new, [pool[i] for i in rest], spacing, regions)
                     ref_after = _score_ref(new, sub, ref_spacing, ref_regions)
@@ -216,11 +225,26 @@ def _as_slices(sub):
     return out
 
 
+def merge(parts: list) -> dict:
+    """One result from runs of different K or pickers on the same volumes."""
+    out = {"k": [], "pickers": [], "volumes": {}, "audit_before": parts[0]["audit_before"]}
+    for part in parts:
+        out["k"] += [k for k in part["k"] if k not in out["k"]]
+        out["pickers"] += [p for p in part["pickers"] if p not in out["pickers"]]
+        for name, vol in part["volumes"].items():
+            if name in out["volumes"]:
+                out["volumes"][name]["runs"] += vol["runs"]
+            else:
+                out["volumes"][name] = json.loads(json.dumps(vol))
+    out["k"].sort()
+    return out
+
+
 def table(results) -> str:
     """Markdown: per K and picker, mean and worst gain on the rest of the volume (infection Dice,
     the model the user gets), volumes activated, reference GGO drop, seconds."""
     lines = ["| K | picker | mean infection gain (user) | worst volume | mean gain of the saved version | activated | "
-             "largest reference GGO drop (saved version) | mean audit GGO change (user) | mean s per fine-tune |",
+             "largest reference GGO drop (activated versions) | mean audit GGO change (user) | median s per fine-tune |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k in results["k"]:
         for picker in results["pickers"]:
@@ -231,11 +255,11 @@ def table(results) -> str:
             raw = [r["infection"]["raw"] - r["infection"]["before"] for _, r in runs]
             worst = min(zip(gains, (n for n, _ in runs)))
             drops = [results["volumes"][n]["reference_before"].get("ggo", 0) - r["reference_after"].get("ggo", 0)
-                     for n, r in runs if "ggo" in r["reference_after"]]
+                     for n, r in runs if "ggo" in r["reference_after"] and r["activated"]]
             audit = [(r["audit_after"]["ggo"] - results["audit_before"]["ggo"]) if r["activated"] else 0.0 for _, r in runs]
             lines.append(f"| {k} | {picker} | {np.mean(gains):+.3f} | {worst[0]:+.3f} ({worst[1]}) | {np.mean(raw):+.3f} | "
                          f"{sum(r['activated'] for _, r in runs)}/{len(runs)} | {max(drops) if drops else float('nan'):+.3f} | "
-                         f"{np.mean(audit):+.3f} | {np.mean([r['seconds'] for _, r in runs]):.0f} |")
+                         f"{np.mean(audit):+.3f} | {np.median([r['seconds'] for _, r in runs]):.0f} |")
     lines += ["", "| volume | slices | K=0 infection | " + " | ".join(
         f"K={k} {p}" for k in results["k"] for p in results["pickers"]) + " |",
         "|---|---|---|" + "---|" * (len(results["k"]) * len(results["pickers"]))]

@@ -282,7 +282,7 @@ class SegmentationJob(Job):
             self.message = _("Cancelled after {step} of {total} slices; finished slices kept.").format(
                 step=self.step, total=self.total)
             return
-        from DRSegUNetLib.report import add_uncertainty, compute_report  # scipy: installed with the requirements
+        from DRSegUNetLib.report import add_uncertainty, compute_report  # scipy: ships with Slicer (Resources/requirements.txt)
 
         self.report = compute_report(self.labelImage())
         self.report.update(model=self.modelPath, inference=self.settings)

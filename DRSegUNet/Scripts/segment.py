@@ -1,7 +1,7 @@
 """Segment a chest CT without a GUI, through the DRSegUNet module logic.
 
 In Slicer:
-    Slicer --no-main-window --python-script DRSegUNet/Scripts/segment.py -- \
+    Slicer --no-splash --no-main-window --python-script DRSegUNet/Scripts/segment.py -- \
         --input CT --output SEG.seg.nrrd [--model MODEL] [--device auto|cpu|cuda] [--report REPORT.json] \
         [--install-requirements]
 In plain Python with slicer-core installed (``pip install slicer-core``):
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         from DRSegUNetLib.imageio import read_ct
 
         logic = layer.DRSegUNetLogic(scene=slicer.mrmlScene)
-        try:  # inside Slicer: torch (PyTorch extension) and scipy; nothing to do in plain Python
+        try:  # inside Slicer: torch (PyTorch extension); scipy ships with Slicer; nothing to do in plain Python
             logic.setupPythonRequirements(askUser=lambda message: args.install_requirements)
         except RuntimeError as e:
             hint = "" if args.install_requirements else " (run again with --install-requirements to install them)"
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         job = logic.segment(volume, model=args.model, device=args.device, progress=progress)
         logic.saveSegmentation(job.segmentationNode, args.output)
         if args.report:
-            from DRSegUNetLib.report import write_report  # scipy: installed with the requirements
+            from DRSegUNetLib.report import write_report  # scipy: ships with Slicer (Resources/requirements.txt)
 
             report = dict(job.report, input=str(args.input), model=job.modelPath)
             write_report(report, args.report)
