@@ -260,15 +260,15 @@ def table(results) -> str:
             lines.append(f"| {k} | {picker} | {np.mean(gains):+.3f} | {worst[0]:+.3f} ({worst[1]}) | {np.mean(raw):+.3f} | "
                          f"{sum(r['activated'] for _, r in runs)}/{len(runs)} | {max(drops) if drops else float('nan'):+.3f} | "
                          f"{np.mean(audit):+.3f} | {np.median([r['seconds'] for _, r in runs]):.0f} |")
-    lines += ["", "| volume | slices | K=0 infection | " + " | ".join(
-        f"K={k} {p}" for k in results["k"] for p in results["pickers"]) + " |",
-        "|---|---|---|" + "---|" * (len(results["k"]) * len(results["pickers"]))]
+    columns = [(k, p) for k in results["k"] for p in results["pickers"]
+               if any(r["k"] == k and r["picker"] == p for v in results["volumes"].values() for r in v["runs"])]
+    lines += ["", "| volume | slices | K=0 infection | " + " | ".join(f"K={k} {p}" for k, p in columns) + " |",
+              "|---|---|---|" + "---|" * len(columns)]
     for n, v in results["volumes"].items():
         cells = []
-        for k in results["k"]:
-            for p in results["pickers"]:
-                r = next((r for r in v["runs"] if r["k"] == k and r["picker"] == p), None)
-                cells.append("" if r is None else f"{r['infection']['user'] - r['infection']['before']:+.3f}"
+        for k, p in columns:
+            r = next((r for r in v["runs"] if r["k"] == k and r["picker"] == p), None)
+            cells.append("" if r is None else f"{r['infection']['user'] - r['infection']['before']:+.3f}"
                              + ("" if r["activated"] else " (gated)"))
         lines.append(f"| {n} | {v['n']} | {v['k0']['infection']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
