@@ -65,13 +65,9 @@ def real_label_map():
 
 def oblique(image):
     """The same content with the axes permuted and flipped and a non-identity direction."""
-    arr = sitk.GetArrayFromImage(image)[::-1, :, ::-1].transpose(1, 0, 2).copy()
-    out = sitk.GetImageFromArray(arr)
-    sp = image.GetSpacing()
-    out.SetSpacing((sp[0], sp[2], sp[1]))
-    out.SetDirection((-1, 0, 0, 0, 0, 1, 0, -1, 0))
-    out.SetOrigin((12.5, -40.0, 7.0))
-    return out
+    from geometry_helpers import oblique_image  # beside this script
+
+    return oblique_image(image)
 
 
 def in_process(work: Path) -> dict:

@@ -104,14 +104,9 @@ def ct_image():
 
 def _oblique_image(ct_image) -> sitk.Image:
     """The real CT with axes permuted and flipped and a non-identity direction (same physical content)."""
-    arr = sitk.GetArrayFromImage(ct_image)[::-1, :, ::-1].transpose(1, 0, 2).copy()  # (y, z, x)
-    img = sitk.GetImageFromArray(arr)
-    sp = ct_image.GetSpacing()
-    img.SetSpacing((sp[0], sp[2], sp[1]))
-    # index i → -x (L→R), j → -z (head→feet), k → +y (anterior→posterior)
-    img.SetDirection((-1, 0, 0, 0, 0, 1, 0, -1, 0))
-    img.SetOrigin((12.5, -40.0, 7.0))
-    return img
+    from geometry_helpers import oblique_image
+
+    return oblique_image(ct_image)
 
 
 def _segment_names(node):
