@@ -254,6 +254,24 @@ def distillation_loss(new_logits, old_logits):
     return (old.exp() * (old - new)).sum(dim=1).mean()
 
 
+def open_type_loss(new_logits, old_logits, allowed):
+    """Where a lesion's type is open (allowed = {GGO, consolidation}), keep the starting model's
+    split between the two: mean KL(old || new) of P(GGO | lesion) over those pixels."""
+    import torch
+
+    from .data import bit
+    from .vocabulary import CONSOLIDATION, GGO
+
+    open_type = allowed == int(bit(GGO, CONSOLIDATION))
+    if not bool(open_type.any()):
+        return new_logits.sum() * 0.0
+    pair = [GGO, CONSOLIDATION]
+    old = torch.log_softmax(old_logits.float()[:, pair], dim=1)
+    new = torch.log_softmax(new_logits.float()[:, pair], dim=1)
+    kl = (old.exp() * (old - new)).sum(dim=1)
+    return kl[open_type].mean()
+
+
 def interpolate(start: dict, end: dict, alpha: float) -> dict:
     """Weights ``(1 - alpha) * start + alpha * end`` (BatchNorm counters taken from ``end``)."""
     return {k: (start[k] * (1 - alpha) + end[k] * alpha) if start[k].is_floating_point() else end[k] for k in start}
@@ -288,7 +306,7 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
     elif config.trainable != "all":
         raise InputError(f"unknown trainable {config.trainable!r}; use all or batchnorm")
     old = None
-    if n_replay and config.replay_loss == "distill":
+    if (n_replay and config.replay_loss == "distill") or config.keep_open_type:
         old = init.build_model().to(device).eval()
         for p in old.parameters():
             p.requires_grad_(False)
@@ -308,8 +326,12 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
         with training_autocast(device, "auto"):
             logits = model(x).float()
             loss = compute_loss(logits[:n_corr], y[:n_corr], config.loss)
+            if config.keep_open_type:
+                with torch.no_grad():
+                    old_corr = old(x[:n_corr]).float()
+                loss = loss + open_type_loss(logits[:n_corr], old_corr, y[:n_corr])
             if n_replay:
-                if old is not None:
+                if old is not None and config.replay_loss == "distill":
                     with torch.no_grad():
                         target = old(x[n_corr:]).float()
                     loss = loss + distillation_loss(logits[n_corr:], target)

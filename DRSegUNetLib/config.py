@@ -185,6 +185,9 @@ class FineTuneConfig:
     # What replay crops train: "distill" = the starting model's own predictions (learning without
     # forgetting), "labels" = their annotations.
     replay_loss: str = "distill"
+    # Where a correction leaves the lesion type open (known=infection), also keep the starting
+    # model's GGO/consolidation split there (lab bench: experiments/README.md). Off by default.
+    keep_open_type: bool = False
     # Interpolate the fine-tuned weights with the starting ones and keep the largest share that
     # passes the gate (1.0 only: no interpolation).
     alphas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)

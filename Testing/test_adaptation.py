@@ -319,3 +319,20 @@ def test_interpolated_weights_lie_between_start_and_end(tiny_checkpoint):
     counter = next(k for k, v in start.items() if not v.is_floating_point())
     assert torch.equal(half[counter], end[counter])
     assert all(torch.equal(interpolate(start, end, 1.0)[k], end[k]) for k in start)
+
+
+def test_open_type_loss_only_watches_the_ggo_consolidation_split_of_open_lesions():
+    from DRSegUNetLib.adaptation import open_type_loss
+
+    d = read_npz(ZENODO_MINI)
+    allowed = torch.from_numpy(zenodo_allowed(d["lung_mask"][2], d["infection_mask"][2]))[None]
+    assert bool((allowed == 0b0110).any())
+    torch.manual_seed(0)
+    old = torch.randn(1, 4, *allowed.shape[1:])
+    assert float(open_type_loss(old, old, allowed)) == pytest.approx(0.0, abs=1e-6)
+    more_lung = old.clone()
+    more_lung[:, 3] += 5.0  # the lesion's extent changes, its type split does not
+    assert float(open_type_loss(more_lung, old, allowed)) == pytest.approx(0.0, abs=1e-5)
+    swapped = old[:, [0, 2, 1, 3]]
+    assert float(open_type_loss(swapped, old, allowed)) > 0.05
+    assert float(open_type_loss(swapped, old, torch.zeros_like(allowed) + 1)) == 0.0

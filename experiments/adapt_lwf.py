@@ -43,7 +43,7 @@ def main() -> int:
     over = {}
     for kv in args.set:
         k, v = kv.split("=")
-        over[k] = eval(v) if k in ("alphas", "lr", "steps", "replay_fraction", "frozen_layers", "batch_size", "crop", "tolerance", "holdout_every") else v
+        over[k] = eval(v) if k in ("keep_open_type", "alphas", "lr", "steps", "replay_fraction", "frozen_layers", "batch_size", "crop", "tolerance", "holdout_every") else v
     cfg = preset("default", **over)
     ck = load_checkpoint(default_model_path())
     data = load_adaptation_data(adaptation_data_path(default_model_path()), ck.config.eight_bit)
