@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="FineTuneConfig field=value")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--every", type=int, default=3, help="score every N-th rest slice")
+    ap.add_argument("--extra-medseg-replay", type=int, default=0,
+                    help="add this many MedSeg training slices (not shipped, not audit) to the replay set")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     over = {}
@@ -58,6 +60,9 @@ def main() -> int:
         pool = read_zenodo_npz(SHARED / "zenodo20" / "zenodo20_dev.npz", groups=[g])
         spacing, corr_sp, known, drop = (1.5, 1.5), (1.5, 1.5), ("lung", "infection"), [f"zenodo{g}"]
     sub = data.without_groups(drop)
+    if args.extra_medseg_replay and args.volume != "medseg":
+        extra = [s for s in med if f"medseg{s.name}" not in shipped and s.name not in AUDIT][: args.extra_medseg_replay]
+        sub.replay = sub.replay + extra
     idx = evenly(len(pool), 5)
     rest = [s for i, s in enumerate(pool) if i not in idx][:: args.every]
     corr = [CorrectionSlice(pool[i].hu, correction_labels(pool[i]), corr_sp, known, f"c{i}", "v", i) for i in idx]
