@@ -33,7 +33,7 @@ from .data import Sample, labels_to_allowed, read_npz, resample_sample
 from .errors import InputError
 from .metrics import MetricAccumulator
 from .preprocessing import eight_bit_to_hu
-from .progress import CancelCheck, ProgressCallback, report
+from .progress import CancelCheck, ProgressCallback, check_cancel, report
 from .vocabulary import REGIONS
 
 REPLAY = "replay"
@@ -225,8 +225,8 @@ def split_holdout(corrections: Sequence[CorrectionSlice], every: int) -> tuple[l
     return train_s, held
 
 
-def correction_samples(corrections: Sequence[CorrectionSlice], pixel_mm: Optional[float]) -> tuple[list[Sample], dict]:
-    """Training samples at the working pixel ``pixel_mm`` (None: own grid), and each one's spacing for scoring."""
+def correction_samples(corrections: Sequence[CorrectionSlice]) -> tuple[list[Sample], dict]:
+    """Samples on the slices' own grid, and each one's (row, col) spacing in mm (by sample name)."""
     samples, spacing = [], {}
     for c in corrections:
         s = Sample(np.asarray(c.ct_hu, np.float32), labels_to_allowed(c.labels, c.known), c.name, CORRECTIONS)
@@ -245,20 +245,23 @@ class FineTuneOutcome:
     steps: int
 
 
-def distillation_loss(new_logits, old_logits):
-    """Mean over pixels of KL(old || new) between the class distributions (learning without forgetting)."""
+def _pixel_kl(new_logits, old_logits):
+    """Per pixel KL(old || new) between the softmax distributions over dim 1."""
     import torch
 
     old = torch.log_softmax(old_logits.float(), dim=1)
     new = torch.log_softmax(new_logits.float(), dim=1)
-    return (old.exp() * (old - new)).sum(dim=1).mean()
+    return (old.exp() * (old - new)).sum(dim=1)
+
+
+def distillation_loss(new_logits, old_logits):
+    """Mean over pixels of KL(old || new) between the class distributions (learning without forgetting)."""
+    return _pixel_kl(new_logits, old_logits).mean()
 
 
 def open_type_loss(new_logits, old_logits, allowed):
     """Where a lesion's type is open (allowed = {GGO, consolidation}), keep the starting model's
     split between the two: mean KL(old || new) of P(GGO | lesion) over those pixels."""
-    import torch
-
     from .data import bit
     from .vocabulary import CONSOLIDATION, GGO
 
@@ -266,10 +269,7 @@ def open_type_loss(new_logits, old_logits, allowed):
     if not bool(open_type.any()):
         return new_logits.sum() * 0.0
     pair = [GGO, CONSOLIDATION]
-    old = torch.log_softmax(old_logits.float()[:, pair], dim=1)
-    new = torch.log_softmax(new_logits.float()[:, pair], dim=1)
-    kl = (old.exp() * (old - new)).sum(dim=1)
-    return kl[open_type].mean()
+    return _pixel_kl(new_logits[:, pair], old_logits[:, pair])[open_type].mean()
 
 
 def interpolate(start: dict, end: dict, alpha: float) -> dict:
@@ -285,7 +285,6 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
     import torch
 
     from .preprocessing import normalize
-    from .progress import check_cancel
     from .training import (AugmentConfig, PatchSampler, compute_loss, freeze_first_layers, set_train_mode,
                            training_autocast)
 
@@ -376,8 +375,8 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     dev = resolve_device(device)
     data = data or AdaptationData()
     train_c, held = split_holdout(corrections, config.holdout_every)
-    train_s, _ = correction_samples(train_c, pixel_mm)
-    held_s, held_spacing = correction_samples(held, pixel_mm)
+    train_s, _ = correction_samples(train_c)
+    held_s, held_spacing = correction_samples(held)  # scored as segment sees them: resampled by the predictor
     train_s = [resample_sample(s, c.spacing, pixel_mm) for s, c in zip(train_s, train_c)]
     replay = []
     if config.replay_fraction > 0:
@@ -398,11 +397,7 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     gate = None
     alphas = sorted(set(config.alphas or (1.0,)), reverse=True)
     for i, alpha in enumerate(alphas):
-        check_cancel_now = cancel is not None and cancel()
-        if check_cancel_now:
-            from .errors import Cancelled
-
-            raise Cancelled("cancelled by the caller")
+        check_cancel(cancel)
         model.load_state_dict(interpolate(start, end, alpha))
         model.eval()
         report(progress, "gate", i + 1, len(alphas), f"scoring the new model (weight {alpha:g})")

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from DRSegUNetLib import default_model_path  # noqa: E402
-from DRSegUNetLib.adaptation import adaptation_data_path, load_adaptation_data, write_adaptation_data  # noqa: E402
+from DRSegUNetLib.adaptation import adaptation_data_path, load_adaptation_data, score_samples, write_adaptation_data  # noqa: E402
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import InferenceConfig  # noqa: E402
 from DRSegUNetLib.data import read_medseg_folder, read_zenodo_npz  # noqa: E402
@@ -159,7 +159,7 @@ def main() -> int:
     base = Predictor(ckpt.build_model(), ckpt.config, "cpu", InferenceConfig())
     audit = [s for s in read_medseg_folder(args.shared_data / "medseg" / "train50") if s.name in AUDIT_MEDSEG]
     audit_regions = ("ggo", "consolidation", "infection")
-    audit_before = _score_ref(base, type("A", (), {"reference": audit})(), {}, audit_regions)
+    audit_before = score_samples(base, audit, {}, audit_regions)
     ks = [int(k) for k in args.k.split(",") if k.strip() and int(k) > 0]
     results = {"model": str(bundled), "finetune_args": args.finetune_args, "k": ks, "pickers": args.pickers.split(","), "volumes": {},
                "audit_before": audit_before}
@@ -168,7 +168,7 @@ def main() -> int:
         ref_regions = ("ggo", "consolidation", "infection", "lung")
         ref_spacing = {s.name: sub.spacing.get(s.name) for s in sub.reference}
         before_rows, unc = slice_scores(base, pool, spacing, regions)
-        ref_before = {r: v for r, v in _score_ref(base, sub, ref_spacing, ref_regions).items()}
+        ref_before = score_samples(base, sub.reference, ref_spacing, ref_regions)
         vol = {"n": len(pool), "regions": regions, "k0": {r: mean_over(before_rows, range(len(pool)), r) for r in regions},
                "reference_before": ref_before, "runs": []}
         print(f"volume {name}: {len(pool)} slices, K=0 " + " ".join(f"{r} {v:.3f}" for r, v in vol["k0"].items() if v is not None),
@@ -185,8 +185,8 @@ def main() -> int:
                                                 args.finetune_args.split())
                     new = Predictor.from_checkpoint(out["path"], device="cpu")
                     after_rows, _ = slice_scores(new, [pool[i] for i in rest], spacing, regions)
-                    ref_after = _score_ref(new, sub, ref_spacing, ref_regions)
-                    audit_after = _score_ref(new, type("A", (), {"reference": audit})(), {}, audit_regions)
+                    ref_after = score_samples(new, sub.reference, ref_spacing, ref_regions)
+                    audit_after = score_samples(new, audit, {}, audit_regions)
                 run = {"k": k, "picker": picker, "picked": picked, "activated": out["activated"], "seconds": round(seconds, 1),
                        "gate": out["gate"], "reference_after": ref_after, "audit_after": audit_after}
                 for r in regions:
@@ -208,12 +208,6 @@ def main() -> int:
     print()
     print(table(results))
     return 0
-
-
-def _score_ref(predictor, sub, ref_spacing, regions):
-    from DRSegUNetLib.adaptation import score_samples
-
-    return score_samples(predictor, sub.reference, ref_spacing, regions)
 
 
 def _as_slices(sub):
@@ -269,7 +263,7 @@ def table(results) -> str:
         for k, p in columns:
             r = next((r for r in v["runs"] if r["k"] == k and r["picker"] == p), None)
             cells.append("" if r is None else f"{r['infection']['user'] - r['infection']['before']:+.3f}"
-                             + ("" if r["activated"] else " (gated)"))
+                         + ("" if r["activated"] else " (gated)"))
         lines.append(f"| {n} | {v['n']} | {v['k0']['infection']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
