@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSON; for a model-store folder, list its versions with the active one marked "
                                    "(as models list does).")
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint, or model-store folder (default: the bundled model)")
+                   help="checkpoint, store version number, or model-store folder (default: the active version of the "
+                        "store in the user's data folder, $DRSEGUNET_HOME when set; the bundled model until a "
+                        "fine-tune adds one)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     _name_defaults(parser)
     return parser
@@ -1195,9 +1197,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         from . import cli_loop
 
         return cli_loop.cmd_models(argparse.Namespace(action="list", store=str(store)), None)
-    path = args.model or default_model_path()
+    from .cli_loop import model_store, resolve_model
+
+    store = model_store(None)
+    path, _ = resolve_model(store, args.model)  # a file, a version number, or the store's active version
     ckpt = load_checkpoint(path)
-    info = {"path": str(path), "config": ckpt.config.to_dict(), "class_names": list(ckpt.class_names),
+    info = {"path": str(path),
+            "store": {"root": str(store.root), "active": store.active().version,
+                      "versions": [v.version for v in store.versions()]},
+            "config": ckpt.config.to_dict(), "class_names": list(ckpt.class_names),
             "parameters_keras": keras_parameter_count(ckpt.build_model()), "fingerprint": ckpt.fingerprint,
             "metrics": ckpt.metrics, "code_version": ckpt.code_version,
             "extra": {k: v for k, v in ckpt.extra.items() if k != "history"}}

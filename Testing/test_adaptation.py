@@ -336,3 +336,13 @@ def test_open_type_loss_only_watches_the_ggo_consolidation_split_of_open_lesions
     swapped = old[:, [0, 2, 1, 3]]
     assert float(open_type_loss(swapped, old, allowed)) > 0.05
     assert float(open_type_loss(swapped, old, torch.zeros_like(allowed) + 1)) == 0.0
+
+
+def test_info_describes_the_stores_active_version_and_takes_version_numbers(tmp_path, bundled_model, capsys, monkeypatch):
+    monkeypatch.setenv("DRSEGUNET_HOME", str(tmp_path))
+    ms = _fake_version(tmp_path / "models", bundled_model)
+    assert main(["info"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == str(ms.path_of(2)) and out["store"]["active"] == 2 and out["store"]["versions"] == [1, 2]
+    assert main(["info", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(bundled_model)
