@@ -100,8 +100,10 @@ def _add_training_budget(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 0.001)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="constant (default) or cosine decay over the run")
-    p.add_argument("--loss", choices=("ce", "ce+dice"), default="ce",
-                   help="ce (default): marginal cross-entropy; ce+dice adds a soft Dice term")
+    p.add_argument("--loss", choices=("ce", "ce+dice", "ce+regiondice"), default="ce",
+                   help="ce (default): marginal cross-entropy; ce+dice adds a soft Dice term per class "
+                        "where the class is decided; ce+regiondice a soft Dice per region (GGO, "
+                        "consolidation, infection, lung), which also sees lesions of open type")
 
 
 def _add_workers(p: argparse.ArgumentParser) -> None:
