@@ -6,10 +6,14 @@ before and after, on the rest of the volume and on MedSeg audit slices (test ids
 trained on, not the gate's reference): Dice, precision, recall and predicted area of
 infection and GGO.
 
-    .venv/bin/python experiments/issue18/style_conflict.py 3
+    .venv/bin/python experiments/issue18/style_conflict.py 3 [--distill-weight W] [--gate]
+
+``--distill-weight`` multiplies the replay distillation term (library default 1);
+``--gate`` keeps the library's gate-chosen interpolation instead of full strength.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -57,8 +61,17 @@ def scores(pred, samples, spacing):
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("volume", type=int, nargs="?", default=3)
+    ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--gate", action="store_true")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    vol = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    vol = args.volume
+    if args.distill_weight != 1.0:
+        import DRSegUNetLib.adaptation as adaptation
+        plain = adaptation.distillation_loss
+        adaptation.distillation_loss = lambda new, old: args.distill_weight * plain(new, old)
     ck = load_checkpoint(default_model_path())
     data = load_adaptation_data(adaptation_data_path(default_model_path()), ck.config.eight_bit)
     med = read_medseg_folder(SHARED / "medseg" / "train50")
@@ -68,12 +81,14 @@ def main() -> int:
     rest = [s for i, s in enumerate(pool) if i not in idx][::3]
     corr = [CorrectionSlice(pool[i].hu, correction_labels(pool[i]), (1.5, 1.5), ("lung", "infection"), f"c{i}", "v", i)
             for i in idx]
-    cfg = preset("default", alphas=(1.0,))
+    cfg = preset("default") if args.gate else preset("default", alphas=(1.0,))
     base = Predictor(ck.build_model(), ck.config, "cpu", InferenceConfig())
     before = scores(base, rest, (1.5, 1.5)), scores(base, audit, None)
     out = finetune(ck, corr, cfg, data.without_groups([f"zenodo{vol}"]), device="cpu")
     new = Predictor(out.checkpoint.build_model(), ck.config, "cpu", InferenceConfig())
     after = scores(new, rest, (1.5, 1.5)), scores(new, audit, None)
+    print(f"volume {vol}, distillation weight {args.distill_weight:g}, alpha {out.gate.alpha:g}, "
+          f"gate passed {out.gate.passed}")
     for name, b, a in (("rest of volume", before[0], after[0]), ("MedSeg audit", before[1], after[1])):
         print(f"## {name}")
         for r in b[0]:
