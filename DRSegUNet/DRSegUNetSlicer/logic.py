@@ -50,7 +50,7 @@ class DRSegUNetLogic:
         scene: the MRML scene (default ``slicer.mrmlScene``).
         dataFolder: where the model versions and the corrections live (default: :meth:`defaultDataFolder`).
         modelStore / correctionsStore: default in the data folder.
-        processRunner: starts the fine-tuning process (default :class:`SubprocessRunner`).
+        processRunner: starts the segment-stream and fine-tuning processes (default :class:`SubprocessRunner`).
         predictorFactory: ``(modelPath, device) -> Predictor`` to segment in a worker thread of
             this process (tests, scripts); None (default): a separate process runs the network
             (``python -m DRSegUNetLib segment-stream``, see :class:`SegmentationJob`).
