@@ -15,7 +15,7 @@ MIN_TORCH = "2.0"
 ``torch>=MIN_TORCH``). What sets it: ``with torch.device("meta")`` (selftrain.check_config;
 torch 2.0, the first release where a device is a context manager). The rest came earlier:
 ``torch.load(weights_only=True)`` (checkpoint.load_checkpoint) 1.13, ``torch.backends.mps``
-1.12, ``F.interpolate(antialias=True)`` for bilinear (inference.resample_bilinear) 1.11,
+1.12, ``F.interpolate(antialias=True)`` for bilinear (resample.resample_bilinear) 1.11,
 ``torch.autocast(device_type, dtype=torch.bfloat16)`` on CPU and ``torch.cuda.is_bf16_supported``
 1.10, ``torch.inference_mode`` 1.9, ``torch.channels_last`` 1.5. Checked where the library
 imports torch (:func:`check_torch`), not here: importing this package never imports torch."""

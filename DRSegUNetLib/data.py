@@ -67,7 +67,7 @@ def resample_sample(sample: Sample, spacing: Sequence[float], pixel_mm: Optional
     import torch
     from scipy import ndimage
 
-    from .inference import resample_bilinear
+    from .resample import resample_bilinear
 
     size = working_size(sample.hu.shape, spacing, pixel_mm)
     if size is None:

@@ -9,9 +9,8 @@ time, so memory does not grow with the number of slices.
 from __future__ import annotations
 
 import contextlib
-import math
-import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -21,41 +20,15 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import InferenceConfig, LungConfig, ModelConfig
+from .device import bf16_enabled, resolve_device
 from .errors import InputError
 from .network import DRSegUNet
 from .orientation import SliceResult, axial_spacing, axial_view  # noqa: F401  (SliceResult: re-exported)
 from .preprocessing import check_ct_geometry, check_ct_hu, normalize, working_size
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
+from .resample import resample_bilinear
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The torch device that ``device`` names: "auto" (CUDA when present), "gpu", "cpu", "cuda",
-    "cuda:N" or "mps"; InputError for a device this machine lacks or a name torch does not know."""
-    if isinstance(device, torch.device):
-        return device
-    if device in ("auto", "gpu"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if device == "gpu":
-            raise InputError("a GPU was asked for, but torch sees no CUDA device")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("CUDA is not available on this machine; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"no device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             "numbered from 0")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("MPS is not available on this machine; use --device cpu or auto")
-    return dev
 
 
 def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
@@ -70,14 +43,6 @@ def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     elif cfg.decision != "argmax":
         raise ValueError(f"unknown decision {cfg.decision!r}; use 'argmax' or 'threshold'")
     return lab.to(torch.uint8)
-
-
-def resample_bilinear(x: torch.Tensor, size: Sequence[int], antialias: bool = True) -> torch.Tensor:
-    """(N, C, H, W) → (N, C, *size), bilinear: the one resampling between a slice's grid and
-    the working pixel grid (inference, fine-tuning, benchmarks). Images go antialiased;
-    probabilities come back with ``antialias=False``."""
-    return torch.nn.functional.interpolate(x, size=tuple(int(n) for n in size), mode="bilinear",
-                                           align_corners=False, antialias=antialias)
 
 
 def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
@@ -106,36 +71,6 @@ def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
         if border.mean() >= min_border_air:
             out[k][~body_mask(air)] = 0
     return out
-
-
-def bf16_enabled(device: torch.device, mode: str, option: str = "bf16") -> bool:
-    """Whether to run under bf16 autocast on ``device`` (inference and training alike):
-    ``mode`` "on", "off", or "auto" = where the hardware computes bf16 natively (CUDA
-    GPUs with bf16, CPUs with avx512_bf16 or AMX)."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"{option} must be auto, on or off, not {mode!r}")
-    if device.type not in ("cpu", "cuda"):
-        return False
-    if mode != "auto":
-        return mode == "on"
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes in bfloat16 natively (x86 avx512_bf16 or AMX).
-
-    Elsewhere bf16 is emulated and slower than float32, so "auto" keeps float32.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 def slice_uncertainty(prob: torch.Tensor, labels: np.ndarray) -> np.ndarray:

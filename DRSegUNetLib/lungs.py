@@ -66,8 +66,7 @@ from scipy import ndimage
 
 from .config import THRESHOLD_METHODS, LungConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
 from .errors import InputError
-from .orientation import axial_spacing as orientation_axial_spacing
-from .orientation import axial_view
+from .orientation import axial_spacing, axial_view
 from .preprocessing import check_ct_hu
 
 log = logging.getLogger(__name__)
@@ -244,11 +243,6 @@ def extract_lungs(image: sitk.Image, cfg: LungConfig = LungConfig()) -> sitk.Ima
     mask = sitk.GetImageFromArray(np.ascontiguousarray(inverse(out)))
     mask.CopyInformation(image)
     return mask
-
-
-def axial_spacing(image: sitk.Image) -> Spacing:
-    """(row, col) pixel size in mm of the slices of ``orientation.axial_view``."""
-    return orientation_axial_spacing(image.GetSpacing(), image.GetDirection())
 
 
 def _check_hu(array: np.ndarray, cfg: LungConfig, what: str) -> None:

@@ -11,7 +11,7 @@ along the index axis closest to each patient axis.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -62,8 +62,16 @@ def axial_shape(size_xyz: Sequence[int], direction: Sequence[float]) -> tuple[in
     return tuple(int(size_xyz[index_of_patient[p]]) for p in (2, 1, 0))  # type: ignore[return-value]
 
 
-def axial_spacing(spacing_xyz: Sequence[float], direction: Sequence[float]) -> tuple[float, float]:
-    """(row, col) pixel size in mm of the slices of :func:`axial_view`."""
+def axial_spacing(spacing_xyz: Sequence[float] | Any,
+                  direction: Optional[Sequence[float]] = None) -> tuple[float, float]:
+    """(row, col) pixel size in mm of the slices of :func:`axial_view`.
+
+    Args:
+        spacing_xyz: an image's spacing (SimpleITK's ``GetSpacing()``), with its ``direction``;
+            or the image itself (anything with ``GetSpacing()`` and ``GetDirection()``) and no direction.
+    """
+    if direction is None:
+        spacing_xyz, direction = spacing_xyz.GetSpacing(), spacing_xyz.GetDirection()
     index_of_patient, _ = _axis_assignment(direction)
     # Rows run along P (patient axis 1), columns along L (patient axis 0).
     return float(spacing_xyz[index_of_patient[1]]), float(spacing_xyz[index_of_patient[0]])

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ from scipy import ndimage
 from .checkpoint import Checkpoint, nonfinite_keys, save_checkpoint
 from .config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig, to_dict
 from .data import Sample, bit
+from .device import bf16_enabled, resolve_device
 from .errors import InputError
-from .inference import Predictor, bf16_enabled, resolve_device
 from .metrics import MetricAccumulator, mean_dice
 from .network import DRSegUNet, build_network
 from .preprocessing import normalize
@@ -129,6 +129,11 @@ class AugmentConfig:
     noise_hu: float = 20.0
     blur_sigma: float = 1.0
     foreground_fraction: float = 0.5  # crops centred on infection
+    air_hu: float = -1000.0  # outside the slice (a crop's padding), and the level gain scales about
+    gamma_window_hu: tuple[float, float] = (-1000.0, 100.0)  # gamma reshapes this window; HU above it stay
+    blur_probability: float = 0.2
+    blur_sigma_min: float = 0.3  # a blurred crop's sigma is drawn from (blur_sigma_min, blur_sigma)
+    noise_probability: float = 0.3
 
 
 def sample_probabilities(samples: Sequence[Sample], source_weights: Optional[dict[str, float]] = None) -> np.ndarray:
@@ -178,17 +183,18 @@ class PatchSampler:
         rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
         matrix = rot @ np.diag([1.0, flip]) / scale
         offset = centre - matrix @ np.array([c / 2, c / 2])
-        hu = ndimage.affine_transform(s.hu, matrix, offset, (c, c), order=1, mode="constant", cval=-1000.0)
+        hu = ndimage.affine_transform(s.hu, matrix, offset, (c, c), order=1, mode="constant", cval=a.air_hu)
         allowed = ndimage.affine_transform(s.allowed, matrix, offset, (c, c), order=0, mode="constant",
                                            cval=int(bit(BACKGROUND)))
         # Intensity: gain/shift about air, gamma within the window, blur, noise.
-        hu = (hu + 1000.0) * rng.uniform(*a.hu_gain) - 1000.0 + rng.uniform(-a.hu_shift, a.hu_shift)
-        t = np.clip((hu + 1000.0) / 1100.0, 0, 1)
+        hu = (hu - a.air_hu) * rng.uniform(*a.hu_gain) + a.air_hu + rng.uniform(-a.hu_shift, a.hu_shift)
+        low, high = a.gamma_window_hu
+        t = np.clip((hu - low) / (high - low), 0, 1)
         g = math.exp(rng.uniform(math.log(a.gamma[0]), math.log(a.gamma[1])))
-        hu = np.where(hu < 100.0, t**g * 1100.0 - 1000.0, hu)
-        if a.blur_sigma > 0 and rng.random() < 0.2:
-            hu = ndimage.gaussian_filter(hu, rng.uniform(0.3, a.blur_sigma))
-        if a.noise_hu > 0 and rng.random() < 0.3:
+        hu = np.where(hu < high, t**g * (high - low) + low, hu)
+        if a.blur_sigma > 0 and rng.random() < a.blur_probability:
+            hu = ndimage.gaussian_filter(hu, rng.uniform(a.blur_sigma_min, a.blur_sigma))
+        if a.noise_hu > 0 and rng.random() < a.noise_probability:
             hu = hu + rng.normal(0, rng.uniform(0, a.noise_hu), hu.shape)
         return hu.astype(np.float32), allowed.astype(np.uint8)
 
@@ -198,7 +204,14 @@ class PatchSampler:
 
 
 # ---------------------------------------------------------------- evaluation
-def evaluate_samples(predictor: Predictor, samples: Sequence[Sample],
+class SlicePredictor(Protocol):
+    """What validation needs of a predictor (``inference.Predictor`` is one)."""
+
+    def predict_slices(self, slices: Sequence[np.ndarray], spacing: Optional[Sequence[float]] = None,
+                       eight_bit: bool = False) -> list[np.ndarray]: ...
+
+
+def evaluate_samples(predictor: SlicePredictor, samples: Sequence[Sample],
                      regions: Sequence[str] = tuple(REGIONS)) -> dict[str, dict]:
     """Per-region metrics of ``predictor`` on annotated slices (see metrics.py)."""
     acc = MetricAccumulator(regions)
@@ -402,6 +415,8 @@ def train(
     batches = _batch_stream(train_samples, config, augment, rank, mcfg.preprocess, dev)
     # Validation uses the training run's precision (bf16="off" reproduces float32 runs).
     val_cfg = InferenceConfig(batch_size=1, cpu_bf16=config.bf16, cuda_bf16=config.bf16)
+    from .inference import Predictor  # validation segments as inference does; the one use of inference here
+
     val_predictor = Predictor(model, mcfg, dev, val_cfg, channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"

@@ -208,7 +208,7 @@ def _user_segmentation(scene, volume, segments=(("Lung", "user_lung"), ("Tumour"
 
 def _segment_masks(logic, node, volume):
     seg = node.GetSegmentation()
-    return {seg.GetNthSegment(i).GetName(): logic._exportSegment(node, seg.GetNthSegmentID(i), volume) > 0
+    return {seg.GetNthSegment(i).GetName(): logic.segments.exportSegment(node, seg.GetNthSegmentID(i), volume) > 0
             for i in range(seg.GetNumberOfSegments())}
 
 

@@ -3,25 +3,22 @@
 May import ``slicer`` and ``vtk`` (never ``qt``: the logic runs headless and under
 slicer-core in pytest); everything worth testing outside MRML is in ``DRSegUNetLib``.
 
+- :mod:`.constants`: devices, segmentation node attributes, representation and setting names.
+- :mod:`.i18n`: Slicer's translation functions (stand-ins under slicer-core).
 - :mod:`.conversions`: volume node ⇄ SimpleITK image, masks ⇄ oriented image data.
+- :mod:`.segments`: our three segments in a segmentation node, made from the vocabulary and written slice by slice.
 - :mod:`.processes`: the process runner segmentation and fine-tuning start (tests inject a fake).
-- :mod:`.jobs`: segmentation and fine-tuning in separate processes, polled from the main thread.
+- :mod:`.commands`: the ``python -m DRSegUNetLib`` command line, its environment, the temporary folder.
+- :mod:`.jobs`: segmentation and fine-tuning in separate processes, polled from the main thread; what
+  they write with and start processes with is passed in by the logic.
 - :mod:`.logic`: :class:`DRSegUNetLogic`, segment / report / accept / fine-tune.
 - :mod:`.parameters`: the panel's choices on a parameter node saved with the scene.
 - :mod:`.startup`: what the module does once Slicer has started (terminology, Sample Data).
+
+This file only makes the library importable and re-exports; no module of the package imports it.
 """
 import os
 import sys
-
-try:
-    from slicer.i18n import tr as _  # noqa: F401  (used by the modules of this package)
-    from slicer.i18n import translate
-except ImportError:  # slicer-core outside the application has no i18n
-    def _(text: str) -> str:
-        return text
-
-    def translate(context: str, text: str) -> str:
-        return text
 
 
 def _ensureLibraryImportable() -> None:
@@ -32,36 +29,24 @@ def _ensureLibraryImportable() -> None:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-_ensureLibraryImportable()
+_ensureLibraryImportable()  # before the modules below import DRSegUNetLib
 
-DEVICES = ("auto", "cpu", "cuda")
-# Segmentation node attributes
-ATTR_SLICE_HASHES = "DRSegUNet.SliceHashes"  # per axial slice: hash of the labels last predicted or accepted
-ATTR_MODEL = "DRSegUNet.Model"
-ATTR_SOURCE = "DRSegUNet.Source"
-ATTR_REPORT = "DRSegUNet.Report"
-ATTR_UNCERTAINTY = "DRSegUNet.SliceUncertainty"  # per axial slice: DRSegUNetLib.inference.slice_uncertainty
-ATTR_ACCEPTED = "DRSegUNet.AcceptedSlices"  # axial slice indices accepted as corrections
-ATTR_SEGMENT_IDS = "DRSegUNet.SegmentIds"  # {"ggo": id, "consolidation": id, "lung": id} of the last run's segments
-BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-CLOSED_SURFACE = "Closed surface"  # vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
-# What to do with segments a segmentation already has under our names or IDs (see DRSegUNetLogic.startSegmentation).
-EXISTING_SEGMENTS = ("ask", "replace", "keep")
-# Application settings (written by the widget; the data folder is also read by the logic, for the headless script).
-SETTING_DATA_FOLDER = "DRSegUNet/DataFolder"
-SETTING_DEVICE = "DRSegUNet/Device"
-SETTING_PIXEL_SIZE = "DRSegUNet/PixelSize"
-
+from .constants import (ATTR_ACCEPTED, ATTR_MODEL, ATTR_REPORT, ATTR_SEGMENT_IDS, ATTR_SLICE_HASHES,  # noqa: E402
+                        ATTR_SOURCE, ATTR_UNCERTAINTY, BINARY_LABELMAP, CLOSED_SURFACE, DEVICES, EXISTING_SEGMENTS,
+                        SETTING_DATA_FOLDER, SETTING_DEVICE, SETTING_PIXEL_SIZE)
 from .conversions import ijkToRasArray, sitkImageFromVolumeNode, volumeNodeFromSitkImage  # noqa: E402
+from .i18n import _, translate  # noqa: E402
 from .jobs import FineTuneJob, SegmentationJob  # noqa: E402
-from .logic import DRSegUNetLogic, ExistingSegmentsError, reportRows, setSegmentTerminology  # noqa: E402
+from .logic import DRSegUNetLogic, ExistingSegmentsError, reportRows  # noqa: E402
 from .parameters import DRSegUNetParameters  # noqa: E402
 from .processes import ProcessRunner, RunningProcess, SubprocessRunner  # noqa: E402
+from .segments import SegmentWriter, setSegmentTerminology  # noqa: E402
 
 __all__ = [
     "ATTR_ACCEPTED", "ATTR_MODEL", "ATTR_REPORT", "ATTR_SEGMENT_IDS", "ATTR_UNCERTAINTY", "ATTR_SLICE_HASHES",
-    "ATTR_SOURCE", "CLOSED_SURFACE", "DEVICES", "DRSegUNetLogic", "DRSegUNetParameters", "EXISTING_SEGMENTS",
-    "ExistingSegmentsError", "FineTuneJob", "ProcessRunner", "RunningProcess", "SETTING_DATA_FOLDER", "SETTING_DEVICE",
-    "SETTING_PIXEL_SIZE", "SegmentationJob", "SubprocessRunner", "ijkToRasArray", "reportRows",
-    "setSegmentTerminology", "sitkImageFromVolumeNode", "volumeNodeFromSitkImage",
+    "ATTR_SOURCE", "BINARY_LABELMAP", "CLOSED_SURFACE", "DEVICES", "DRSegUNetLogic", "DRSegUNetParameters",
+    "EXISTING_SEGMENTS", "ExistingSegmentsError", "FineTuneJob", "ProcessRunner", "RunningProcess",
+    "SETTING_DATA_FOLDER", "SETTING_DEVICE", "SETTING_PIXEL_SIZE", "SegmentWriter", "SegmentationJob",
+    "SubprocessRunner", "_", "ijkToRasArray", "reportRows", "setSegmentTerminology", "sitkImageFromVolumeNode",
+    "translate", "volumeNodeFromSitkImage",
 ]

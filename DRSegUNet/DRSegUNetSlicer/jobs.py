@@ -2,6 +2,10 @@
 
 The widget polls a job from a ``QTimer``; headless callers use :meth:`Job.wait`. MRML is
 only touched in ``poll()``, so no Slicer call ever runs outside the main thread.
+
+The logic starts the jobs and passes in what they use: the segment writer, the report table
+maker, the predictor factory or the library process starter, the model store. Nothing here
+imports the logic.
 """
 import collections
 import dataclasses
@@ -12,21 +16,23 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from DRSegUNetLib.errors import Cancelled
 from DRSegUNetLib.orientation import SliceResult, axial_view
-from DRSegUNetLib.store import ModelVersion
+from DRSegUNetLib.store import ModelStore, ModelVersion
 from DRSegUNetLib.vocabulary import SEGMENTS
 
-from . import ATTR_REPORT, ATTR_UNCERTAINTY, BINARY_LABELMAP, CLOSED_SURFACE, _
+from .constants import ATTR_REPORT, ATTR_UNCERTAINTY, BINARY_LABELMAP, CLOSED_SURFACE
+from .i18n import _
 from .processes import RunningProcess
+from .segments import SegmentWriter
 
-if TYPE_CHECKING:
-    from .logic import DRSegUNetLogic
+PredictorFactory = Callable[[str, str], Any]  # (model path, device) -> a Predictor (DRSegUNetLib.inference)
+LibraryStarter = Callable[..., RunningProcess]  # ("segment-stream", ARGS...) -> python -m DRSegUNetLib ARGS, started
 
 
 class Job:
@@ -85,8 +91,8 @@ class SegmentationJob(Job):
     PythonSlicer inside Slicer), which writes each axial slice into a shared ``.npy`` array
     and then prints a line naming it; a Python thread inside Slicer would only run while
     the main thread runs Python, because Slicer's main thread keeps the GIL in its event
-    loop. With a ``logic.predictorFactory`` (tests, scripts that bring their own predictor)
-    the predictor runs in a worker thread of this process instead.
+    loop. With a ``predictorFactory`` (tests, scripts that bring their own predictor) the
+    predictor runs in a worker thread of this process instead.
 
     Each axial slice is written whole into the three segments' own full-size labelmaps
     (with ``SliceResult.place``), so on Cancel the slices written so far stay, no slice is
@@ -95,7 +101,7 @@ class SegmentationJob(Job):
     The segmentation is not touched before the first slice arrives: only then are the
     segments made (and, with ``existing="replace"``, the old ones removed), so a run that
     fails to start leaves the segmentation as it was. ``existing="keep"`` writes next to
-    segments with our names under new names (``logic.plannedSegments``).
+    segments with our names under new names (``SegmentWriter.plannedSegments``).
 
     While slices stream in, derived representations are not rebuilt per slice: a closed
     surface (Show 3D) is taken away at the first slice and made once at the end, and the
@@ -108,10 +114,21 @@ class SegmentationJob(Job):
 
     derivedInterval = 10.0  # seconds between labelmap Modified() events while streaming
 
-    def __init__(self, logic: "DRSegUNetLogic", volumeNode, segmentationNode, image: sitk.Image,
-                 modelPath: str, device: str, pixelMM: Optional[float] = None, existing: str = "keep"):
+    def __init__(self, volumeNode, segmentationNode, image: sitk.Image, modelPath: str, device: str,
+                 pixelMM: Optional[float] = None, existing: str = "keep", *, segments: SegmentWriter,
+                 reportTable: Callable[[Dict[str, Any]], Any], predictorFactory: Optional[PredictorFactory] = None,
+                 startLibrary: Optional[LibraryStarter] = None, temporaryFolder: Optional[str] = None):
+        """
+        Args:
+            segments: plans, makes and writes the segments (the logic's :class:`SegmentWriter`).
+            reportTable: ``report -> table node`` for the finished report.
+            predictorFactory: ``(modelPath, device) -> Predictor``, run in a worker thread; None:
+                ``startLibrary("segment-stream", ...)`` runs the network in a separate process,
+                with its files in ``temporaryFolder`` (None: the system's).
+        """
         super().__init__()
-        self.logic = logic
+        self.segments = segments
+        self.reportTable = reportTable
         self.volumeNode = volumeNode
         self.segmentationNode = segmentationNode
         self.image: Optional[sitk.Image] = image  # the CT; released when the job finishes
@@ -127,16 +144,19 @@ class SegmentationJob(Job):
         self.message = _("Loading the model...")
         self.notes: List[str] = []  # what the run changed besides the segments (the source representation)
         self.existing = existing  # "replace" or "keep" (see DRSegUNetLogic.startSegmentation)
-        self.segmentIds = logic.plannedSegments(segmentationNode, existing)  # ours -> (ID, name) in the node
+        self.segmentIds = segments.plannedSegments(segmentationNode, existing)  # ours -> (ID, name) in the node
         self.prepared = False  # the segments exist (the first slice has arrived)
         self.derivedUpdates = 0  # labelmap Modified() rounds sent (each drops and may rebuild derived representations)
         self._hadSurface = False
         self._lastDerived = 0.0
         self._aborted = False
-        if logic.predictorFactory is None:
-            self._source: Any = _SliceProcess(logic, image, modelPath, device, pixelMM, self.total)
+        if predictorFactory is None:
+            if startLibrary is None:
+                raise ValueError("a segmentation needs a predictorFactory or a startLibrary")
+            self._source: Any = _SliceProcess(startLibrary, temporaryFolder, image, modelPath, device, pixelMM,
+                                              self.total)
         else:
-            self._source = _SliceThread(logic, image, modelPath, device, pixelMM, self._cancel)
+            self._source = _SliceThread(predictorFactory, image, modelPath, device, pixelMM, self._cancel)
 
     @property
     def settings(self) -> Optional[Dict[str, Any]]:
@@ -186,9 +206,9 @@ class SegmentationJob(Job):
         self._hadSurface = segmentation.GetNumberOfSegments() > 0 and bool(segmentation.ContainsRepresentation(CLOSED_SURFACE))
         if self._hadSurface:
             node.RemoveClosedSurfaceRepresentation()
-        remove = self.logic.existingSegments(node) if self.existing == "replace" else []
-        self.segmentIds = self.logic.plannedSegments(node, self.existing)  # the user may have added segments meanwhile
-        self.notes += self.logic.prepareSegments(node, self.volumeNode, self.segmentIds, remove=remove)
+        remove = self.segments.existingSegments(node) if self.existing == "replace" else []
+        self.segmentIds = self.segments.plannedSegments(node, self.existing)  # the user may have added segments meanwhile
+        self.notes += self.segments.prepareSegments(node, self.volumeNode, self.segmentIds, remove=remove)
         self.prepared = True
         self._lastDerived = time.monotonic()
 
@@ -244,8 +264,8 @@ class SegmentationJob(Job):
         try:
             for s in SEGMENTS:
                 segmentId = self.segmentIds[s.segment_id][0]
-                array = self.logic.segmentLabelmapArray(self.segmentationNode, self.volumeNode, segmentId,
-                                                        self.labels, s.labels)
+                array = self.segments.segmentLabelmapArray(self.segmentationNode, self.volumeNode, segmentId,
+                                                           self.labels, s.labels)
                 if array is not None:
                     result.place(array, s.labels)
                     # What slicer.util.arrayFromSegmentInternalBinaryLabelmap asks for after writing.
@@ -276,7 +296,7 @@ class SegmentationJob(Job):
         if not self.prepared:  # cancelled before the first slice: the segmentation is as it was
             self.message = _("Cancelled before the first slice; the segmentation is unchanged.")
             return
-        self.logic.recordPrediction(self.segmentationNode, self.volumeNode, self.image, self.labels, self.modelPath)
+        self.segments.recordPrediction(self.segmentationNode, self.volumeNode, self.image, self.labels, self.modelPath)
         self.segmentationNode.SetAttribute(ATTR_UNCERTAINTY, json.dumps([round(float(u), 5) for u in self.uncertainty]))
         if state == "cancelled":
             self.message = _("Cancelled after {step} of {total} slices; finished slices kept.").format(
@@ -288,7 +308,7 @@ class SegmentationJob(Job):
         self.report.update(model=self.modelPath, inference=self.settings)
         add_uncertainty(self.report, list(self.uncertainty))
         self.segmentationNode.SetAttribute(ATTR_REPORT, json.dumps(self.report))
-        self.tableNode = self.logic.reportTable(self.report)
+        self.tableNode = self.reportTable(self.report)
         self.message = _("Done: {total} slices").format(total=self.total)
 
     def labelImage(self) -> sitk.Image:
@@ -313,11 +333,11 @@ def _jsonEvent(stream: str, line: str) -> Optional[Dict[str, Any]]:
 
 
 class _SliceThread:
-    """The predictor of ``logic.predictorFactory`` in a worker thread; events through a queue."""
+    """The predictor of a ``predictorFactory`` in a worker thread; events through a queue."""
 
-    def __init__(self, logic: "DRSegUNetLogic", image: sitk.Image, modelPath: str, device: str,
+    def __init__(self, predictorFactory: PredictorFactory, image: sitk.Image, modelPath: str, device: str,
                  pixelMM: Optional[float], cancelled: threading.Event):
-        self.logic, self.image, self.modelPath, self.pixelMM = logic, image, modelPath, pixelMM
+        self.predictorFactory, self.image, self.modelPath, self.pixelMM = predictorFactory, image, modelPath, pixelMM
         self.settings: Optional[Dict[str, Any]] = None
         self._cancel = cancelled
         self._queue: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=16)
@@ -337,7 +357,7 @@ class _SliceThread:
 
     def _run(self, device: str) -> None:
         try:
-            predictor = self.logic.predictorFactory(self.modelPath, device)
+            predictor = self.predictorFactory(self.modelPath, device)
             if self.pixelMM is not None:
                 predictor.inference = dataclasses.replace(predictor.inference, pixel_mm=float(self.pixelMM) or None)
             settings = getattr(predictor, "settings", None)
@@ -373,13 +393,13 @@ class _SliceProcess:
     process (and its children: PythonSlicer is a launcher).
     """
 
-    def __init__(self, logic: "DRSegUNetLogic", image: sitk.Image, modelPath: str, device: str,
-                 pixelMM: Optional[float], total: int):
+    def __init__(self, startLibrary: LibraryStarter, temporaryFolder: Optional[str], image: sitk.Image,
+                 modelPath: str, device: str, pixelMM: Optional[float], total: int):
         self.settings: Optional[Dict[str, Any]] = None
         self.direction = image.GetDirection()
         self.total = total  # axial slices (the job's count)
         # The CT copy goes to Slicer's temporary folder (its settings), else the system's.
-        self.folder = Path(tempfile.mkdtemp(prefix="drsegunet-segment-", dir=logic.temporaryFolder()))
+        self.folder = Path(tempfile.mkdtemp(prefix="drsegunet-segment-", dir=temporaryFolder))
         self.process: Optional[RunningProcess] = None
         self._labels: Optional[np.ndarray] = None
         self._events: "collections.deque[Tuple[str, Any]]" = collections.deque()
@@ -390,11 +410,10 @@ class _SliceProcess:
             sitk.WriteImage(image, str(ct))
             np.lib.format.open_memmap(labels, mode="w+", dtype=np.uint8, shape=tuple(image.GetSize()[::-1])).flush()
             self._labels = np.load(labels, mmap_mode="r")
-            command = logic.libraryCommand("segment-stream", str(ct), str(labels), "--model", str(modelPath),
-                                           "--device", device)
+            args = ["segment-stream", str(ct), str(labels), "--model", str(modelPath), "--device", device]
             if pixelMM is not None:
-                command += ["--pixel-mm", repr(float(pixelMM))]
-            self.process = logic.processRunner.start(command, logic.libraryEnvironment())
+                args += ["--pixel-mm", repr(float(pixelMM))]
+            self.process = startLibrary(*args)
         except BaseException:
             self.close()
             raise
@@ -453,9 +472,10 @@ class _SliceProcess:
 class FineTuneJob(Job):
     """A ``python -m DRSegUNetLib finetune --json-progress`` process whose JSON lines drive :meth:`poll`."""
 
-    def __init__(self, logic: "DRSegUNetLogic", process: RunningProcess, parent: ModelVersion):
+    def __init__(self, process: RunningProcess, parent: ModelVersion, modelStore: ModelStore):
+        """``parent``: the active version when the process started; ``modelStore``: where it saves the new one."""
         super().__init__()
-        self.logic = logic
+        self.modelStore = modelStore
         self.process = process
         self.parent = parent
         self.version: Optional[int] = None
@@ -493,7 +513,7 @@ class FineTuneJob(Job):
                         version=self.version, parent=self.parent.version,
                         why="; ".join((self.gate or {}).get("reasons", [])) or _("see the log"))
                 else:
-                    self.logic.modelStore.set_active(self.version)  # what the command did (older commands: always)
+                    self.modelStore.set_active(self.version)  # what the command did (older commands: always)
                     self.message = _("New model v{version} is active (previous: v{parent}). {gate}").format(
                         version=self.version, parent=self.parent.version, gate=self.gateSummary())
             elif self._cancelSent:
@@ -531,7 +551,7 @@ class FineTuneJob(Job):
 
     def _cancelledMessage(self) -> str:
         """What a cancel left: the command may have saved and activated its model just before it ended."""
-        active = self.logic.modelStore.active().version
+        active = self.modelStore.active().version
         if active == self.parent.version:
             return _("Fine-tuning cancelled; the active model is unchanged.")
         # Most likely the command's own new model, saved just before the cancel; say only what is known.

@@ -1,8 +1,6 @@
 """DRSegUNetLogic: segment, report, accept corrections and fine-tune, on MRML nodes, without any GUI."""
-import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,12 +15,15 @@ from DRSegUNetLib.orientation import axial_view
 from DRSegUNetLib.store import HOME_ENV, CorrectionsStore, ModelStore, default_home
 from DRSegUNetLib.vocabulary import LUNG, SEGMENTS
 
-from . import (ATTR_ACCEPTED, ATTR_MODEL, ATTR_SEGMENT_IDS, ATTR_SLICE_HASHES, ATTR_SOURCE, ATTR_UNCERTAINTY,
-               BINARY_LABELMAP, DEVICES, EXISTING_SEGMENTS, SETTING_DATA_FOLDER, _)
-from .conversions import orientedImageFromMask, sitkImageFromVolumeNode
+from .commands import libraryCommand, libraryEnvironment, pythonExecutable, temporaryFolder
+from .constants import (ATTR_ACCEPTED, ATTR_SLICE_HASHES, ATTR_SOURCE, ATTR_UNCERTAINTY, BINARY_LABELMAP, DEVICES,
+                        EXISTING_SEGMENTS, SETTING_DATA_FOLDER)
+from .conversions import sitkImageFromVolumeNode
+from .i18n import _
 from .jobs import FineTuneJob, SegmentationJob
 from .parameters import DRSegUNetParameters, parameterNode
-from .processes import ProcessRunner, SubprocessRunner
+from .processes import ProcessRunner, RunningProcess, SubprocessRunner
+from .segments import SegmentWriter, segmentIdsAndNames, sliceHash, sourceIdentity, sourceRepresentationName
 
 _REQUIREMENTS = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 
@@ -42,29 +43,6 @@ class ExistingSegmentsError(ValueError):
         self.segmentIds = list(segmentIds)
 
 
-def setSegmentTerminology(segment, terminologyEntry: str) -> None:
-    """``vtkSegment.SetTerminology`` where Slicer has it (5.10+), else the tag it writes (5.6, 5.8)."""
-    if hasattr(segment, "SetTerminology"):
-        segment.SetTerminology(terminologyEntry)
-    else:
-        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminologyEntry)
-
-
-def _sourceRepresentationName(segmentation) -> str:
-    """``GetSourceRepresentationName`` (Slicer 5.4+; "master" before)."""
-    getter = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
-    return getter()
-
-
-def _segmentIdsAndNames(segmentation) -> List[Tuple[str, str]]:
-    return [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i).GetName())
-            for i in range(segmentation.GetNumberOfSegments())]
-
-
-def _sliceHash(labels: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), digest_size=6).hexdigest()
-
-
 class DRSegUNetLogic:
     """Segment, report, accept corrections and fine-tune, on MRML nodes, without any GUI.
 
@@ -72,7 +50,7 @@ class DRSegUNetLogic:
         scene: the MRML scene (default ``slicer.mrmlScene``).
         dataFolder: where the model versions and the corrections live (default: :meth:`defaultDataFolder`).
         modelStore / correctionsStore: default in the data folder.
-        processRunner: starts the fine-tuning process (default :class:`SubprocessRunner`).
+        processRunner: starts the segment-stream and fine-tuning processes (default :class:`SubprocessRunner`).
         predictorFactory: ``(modelPath, device) -> Predictor`` to segment in a worker thread of
             this process (tests, scripts); None (default): a separate process runs the network
             (``python -m DRSegUNetLib segment-stream``, see :class:`SegmentationJob`).
@@ -90,6 +68,7 @@ class DRSegUNetLogic:
             self.dataFolder / "corrections")
         self.processRunner = processRunner if processRunner is not None else SubprocessRunner()
         self.predictorFactory = predictorFactory
+        self.segments = SegmentWriter(self.scene)  # plans, makes and writes our segments (segments.py)
         self._installing = False
         self.installingChanged: Optional[Callable[[bool], None]] = None  # called when :attr:`installing` changes
         self._segmentationsLogic = None
@@ -132,14 +111,7 @@ class DRSegUNetLogic:
         self.modelStore = ModelStore(folder / "models", bundled=DRSegUNetLib.default_model_path())
         self.correctionsStore = CorrectionsStore(folder / "corrections")
 
-    @staticmethod
-    def temporaryFolder() -> Optional[str]:
-        """Slicer's temporary folder (*Application Settings → General → Temporary directory*); None: the system's."""
-        app = getattr(slicer, "app", None)
-        path = getattr(app, "temporaryPath", None) if app is not None else None
-        if path and os.path.isdir(str(path)):
-            return str(path)
-        return None
+    temporaryFolder = staticmethod(temporaryFolder)
 
     # -- requirements
     @property
@@ -280,40 +252,15 @@ class DRSegUNetLogic:
     # -- segmentation
     def existingSegments(self, segmentationNode) -> List[str]:
         """IDs of the segments of ``segmentationNode`` that have our segment IDs or names ("Lung", ...)."""
-        if segmentationNode is None:
-            return []
-        ids, names = {s.segment_id for s in SEGMENTS}, {s.name for s in SEGMENTS}
-        return [i for i, name in _segmentIdsAndNames(segmentationNode.GetSegmentation()) if i in ids or name in names]
+        return self.segments.existingSegments(segmentationNode)
 
     def plannedSegments(self, segmentationNode, existing: str = "replace") -> Dict[str, Tuple[str, str]]:
-        """Our segment id (``vocabulary.Segment.segment_id``) → (segment ID, name) a run writes.
-
-        Our own IDs and names, unless ``existing`` is "keep" and the segmentation already has
-        one of them: then "lung_2" / "Lung (DRSegUNet 2)" and so on, the first number free for all three.
-        """
-        planned = {s.segment_id: (s.segment_id, s.name) for s in SEGMENTS}
-        if existing != "keep" or not self.existingSegments(segmentationNode):
-            return planned
-        taken = _segmentIdsAndNames(segmentationNode.GetSegmentation())
-        usedIds, usedNames = {i for i, _n in taken}, {n for _i, n in taken}
-        number = 2
-        while True:
-            planned = {s.segment_id: (f"{s.segment_id}_{number}", f"{s.name} (DRSegUNet {number})") for s in SEGMENTS}
-            if not any(i in usedIds or n in usedNames for i, n in planned.values()):
-                return planned
-            number += 1
+        """Our segment id → (segment ID, name) a run writes (:meth:`SegmentWriter.plannedSegments`)."""
+        return self.segments.plannedSegments(segmentationNode, existing)
 
     def segmentIdsOf(self, segmentationNode) -> Dict[str, str]:
         """Our segment id → the segment's ID in ``segmentationNode`` (the last run's, else by our ID or name)."""
-        segmentation = segmentationNode.GetSegmentation()
-        recorded = json.loads(segmentationNode.GetAttribute(ATTR_SEGMENT_IDS) or "{}")
-        found = {}
-        for s in SEGMENTS:
-            for candidate in (recorded.get(s.segment_id), s.segment_id, segmentation.GetSegmentIdBySegmentName(s.name)):
-                if candidate and segmentation.GetSegment(candidate) is not None:
-                    found[s.segment_id] = candidate
-                    break
-        return found
+        return self.segments.segmentIdsOf(segmentationNode)
 
     def checkOutputSegmentation(self, segmentationNode, existing: str) -> None:
         """Refuse an output a run cannot write into without loss (see :meth:`startSegmentation`)."""
@@ -328,9 +275,9 @@ class DRSegUNetLogic:
                 "'{node}' already has the segments {names}: replace them or keep both.").format(
                 node=segmentationNode.GetName(), names=", ".join(f"'{n}'" for n in names)), clashing)
         segmentation = segmentationNode.GetSegmentation()
-        source = _sourceRepresentationName(segmentation)
+        source = sourceRepresentationName(segmentation)
         if source != BINARY_LABELMAP:
-            staying = [n for i, n in _segmentIdsAndNames(segmentation) if existing != "replace" or i not in clashing]
+            staying = [n for i, n in segmentIdsAndNames(segmentation) if existing != "replace" or i not in clashing]
             if staying:
                 raise ValueError(_(
                     "'{node}' stores its segments as '{source}' (its source representation) and DRSegUNet writes "
@@ -338,82 +285,6 @@ class DRSegUNetLogic:
                     "segmentation\", or make Binary labelmap the source representation in the Segmentations "
                     "module first.").format(node=segmentationNode.GetName(), source=source,
                                             names=", ".join(f"'{n}'" for n in staying)))
-
-    def prepareSegments(self, segmentationNode, volumeNode, segmentIds: Optional[Dict[str, Tuple[str, str]]] = None,
-                        remove: Sequence[str] = ()) -> List[str]:
-        """Add the three segments, empty, with fixed names, colours and terminology; returns notes for the user.
-
-        ``segmentIds``: our segment id → (segment ID, name) (default: our own, see
-        :meth:`plannedSegments`); ``remove``: segment IDs to remove first (a "replace" run, once
-        its first slice has arrived). A segmentation whose source representation is not a
-        binary labelmap (e.g. closed surfaces) is switched to binary labelmap, with a note:
-        otherwise what is written here would be a derived representation, remade or dropped
-        by Slicer. Each segment gets its own full-size labelmap layer, so finished slices can be
-        written in place (writing one slice through SetBinaryLabelmapToSegment either clears
-        the segment or, with shared layers, spills into the other segments).
-        """
-        segmentIds = segmentIds or {s.segment_id: (s.segment_id, s.name) for s in SEGMENTS}
-        notes = []
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-        if segmentationNode.GetDisplayNode() is None:
-            segmentationNode.CreateDefaultDisplayNodes()
-        segmentation = segmentationNode.GetSegmentation()
-        for old in remove:
-            if segmentation.GetSegment(old) is not None:
-                segmentation.RemoveSegment(old)
-        source = _sourceRepresentationName(segmentation)
-        if source != BINARY_LABELMAP:
-            # As the Segment Editor does: keep what the other segments hold, as labelmaps.
-            if segmentation.GetNumberOfSegments() and not segmentation.CreateRepresentation(BINARY_LABELMAP):
-                raise RuntimeError(f"could not convert '{segmentationNode.GetName()}' to binary labelmaps")
-            segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
-            notes.append(_("'{node}' kept its segments as '{source}'; it now keeps them as binary labelmaps, "
-                           "which is what DRSegUNet writes.").format(node=segmentationNode.GetName(), source=source))
-        empty = np.zeros(volumeNode.GetImageData().GetDimensions()[::-1], dtype=np.uint8)
-        for s in SEGMENTS:
-            segmentId, name = segmentIds[s.segment_id]
-            if segmentation.GetSegment(segmentId) is not None:
-                segmentation.RemoveSegment(segmentId)  # only ever one of ours: plannedSegments avoids the user's
-            segment = slicer.vtkSegment()
-            segment.SetName(name)
-            segment.SetColor(*s.color)
-            segment.SetNameAutoGenerated(False)
-            segment.SetColorAutoGenerated(False)
-            setSegmentTerminology(segment, s.terminology)
-            segment.AddRepresentation(BINARY_LABELMAP, orientedImageFromMask(volumeNode, empty))
-            if not segmentation.AddSegment(segment, segmentId):
-                raise RuntimeError(f"could not add segment '{name}'")
-        segmentationNode.SetAttribute(ATTR_SEGMENT_IDS, json.dumps({k: v[0] for k, v in segmentIds.items()}))
-        return notes
-
-    def segmentLabelmapArray(self, segmentationNode, volumeNode, segmentId: str, labels: np.ndarray,
-                             values: Sequence[int]) -> Optional[np.ndarray]:
-        """A writable (k, j, i) view of the segment's own full-size labelmap, or None if the user removed it.
-
-        If the segment no longer has its own full-size 0/1 layer (saving merges layers,
-        editing crops them), it is given one again, filled with what the segment holds now
-        on the volume's grid (the slices finished so far and the user's edits); only if that
-        cannot be read, from ``labels``.
-        """
-        segmentation = segmentationNode.GetSegmentation()
-        segment = segmentation.GetSegment(segmentId)
-        if segment is None:
-            return None
-        image = segment.GetRepresentation(BINARY_LABELMAP)
-        own = (image is not None and len(segmentation.GetSegmentIDsForDataObject(image)) == 1
-               and segment.GetLabelValue() == 1  # a merged layer numbers its segments 1, 2, ...
-               and image.GetDimensions() == labels.shape[::-1] and image.GetExtent()[::2] == (0, 0, 0))
-        if not own:
-            try:
-                mask = self._exportSegment(segmentationNode, segmentId, volumeNode) > 0
-            except RuntimeError:
-                mask = None
-            if mask is None or mask.shape != labels.shape:
-                mask = np.isin(labels, values)
-            segment.AddRepresentation(BINARY_LABELMAP, orientedImageFromMask(volumeNode, mask))
-            segment.SetLabelValue(1)
-        return slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentId)
 
     @staticmethod
     def defaultPixelSize() -> float:
@@ -464,8 +335,10 @@ class DRSegUNetLogic:
         image = sitkImageFromVolumeNode(volumeNode)
         if segmentationNode is None:
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} DRSegUNet")
-        return SegmentationJob(self, volumeNode, segmentationNode, image, modelPath, device, pixelMM,
-                               existing="replace" if existing == "replace" else "keep")
+        return SegmentationJob(volumeNode, segmentationNode, image, modelPath, device, pixelMM,
+                               existing="replace" if existing == "replace" else "keep", segments=self.segments,
+                               reportTable=self.reportTable, predictorFactory=self.predictorFactory,
+                               startLibrary=self.startLibrary, temporaryFolder=self.temporaryFolder())
 
     def segment(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
                 progress: Optional[Callable[..., None]] = None, cancel: Optional[Callable[[], bool]] = None,
@@ -477,21 +350,7 @@ class DRSegUNetLogic:
         job.raiseIfFailed()
         return job
 
-    def recordPrediction(self, segmentationNode, volumeNode, image: sitk.Image, labels: np.ndarray, modelPath: str) -> None:
-        """Remember per axial slice what the model said, so Accept can tell which slices the user changed."""
-        view = axial_view(labels, image.GetDirection())[0]
-        segmentationNode.SetAttribute(ATTR_SLICE_HASHES, json.dumps([_sliceHash(s) for s in view]))
-        segmentationNode.SetAttribute(ATTR_MODEL, str(modelPath))
-        segmentationNode.SetAttribute(ATTR_SOURCE, self.sourceIdentity(volumeNode, image))
-
-    @staticmethod
-    def sourceIdentity(volumeNode, image: sitk.Image) -> str:
-        """Volume name, file (if any) and a digest of its voxels and geometry."""
-        digest = hashlib.sha1(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
-        digest.update(repr((image.GetSpacing(), image.GetOrigin(), image.GetDirection())).encode())
-        storage = volumeNode.GetStorageNode()
-        fileName = storage.GetFileName() if storage is not None and storage.GetFileName() else ""
-        return f"{volumeNode.GetName()} | {fileName} | sha1:{digest.hexdigest()[:16]}"
+    sourceIdentity = staticmethod(sourceIdentity)
 
     def reportTable(self, report: Dict[str, Any], tableNode=None):
         """Fill a table node with volume (mL) and % of lung per region, and per lung when separable."""
@@ -523,29 +382,9 @@ class DRSegUNetLogic:
         for s in sorted(SEGMENTS, key=lambda s: -len(s.labels)):  # the lung field first, lesions over it
             segmentId = segmentIds.get(s.segment_id)
             if segmentId:
-                labels[self._exportSegment(segmentationNode, segmentId, volumeNode) > 0] = \
+                labels[self.segments.exportSegment(segmentationNode, segmentId, volumeNode) > 0] = \
                     s.labels[0] if len(s.labels) == 1 else LUNG
         return labels
-
-    def _exportSegment(self, segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
-        """A copy of one segment on the volume's grid: ``slicer.util.arrayFromSegmentBinaryLabelmap``
-        in this logic's scene (that one uses ``slicer.mrmlScene``), without leaving nodes behind."""
-        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DRSegUNet_export__")
-        try:
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segmentId)
-            export = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode
-            if not export(segmentationNode, ids, labelmap, volumeNode):
-                raise RuntimeError(f"could not export segment '{segmentId}'")
-            return np.array(slicer.util.arrayFromVolume(labelmap))
-        finally:
-            # The export adds a display node and a colour table; removing the labelmap leaves them behind.
-            display = labelmap.GetDisplayNode()
-            if display is not None:
-                if display.GetColorNode() is not None:
-                    self.scene.RemoveNode(display.GetColorNode())
-                self.scene.RemoveNode(display)
-            self.scene.RemoveNode(labelmap)
 
     def acceptCorrections(self, volumeNode, segmentationNode, sliceRange: Optional[Tuple[int, int]] = None,
                           checkedClasses: Optional[Sequence[str]] = None) -> List[str]:
@@ -560,7 +399,7 @@ class DRSegUNetLogic:
                 Fine-tuning then trains only on what was checked (a pixel outside the
                 checked segments is known only not to be one of them).
         """
-        from DRSegUNetLib.lungs import axial_spacing
+        from DRSegUNetLib.orientation import axial_spacing
         from DRSegUNetLib.vocabulary import CLASS_NAMES
 
         if volumeNode is None or segmentationNode is None:
@@ -578,7 +417,7 @@ class DRSegUNetLogic:
         image = sitkImageFromVolumeNode(volumeNode)
         ct = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())[0]
         labels = axial_view(self.labelsFromSegmentation(segmentationNode, volumeNode), image.GetDirection())[0]
-        hashes = [_sliceHash(s) for s in labels]
+        hashes = [sliceHash(s) for s in labels]
         if sliceRange is not None:
             first, last = max(0, int(sliceRange[0])), min(len(hashes) - 1, int(sliceRange[1]))
             if first > last:
@@ -679,30 +518,13 @@ class DRSegUNetLogic:
         return float(PIXEL_MM_RANGE[0]), float(PIXEL_MM_RANGE[1])
 
     # -- fine-tuning
-    @staticmethod
-    def pythonExecutable() -> str:
-        """PythonSlicer inside Slicer (torch lives in its site-packages), else this interpreter."""
-        if getattr(slicer, "app", None) is not None:
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-            candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
-            if os.path.exists(candidate):
-                return candidate
-        return sys.executable
+    pythonExecutable = staticmethod(pythonExecutable)
+    libraryCommand = staticmethod(libraryCommand)
+    libraryEnvironment = staticmethod(libraryEnvironment)
 
-    def libraryCommand(self, *args: str) -> List[str]:
-        """``python -m DRSegUNetLib ARGS`` with the Python that has torch (see :meth:`pythonExecutable`)."""
-        return [self.pythonExecutable(), "-m", "DRSegUNetLib", *args]
-
-    @staticmethod
-    def libraryEnvironment() -> Dict[str, str]:
-        """The environment for :meth:`libraryCommand`: this DRSegUNetLib first on the path, unbuffered output."""
-        env = dict(os.environ)
-        libParent = str(Path(DRSegUNetLib.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([libParent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+    def startLibrary(self, *args: str) -> RunningProcess:
+        """Start ``python -m DRSegUNetLib ARGS`` with :attr:`processRunner` (see :mod:`DRSegUNetSlicer.commands`)."""
+        return self.processRunner.start(self.libraryCommand(*args), self.libraryEnvironment())
 
     def fineTuneCommand(self, steps: int, lr: float, device: str = "auto", pixelMM: Optional[float] = None) -> List[str]:
         """The level-2 command: from the active model, on the corrections store, into the model store.
@@ -729,7 +551,7 @@ class DRSegUNetLogic:
         self._checkPixelSize(pixelMM)
         parent = self.modelStore.active()
         process = self.processRunner.start(self.fineTuneCommand(steps, lr, device, pixelMM), self.libraryEnvironment())
-        return FineTuneJob(self, process, parent)
+        return FineTuneJob(process, parent, self.modelStore)
 
     # -- files
     def loadSegmentation(self, path: str, name: Optional[str] = None):

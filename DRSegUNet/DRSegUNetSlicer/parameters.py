@@ -11,7 +11,7 @@ from typing import Optional
 
 import slicer
 
-from . import DEVICES
+from .constants import DEVICES
 
 MODULE_NAME = "DRSegUNet"  # singleton tag and "ModuleName" attribute, as ScriptedLoadableModuleLogic.getParameterNode
 ROLE_INPUT = "InputVolume"
