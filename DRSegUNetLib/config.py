@@ -158,6 +158,9 @@ class TrainConfig:
     # weights -- what fine-tuning on a few slices needs (issue 18).
     bn: str = "train"
     optimizer: str = "adam"  # "adam" (thesis) or "sgd" (momentum 0.9; moves parameters by their gradient's size)
+    # Exponential moving average of the weights, validated and saved instead of the live
+    # weights (0: off, the thesis's behaviour; e.g. 0.998 averages about the last 500 steps).
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .metrics import MetricAccumulator, mean_dice
 from .network import DRSegUNet, build_network
 from .preprocessing import normalize
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
-from .vocabulary import BACKGROUND, CONSOLIDATION, GGO, NUM_CLASSES, REGIONS
+from .vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,12 @@ class AugmentConfig:
     blur_probability: float = 0.2
     blur_sigma_min: float = 0.3  # a blurred crop's sigma is drawn from (blur_sigma_min, blur_sigma)
     noise_probability: float = 0.3
+    # Share of the crops not centred on a lesion that are centred on a dense pixel (above
+    # ``hard_negative_hu``) decided to be lung and not lesion -- vessels, bronchial walls and
+    # fissures, mostly near the hila (COVID-19-CT-Seg's lung masks decide them; MedSeg's do
+    # not). 0 draws no such crops and leaves the random stream as it was.
+    hard_negative_fraction: float = 0.0
+    hard_negative_hu: float = -500.0
 
 
 def sample_probabilities(samples: Sequence[Sample], source_weights: Optional[dict[str, float]] = None) -> np.ndarray:
@@ -167,6 +173,9 @@ class PatchSampler:
         # Pixels that can only be infection: centres for foreground-biased crops.
         self.fg = [np.argwhere(((s.allowed & INFECTION_BITS) != 0) & ((s.allowed & bit(BACKGROUND)) == 0))
                    for s in self.samples]
+        # Dense pixels that can only be lung: centres for hard-negative crops.
+        self.neg = ([np.argwhere((s.allowed == bit(LUNG)) & (s.hu > aug.hard_negative_hu)) for s in self.samples]
+                    if aug.hard_negative_fraction > 0 else [np.empty((0, 2), int)] * len(self.samples))
 
     def draw(self) -> tuple[np.ndarray, np.ndarray]:
         rng, a, c = self.rng, self.aug, self.crop
@@ -175,6 +184,8 @@ class PatchSampler:
         h, w = s.hu.shape
         if len(self.fg[i]) and rng.random() < a.foreground_fraction:
             centre = self.fg[i][rng.integers(len(self.fg[i]))].astype(float)
+        elif len(self.neg[i]) and rng.random() < a.hard_negative_fraction:
+            centre = self.neg[i][rng.integers(len(self.neg[i]))].astype(float)
         else:
             centre = np.array([rng.uniform(0, h), rng.uniform(0, w)])
         theta = math.radians(rng.uniform(-a.rotate_deg, a.rotate_deg))
@@ -340,6 +351,32 @@ class TrainResult:
     model: Optional[DRSegUNet] = None  # the network after the last step (on its device)
 
 
+class _WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics
+    (``TrainConfig.ema_decay``): what validation scores and the checkpoints hold. Averaging
+    the last few hundred steps smooths the step-to-step swing of a model trained on few
+    slices, which otherwise makes the best validation epoch partly luck."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        import copy
+
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the weight average's decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        live = model.state_dict()
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                v.mul_(self.decay).add_(live[k].detach().to(v.dtype), alpha=1.0 - self.decay)
+            else:
+                v.copy_(live[k])
+
+
 def train(
     train_samples: Sequence[Sample],
     val_samples: Sequence[Sample],
@@ -417,7 +454,9 @@ def train(
     val_cfg = InferenceConfig(batch_size=1, cpu_bf16=config.bf16, cuda_bf16=config.bf16)
     from .inference import Predictor  # validation segments as inference does; the one use of inference here
 
-    val_predictor = Predictor(model, mcfg, dev, val_cfg, channels_last=channels_last)
+    averaged = _WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+    scored = averaged.model if averaged is not None else model  # what is validated and saved
+    val_predictor = Predictor(scored, mcfg, dev, val_cfg, channels_last=channels_last)
     best_score, best_epoch, history = -1.0, -1, []
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     if not val_samples and rank == 0:
@@ -443,6 +482,8 @@ def train(
                 opt.step()
                 if sched is not None:
                     sched.step()
+                if averaged is not None:
+                    averaged.update(model)
                 step += 1
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
@@ -456,13 +497,13 @@ def train(
             if rank != 0:
                 continue  # rank 0 validates and writes checkpoints
             if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
-                model.eval()
+                scored.eval()
                 summary = evaluate_samples(val_predictor, val_samples)
                 entry["val_dice"] = mean_dice(summary, config.select_regions or tuple(summary))
                 entry["val"] = {r: v["mean"]["dice"] for r, v in summary.items()}
             history.append(entry)
             score = entry.get("val_dice", -1.0 if val_samples else float(epoch))
-            ckpt = Checkpoint.from_model(model, mcfg, half=False, fingerprint=fingerprint or {},
+            ckpt = Checkpoint.from_model(scored, mcfg, half=False, fingerprint=fingerprint or {},
                                          metrics={"epoch": epoch, **{k: v for k, v in entry.items() if k != "epoch"}},
                                          extra={**meta, "history": history})
             save_checkpoint(ckpt, last_path)
@@ -487,5 +528,5 @@ def train(
     if final is not None:
         save_checkpoint(final, best_path)
     if not best_path.exists():
-        save_checkpoint(Checkpoint.from_model(model, mcfg, fingerprint=fingerprint or {}, extra=meta), best_path)
+        save_checkpoint(Checkpoint.from_model(scored, mcfg, fingerprint=fingerprint or {}, extra=meta), best_path)
     return TrainResult(best_path, last_path, best_score, best_epoch, history, model)

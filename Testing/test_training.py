@@ -145,3 +145,42 @@ def test_without_validation_best_is_the_last_epoch_written_once(tmp_path, monkey
               progress=lambda stage, *a, **k: epochs.append(stage) if stage == "epoch" else None,
               cancel=lambda: bool(epochs))
     assert not res.best_path.exists() and load_checkpoint(res.last_path).extra["train_config"]["seed"] == 1
+
+
+def test_hard_negative_crops_centre_on_dense_pixels_decided_lung():
+    """Hard-negative crops (AugmentConfig.hard_negative_fraction) are centred on dense pixels
+    that can only be lung -- vessels and bronchial walls in COVID-19-CT-Seg's lung masks --
+    and none are drawn, nor any random number spent, when the fraction is 0."""
+    z = read_zenodo_npz(TESTDATA / "zenodo_mini.npz")
+    still = dict(rotate_deg=0, scale=(1, 1), flip_lr=0, hu_gain=(1, 1), hu_shift=0, gamma=(1, 1), noise_hu=0,
+                 blur_sigma=0)
+    s = PatchSampler(z, 32, AugmentConfig(foreground_fraction=0.0, hard_negative_fraction=1.0, **still), seed=1)
+    assert sum(len(n) for n in s.neg) > 0
+    for _ in range(8):
+        hu, allowed = s.draw()
+        assert allowed[16, 16] == bit(LUNG) and hu[16, 16] > AugmentConfig().hard_negative_hu
+    # Off: the same crops as a sampler that predates the option (same seed, same stream).
+    a = PatchSampler(z, 33, AugmentConfig(**still), seed=2).batch(4)
+    b = PatchSampler(z, 33, AugmentConfig(hard_negative_fraction=0.0, **still), seed=2).batch(4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_weight_average_is_what_validation_scores_and_the_checkpoint_holds(tmp_path):
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    z = read_zenodo_npz(TESTDATA / "zenodo_mini.npz")
+    net = ModelConfig(network=NetworkConfig(base_filters=4))
+    plain = train(ms[:2] + z[:3], ms[2:] + z[3:], tmp_path / "plain",
+                  TrainConfig(epochs=1, steps_per_epoch=4, batch_size=2, crop=64, lr=3e-3), net, device="cpu")
+    avg = train(ms[:2] + z[:3], ms[2:] + z[3:], tmp_path / "ema",
+                TrainConfig(epochs=1, steps_per_epoch=4, batch_size=2, crop=64, lr=3e-3, ema_decay=0.5), net,
+                device="cpu")
+    live = plain.model.state_dict()  # same seed: the live weights of both runs are equal
+    saved = load_checkpoint(avg.last_path).state_dict
+    k = "stem.conv2.weight"
+    assert torch.allclose(avg.model.state_dict()[k], live[k])
+    assert not torch.allclose(saved[k].float(), live[k].float())
+    assert torch.allclose(load_checkpoint(plain.last_path).state_dict[k].float(), live[k].float())
+    with pytest.raises(ValueError, match="decay"):
+        train(ms[:1], [], tmp_path / "bad", TrainConfig(epochs=1, steps_per_epoch=1, batch_size=1, crop=32,
+                                                        ema_decay=1.0), net, device="cpu")
