@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 from . import __version__, default_model_path
 from .config import PIXEL_MM_RANGE, InferenceConfig, check_pixel_mm
+from .slices import VOLUME_SUFFIXES, _volume_name
 
 log = logging.getLogger("DRSegUNetLib")
 
@@ -377,9 +378,6 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
-
-
 def _check_writable_folder(out: Path) -> None:
     """OSError now, before any work, when ``out`` could not be written later: the nearest
     folder of its path that exists is a file or cannot be written to (writers make the
@@ -590,14 +588,6 @@ def expand_inputs(paths: Sequence[str], list_file: Optional[str]) -> list[Path]:
     return out
 
 
-def _volume_name(p: Path) -> str:
-    name = p.name
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
     """The decision rule, batch and working pixel of segment and segment-stream (see _predictor)."""
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
@@ -788,8 +778,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_bytes
     from .data import apply_split, load_split, read_dataset
     from .errors import InputError
-    from .metrics import ThresholdAveragedAccumulator
-    from .selftrain import GroupedMetrics, labels_for_dataset
+    from .labelmaps import labels_for_dataset
+    from .metrics import GroupedMetrics, ThresholdAveragedAccumulator
     from .vocabulary import REGIONS
 
     _check_outputs([args.data, args.predictions, args.model, args.split], [args.json])
@@ -943,7 +933,8 @@ def _read_for_labels(path: str, threshold_hu: Optional[float], method: str = "au
     that ``output`` is a label-map path _write_labels can write for it (without overwriting an input)."""
     from .errors import InputError
     from .imageio import check_volume_output
-    from .selftrain import lung_config_for, read_slices
+    from .slices import read_slices
+    from .weak import lung_config_for
 
     if output is not None:
         check_volume_output(output, npz=True)
@@ -970,8 +961,8 @@ def _write_labels(inp, labels, output: str) -> None:
     import SimpleITK as sitk
 
     from .imageio import output_set, write_image
+    from .labelmaps import save_label_maps
     from .orientation import axial_view
-    from .selftrain import save_label_maps
 
     if output.lower().endswith(".npz"):
         save_label_maps(output, [inp.path], [labels])
@@ -999,7 +990,7 @@ def _require_lung(inp, lungs, where: str) -> None:
 
 def cmd_lungs(args: argparse.Namespace) -> int:
     from .errors import InputError
-    from .selftrain import lung_masks
+    from .weak import lung_masks
 
     if not 0 < args.value < 256:
         raise InputError(f"--value must be 1..255, not {args.value}")
@@ -1018,7 +1009,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
     from .config import PseudoLabelConfig
     from .errors import InputError
-    from .selftrain import lung_masks, pseudo_labels
+    from .weak import lung_masks, pseudo_labels
 
     printer = ProgressPrinter()
     inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output, [args.lung_mask])

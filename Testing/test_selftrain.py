@@ -15,7 +15,8 @@ from conftest import TESTDATA
 from DRSegUNetLib.cli import main
 from DRSegUNetLib.config import SelfTrainConfig
 from DRSegUNetLib.errors import Cancelled, InputError
-from DRSegUNetLib.selftrain import labels_for_dataset, load_label_maps, run_selftrain, save_label_maps
+from DRSegUNetLib.labelmaps import labels_for_dataset, load_label_maps, save_label_maps
+from DRSegUNetLib.selftrain import run_selftrain
 
 MINI = TESTDATA / "zenodo_mini.npz"  # 4 COVID-19-CT-Seg slices with expert lung and infection masks
 CT64 = TESTDATA / "cip_ct64" / "ct-64.nrrd"  # a chest CT in HU (64x64x79)
@@ -161,7 +162,8 @@ def test_a_finished_stages_files_are_checked_before_reuse(run, tmp_path, what, m
     import shutil
 
     from DRSegUNetLib.errors import CheckpointError
-    from DRSegUNetLib.selftrain import read_slices, stage_outputs
+    from DRSegUNetLib.selftrain import stage_outputs
+    from DRSegUNetLib.slices import read_slices
 
     out, _, _ = run
     level1 = tmp_path / "level1"
@@ -253,10 +255,11 @@ def test_ct_volume_in_hu_trains_and_predicts_at_the_working_pixel_size(tmp_path,
     import DRSegUNetLib.selftrain as st
     from DRSegUNetLib.config import InferenceConfig
     from DRSegUNetLib.inference import Predictor
-    from DRSegUNetLib.lungs import axial_spacing
+    from DRSegUNetLib.orientation import axial_spacing
     from DRSegUNetLib.preprocessing import working_size
 
-    expected = working_size((64, 64), axial_spacing(sitk.ReadImage(str(CT64))), InferenceConfig.pixel_mm)
+    ct = sitk.ReadImage(str(CT64))
+    expected = working_size((64, 64), axial_spacing(ct.GetSpacing(), ct.GetDirection()), InferenceConfig.pixel_mm)
     assert expected is not None and expected[0] > 150
     trained, predicted = [], []
     resample, probabilities = st.resample_sample, Predictor.probabilities
@@ -504,15 +507,15 @@ def test_label_maps_made_for_other_data_are_scored_with_a_warning(tmp_path, capl
 
 
 def test_labels_for_dataset_decompresses_only_the_chosen_input(tmp_path, monkeypatch):
-    import DRSegUNetLib.selftrain as st
+    import DRSegUNetLib.labelmaps as lm
 
     a, b = np.zeros((4, 8, 8), np.uint8), np.full((2, 8, 8), 3, np.uint8)
     path = tmp_path / "l.npz"
     save_label_maps(path, [str(tmp_path / "other.npz"), str(MINI)], [b, a + 1])
     read = []
-    real = st.read_npz
-    monkeypatch.setattr(st, "read_npz", lambda *args, **kw: read.append(sorted(r := real(*args, **kw))) or r)
-    np.testing.assert_array_equal(st.labels_for_dataset(path, MINI, 4), a + 1)
+    real = lm.read_npz
+    monkeypatch.setattr(lm, "read_npz", lambda *args, **kw: read.append(sorted(r := real(*args, **kw))) or r)
+    np.testing.assert_array_equal(lm.labels_for_dataset(path, MINI, 4), a + 1)
     assert read and all("input_0" not in names for names in read), read  # the other input's labels stay packed
 
 
@@ -583,7 +586,7 @@ def test_weak_band_leaves_only_unsure_lung_pixels_open(tmp_path):
     # --ensemble: the labels come from the mean of the models' probabilities (here level 1 and
     # the level 2 just trained), decided as one model decides them.
     from DRSegUNetLib.inference import Predictor
-    from DRSegUNetLib.selftrain import read_slices
+    from DRSegUNetLib.slices import read_slices
 
     ens = tmp_path / "ens"
     other = out / "best.pt"
@@ -703,7 +706,7 @@ def _mini(**changes):
 ])
 def test_broken_slice_npz_is_one_line_error(tmp_path, capsys, case, message):
     from DRSegUNetLib.data import read_zenodo_npz
-    from DRSegUNetLib.selftrain import read_slices
+    from DRSegUNetLib.slices import read_slices
 
     path = tmp_path / "d.npz"
     ct = _mini()["ct_uint8"]
@@ -757,7 +760,7 @@ def test_a_bad_split_file_is_one_line_error(tmp_path, capsys, text):
 
 def test_read_slices_reads_only_the_arrays_it_uses(tmp_path):
     from DRSegUNetLib.data import read_npz
-    from DRSegUNetLib.selftrain import read_slices
+    from DRSegUNetLib.slices import read_slices
 
     # An array that cannot be loaded (a pickle, refused with allow_pickle=False) stands in for
     # the expert masks: read_slices must never decompress it.
@@ -773,7 +776,7 @@ def test_body_restriction_cap_swaps_only_the_air_rule(capsys):
     # bench/body_restriction_cap.py (docs/weak_supervision.md): restrict_to_body with another
     # air rule must be restrict_to_body itself when the rule is its own threshold.
     from DRSegUNetLib.inference import restrict_to_body
-    from DRSegUNetLib.selftrain import read_slices
+    from DRSegUNetLib.slices import read_slices
 
     bc = load_bench("body_restriction_cap")
     hu = read_slices(MINI).hu
@@ -794,10 +797,10 @@ def test_device_stub_lets_npz_inputs_through_and_refuses_simpleitk_use():
     import sys
 
     from conftest import REPO
-    from DRSegUNetLib.selftrain import read_slices
+    from DRSegUNetLib.slices import read_slices
 
     code = ("import SimpleITK, numpy as np\n"
-            "from DRSegUNetLib.selftrain import read_slices\n"
+            "from DRSegUNetLib.slices import read_slices\n"
             f"inp = read_slices({str(MINI)!r})\n"
             "print(SimpleITK.__version__, inp.hu.shape, round(float(inp.hu.mean()), 3), inp.eight_bit)\n"
             "try:\n    SimpleITK.ReadImage('x.nrrd')\nexcept RuntimeError as e:\n    print('refused:', e)\n")
@@ -865,7 +868,9 @@ def test_state_from_before_the_otsu_body_redoes_the_levels_but_not_level0(tmp_pa
     import dataclasses
 
     from DRSegUNetLib.config import EightBitConfig, LungConfig, PseudoLabelConfig, to_dict
-    from DRSegUNetLib.selftrain import _input_identity, lung_config_for, read_slices, stage_keys
+    from DRSegUNetLib.selftrain import _input_identity, stage_keys
+    from DRSegUNetLib.slices import read_slices
+    from DRSegUNetLib.weak import lung_config_for
 
     out = tmp_path / "st"
     cfg = tiny()

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DRSegUNetLib.inference import restrict_to_body  # noqa: E402
 from DRSegUNetLib.lungs import air_mask  # noqa: E402
-from DRSegUNetLib.selftrain import lung_config_for, read_slices  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import GGO, LUNG  # noqa: E402
+from DRSegUNetLib.weak import lung_config_for  # noqa: E402
 from weak_lungfield import dice_per_slice  # noqa: E402  (bench/)
 
 

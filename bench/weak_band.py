@@ -40,7 +40,9 @@ from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelConfig, TrainConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
 from DRSegUNetLib.inference import Predictor, restrict_to_body  # noqa: E402
-from DRSegUNetLib.selftrain import SliceInput, predict_labels, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.labelmaps import save_label_maps  # noqa: E402
+from DRSegUNetLib.selftrain import predict_labels  # noqa: E402
+from DRSegUNetLib.slices import SliceInput, read_slices  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
 

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from DRSegUNetLib.selftrain import labels_for_dataset  # noqa: E402
+from DRSegUNetLib.labelmaps import labels_for_dataset  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG  # noqa: E402
 
 from weak_lungfield import dice_per_slice  # noqa: E402  (bench/)

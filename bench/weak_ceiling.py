@@ -42,7 +42,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DRSegUNetLib.inference import Predictor  # noqa: E402
-from DRSegUNetLib.selftrain import labels_for_dataset, read_slices  # noqa: E402
+from DRSegUNetLib.labelmaps import labels_for_dataset  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO  # noqa: E402
 
 CUTS = "0.05,0.1,0.2,0.3,0.5,0.7,0.9"

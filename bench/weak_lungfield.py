@@ -45,9 +45,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from DRSegUNetLib.labelmaps import save_label_maps  # noqa: E402
 from DRSegUNetLib.lungs import assumed_spacing, disk_closing, fill_holes  # noqa: E402
-from DRSegUNetLib.selftrain import lung_config_for, lung_masks, pseudo_labels, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, GGO  # noqa: E402
+from DRSegUNetLib.weak import lung_config_for, lung_masks, pseudo_labels  # noqa: E402
 
 
 def dice_per_slice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DRSegUNetLib.config import EightBitConfig, ModelConfig, NetworkConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
+from DRSegUNetLib.labelmaps import labels_for_dataset  # noqa: E402
 from DRSegUNetLib.lungs import air_mask, assumed_spacing, body_mask  # noqa: E402
-from DRSegUNetLib.selftrain import labels_for_dataset, lung_config_for  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, GGO, LUNG  # noqa: E402
+from DRSegUNetLib.weak import lung_config_for  # noqa: E402
 from weak_band import add_training_options, experiment_parser, finish, start, training_config  # noqa: E402  (bench/)
 
 

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DRSegUNetLib.inference import Predictor  # noqa: E402
-from DRSegUNetLib.selftrain import _group_key, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.labelmaps import save_label_maps  # noqa: E402
+from DRSegUNetLib.metrics import _group_key  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG  # noqa: E402
 
 from weak_lungfield import dice_per_slice  # noqa: E402  (bench/)
