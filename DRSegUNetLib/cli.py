@@ -205,9 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of models (default {','.join(MODELS)}: all)")
     p.add_argument("--folds", default="0,1,2,3,4", help="comma list of folds to run (default 0,1,2,3,4)")
     p.add_argument("--folds-file", default=None, help="folds JSON (default: the bundled splits/folds.json)")
-    p.add_argument("--rescore", action="store_true",
-                   help="folds stored under an older decision rule (e.g. before the Otsu body of 8-bit slices) are "
-                        "scored again from their last.pt instead of refused; nothing is trained again")
     _add_training_budget(p, epochs=5)
     p.add_argument("--seed", type=int, default=0, help="seed of every model's training (default 0)")
     _add_workers(p)
@@ -900,8 +897,7 @@ def cmd_crossval(args: argparse.Namespace) -> int:
                       workers=args.workers)
     out = run_crossval(args.medseg, args.zenodo, args.out, models, folds, cfg, device=args.device,
                        folds_path=args.folds_file or FOLDS_PATH, base_filters=args.base_filters,
-                       limit_slices=args.limit_slices, progress=ProgressPrinter(json_lines=args.json_progress),
-                       rescore=args.rescore)
+                       limit_slices=args.limit_slices, progress=ProgressPrinter(json_lines=args.json_progress))
     ProgressPrinter.end_line()
     if args.json_progress:
         print(json.dumps({"stage": "done", "summary": str(Path(args.out, "summary.json"))}), flush=True)

@@ -66,7 +66,7 @@ from .weak import lung_config_for, lung_masks, pseudo_labels
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "drsegunet-selftrain/1"
+STATE_FORMAT = "drsegunet-selftrain/2"  # /1 made its stage keys otherwise: such a folder is refused, not resumed
 
 
 # ---------------------------------------------------------------- the run
@@ -187,15 +187,9 @@ def stage_keys(config: SelfTrainConfig, data: Sequence[SliceInput], n_inputs: in
                     "epochs": config.level1_epochs if first else config.level2_epochs,
                     "frozen_layers": 0 if first else config.frozen_layers,
                     **{k: getattr(config, k) for k in ("steps_per_epoch", "batch_size", "crop", "loss", "seed",
-                                                       "base_filters")}}
-        if config.lr_schedule != "constant":
-            settings["lr_schedule"] = config.lr_schedule  # absent for the default: older runs keep their keys
+                                                       "base_filters", "lr_schedule")}}
         if any(d.spacing is not None for d in data):
             settings["pixel_mm"] = InferenceConfig.pixel_mm  # part of the key only where it applies
-        if any(d.eight_bit for d in data):
-            # Labels of 8-bit slices are cleared outside a body found at Otsu's level
-            # (inference.restrict_to_body); levels made with the -500 rule are redone.
-            settings["body_8bit"] = "otsu"
         keys.append(_key(f"level{level}", keys[-1], settings, identities[n_inputs:] if first else None))
     return keys
 
@@ -369,7 +363,8 @@ def _read_state(path: Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
         assert state.get("format") == STATE_FORMAT and isinstance(state.get("stages"), dict)
     except (ValueError, AssertionError):
-        raise InputError(f"{path} is not a self-training state file; use an empty output folder") from None
+        raise InputError(f"{path} is not a state file of this version's self-training ({STATE_FORMAT}); "
+                         "use an empty output folder") from None
     return state
 
 

@@ -862,36 +862,14 @@ def test_weak_seeds_table_and_its_refusals(tmp_path, capsys):
     assert "different numbers of slices ([10, 11])" in capsys.readouterr().err
 
 
-def test_state_from_before_the_otsu_body_redoes_the_levels_but_not_level0(tmp_path):
-    # Levels labelled before 8-bit slices got the Otsu body (their keys had no body_8bit) are
-    # trained again on a rerun; the pseudo-labels of level 0 do not depend on it and are kept.
-    import dataclasses
-
-    from DRSegUNetLib.config import EightBitConfig, LungConfig, PseudoLabelConfig, to_dict
-    from DRSegUNetLib.selftrain import _input_identity, stage_keys
-    from DRSegUNetLib.slices import read_slices
-    from DRSegUNetLib.weak import lung_config_for
-
+def test_a_state_file_of_another_format_is_refused(tmp_path):
+    # An older self-training's state.json (its stage keys made otherwise) is not resumed.
     out = tmp_path / "st"
-    cfg = tiny()
-    run_selftrain([MINI], out, cfg, device="cpu")
-    state = json.loads((out / "state.json").read_text())
-    data = [read_slices(MINI)]
-    args = ([_input_identity(str(MINI))], [to_dict(lung_config_for(data[0], cfg, LungConfig()))],
-            EightBitConfig(), PseudoLabelConfig())
-    now = stage_keys(cfg, data, 1, *args)
-    assert [state["stages"][f"level{k}"]["key"] for k in range(3)] == now
-    # Before the fix the keys were made as for slices without the 8-bit flag.
-    before = stage_keys(cfg, [dataclasses.replace(data[0], eight_bit=False)], 1, *args)
-    assert before[0] == now[0] and before[1] != now[1] and before[2] != now[2]
-    for k in (1, 2):
-        state["stages"][f"level{k}"]["key"] = before[k]
-    (out / "state.json").write_text(json.dumps(state))
-    res = run_selftrain([MINI], out, cfg, device="cpu")
-    assert res.skipped == ["level0"]  # levels 1 and 2 trained again
-    again = json.loads((out / "state.json").read_text())
-    assert [again["stages"][f"level{k}"]["key"] for k in range(3)] == now
-    assert again["stages"]["level0"] == state["stages"]["level0"]
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"format": "drsegunet-selftrain/1", "stages": {}}))
+    with pytest.raises(InputError, match="not a state file of this version's self-training"):
+        run_selftrain([MINI], out, tiny(levels=1), device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["state.json"]
 
 
 def test_weak_by_size_quartiles_and_table(tmp_path, capsys):
