@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 from . import __version__, default_model_path
 from .config import PIXEL_MM_RANGE, InferenceConfig, check_pixel_mm
+from .slices import VOLUME_SUFFIXES, _volume_name
 
 log = logging.getLogger("DRSegUNetLib")
 
@@ -204,9 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of models (default {','.join(MODELS)}: all)")
     p.add_argument("--folds", default="0,1,2,3,4", help="comma list of folds to run (default 0,1,2,3,4)")
     p.add_argument("--folds-file", default=None, help="folds JSON (default: the bundled splits/folds.json)")
-    p.add_argument("--rescore", action="store_true",
-                   help="folds stored under an older decision rule (e.g. before the Otsu body of 8-bit slices) are "
-                        "scored again from their last.pt instead of refused; nothing is trained again")
     _add_training_budget(p, epochs=5)
     p.add_argument("--seed", type=int, default=0, help="seed of every model's training (default 0)")
     _add_workers(p)
@@ -375,9 +373,6 @@ def _setup(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-
-
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
 def _check_writable_folder(out: Path) -> None:
@@ -590,14 +585,6 @@ def expand_inputs(paths: Sequence[str], list_file: Optional[str]) -> list[Path]:
     return out
 
 
-def _volume_name(p: Path) -> str:
-    name = p.name
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
     """The decision rule, batch and working pixel of segment and segment-stream (see _predictor)."""
     p.add_argument("--decision", choices=("argmax", "threshold"), default="argmax",
@@ -788,8 +775,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_bytes
     from .data import apply_split, load_split, read_dataset
     from .errors import InputError
-    from .metrics import ThresholdAveragedAccumulator
-    from .selftrain import GroupedMetrics, labels_for_dataset
+    from .labelmaps import labels_for_dataset
+    from .metrics import GroupedMetrics, ThresholdAveragedAccumulator
     from .vocabulary import REGIONS
 
     _check_outputs([args.data, args.predictions, args.model, args.split], [args.json])
@@ -910,8 +897,7 @@ def cmd_crossval(args: argparse.Namespace) -> int:
                       workers=args.workers)
     out = run_crossval(args.medseg, args.zenodo, args.out, models, folds, cfg, device=args.device,
                        folds_path=args.folds_file or FOLDS_PATH, base_filters=args.base_filters,
-                       limit_slices=args.limit_slices, progress=ProgressPrinter(json_lines=args.json_progress),
-                       rescore=args.rescore)
+                       limit_slices=args.limit_slices, progress=ProgressPrinter(json_lines=args.json_progress))
     ProgressPrinter.end_line()
     if args.json_progress:
         print(json.dumps({"stage": "done", "summary": str(Path(args.out, "summary.json"))}), flush=True)
@@ -943,7 +929,8 @@ def _read_for_labels(path: str, threshold_hu: Optional[float], method: str = "au
     that ``output`` is a label-map path _write_labels can write for it (without overwriting an input)."""
     from .errors import InputError
     from .imageio import check_volume_output
-    from .selftrain import lung_config_for, read_slices
+    from .slices import read_slices
+    from .weak import lung_config_for
 
     if output is not None:
         check_volume_output(output, npz=True)
@@ -970,8 +957,8 @@ def _write_labels(inp, labels, output: str) -> None:
     import SimpleITK as sitk
 
     from .imageio import output_set, write_image
+    from .labelmaps import save_label_maps
     from .orientation import axial_view
-    from .selftrain import save_label_maps
 
     if output.lower().endswith(".npz"):
         save_label_maps(output, [inp.path], [labels])
@@ -999,7 +986,7 @@ def _require_lung(inp, lungs, where: str) -> None:
 
 def cmd_lungs(args: argparse.Namespace) -> int:
     from .errors import InputError
-    from .selftrain import lung_masks
+    from .weak import lung_masks
 
     if not 0 < args.value < 256:
         raise InputError(f"--value must be 1..255, not {args.value}")
@@ -1018,7 +1005,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
     from .config import PseudoLabelConfig
     from .errors import InputError
-    from .selftrain import lung_masks, pseudo_labels
+    from .weak import lung_masks, pseudo_labels
 
     printer = ProgressPrinter()
     inp, cfg = _read_for_labels(args.input, args.threshold_hu, args.threshold, args.output, [args.lung_mask])

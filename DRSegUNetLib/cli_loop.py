@@ -264,8 +264,7 @@ def _corrections_add(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .imageio import read_ct
-    from .lungs import axial_spacing
-    from .orientation import axial_view
+    from .orientation import axial_spacing, axial_view
     from .preprocessing import check_ct_hu
     from .vocabulary import CHECKABLE, CLASS_NAMES
 
@@ -302,7 +301,7 @@ def _corrections_add(args: argparse.Namespace) -> int:
     ct_view = axial_view(ct_array, ct.GetDirection())[0]
     lab_view = axial_view(lab_array, ct.GetDirection())[0]
     chosen = parse_slices(args.slices, ct_view.shape[0])
-    spacing = axial_spacing(ct)
+    spacing = axial_spacing(ct.GetSpacing(), ct.GetDirection())
     source = f"{Path(args.ct).name} | {Path(args.ct).resolve()}"
     pending = [(n, np.asarray(ct_view[n]), np.asarray(lab_view[n]).astype(np.uint8)) for n in chosen]
     ids = [store.add(c, lab, spacing, source, n, known=known) for n, c, lab in pending]

@@ -72,7 +72,7 @@ class LungConfig:
     # "otsu" = Otsu's level of each slice's window-normalised image, smoothed first;
     # "auto" = "otsu" for 8-bit sources (not HU), "thesis" for CT in HU. The lungs.py
     # functions take CT in HU, so there "auto" is "thesis"; the readers of 8-bit
-    # slices (selftrain.lung_config_for) resolve it to "otsu".
+    # slices (weak.lung_config_for) resolve it to "otsu".
     threshold_method: str = "auto"
     otsu_sigma_px: float = 1.0  # Gaussian smoothing (pixels) before Otsu; chosen on zenodo20 groups 0-4 (lungs.py)
     otsu_bins: int = 256  # histogram bins on the normalised [0, 1] scale
@@ -231,7 +231,7 @@ class SelfTrainConfig:
     # they are min-max normalised and CLAHE-enhanced, which puts soft tissue near -500
     # approx. HU, so the thesis's -170 HU finds no lung (see Testing/test_lungs.py).
     # Used only with LungConfig.threshold_method "thesis"; "auto" (default) gives 8-bit
-    # slices Otsu's level per slice (selftrain.lung_config_for, docs/weak_supervision.md).
+    # slices Otsu's level per slice (weak.lung_config_for, docs/weak_supervision.md).
     eight_bit_lung_threshold_hu: float = -600.0
 
 

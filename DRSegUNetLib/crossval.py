@@ -191,19 +191,11 @@ def slice_names(samples: Sequence[Sample]) -> dict[str, list[str]]:
     return names
 
 
-def _score_checkpoint(path: Path, test_s: Sequence[Sample], tcfg: TrainConfig, device: str):
-    """(predictor, evaluate_fold's scores) of a fold's checkpoint: one way for new and rescored folds."""
-    from .inference import Predictor
-
-    predictor = Predictor.from_checkpoint(path, device, batch_size=1, cpu_bf16=tcfg.bf16, cuda_bf16=tcfg.bf16)
-    return predictor, evaluate_fold(predictor, test_s)
-
-
 def _decision() -> dict[str, Any]:
-    """The decision rule folds are scored with: the defaults, on the slices' own grid
-    (evaluate_fold gets no spacing, so no working pixel size applies), the body of these
-    8-bit slices at each slice's Otsu level (``restrict_to_body``; folds scored before
-    that rule carry no ``body_8bit`` and are not reused)."""
+    """The decision rule folds are scored with, as their protocol records it: the defaults, on
+    the slices' own grid (evaluate_fold gets no spacing, so no working pixel size applies), and
+    the body of these 8-bit slices at each slice's Otsu level (``restrict_to_body``; a rule
+    InferenceConfig does not hold)."""
     return {**to_dict(InferenceConfig(batch_size=1, pixel_mm=None)), "body_8bit": "otsu"}
 
 
@@ -217,15 +209,10 @@ def _protocol(tcfg: TrainConfig, ncfg: NetworkConfig, limit_slices: Optional[int
 
 def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], test_s: Sequence[Sample],
              out: Path, tcfg: TrainConfig, protocol: dict[str, Any], device: str = "auto",
-             data_fp: Optional[dict[str, str]] = None, progress: Optional[ProgressCallback] = None,
-             rescore: bool = False) -> dict[str, Any]:
-    """Train ``name`` on ``train_s``, score it on ``test_s``; write and return its result (or reuse it).
-
-    ``rescore``: a stored result that differs from ``protocol`` only in its decision rule
-    (for example scored before the Otsu body of 8-bit slices) is scored again from its
-    ``last.pt`` under the current rule instead of being refused; training is not repeated.
-    """
-    from .inference import bf16_enabled
+             data_fp: Optional[dict[str, str]] = None, progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+    """Train ``name`` on ``train_s``, score it on ``test_s``; write and return its result (or reuse
+    the one stored under the same ``protocol``; one stored under another is refused)."""
+    from .inference import Predictor, bf16_enabled
     from .network import keras_parameter_count, parameter_count
     from .training import train
 
@@ -233,17 +220,11 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     result_path = fold_dir / "result.json"
     if result_path.is_file():
         prev = json.loads(result_path.read_text())
-        old = prev.get("protocol")
-        if same_protocol(old, protocol):
+        if prev.get("protocol") == protocol:
             log.info("%s fold %d: done already (%s)", name, k, result_path)
             return prev
-        only_decision = isinstance(old, dict) and same_protocol({**old, "decision": protocol["decision"]}, protocol)
-        if rescore and only_decision:
-            return rescore_fold(prev, fold_dir, name, k, test_s, tcfg, protocol, device)
-        hint = (" or score its checkpoint again under the current rule with --rescore" if only_decision else "")
         raise InputError(f"{result_path} was made with other settings (training, network, folds, data or "
-                         "the decision rule, e.g. before the Otsu body of 8-bit slices); use another --out or "
-                         f"delete it{hint}")
+                         "the decision rule); use another --out or delete it")
     log.info("%s fold %d: training on %d slices, testing on %d", name, k, len(train_s), len(test_s))
     t0 = time.time()
     res = train(train_s, [], fold_dir, tcfg, ModelConfig(network=ncfg), device=device,
@@ -254,7 +235,8 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     if res.best_path != res.last_path and res.best_path.exists():
         res.best_path.unlink()
     t0 = time.time()
-    predictor, scores = _score_checkpoint(res.last_path, test_s, tcfg, device)
+    predictor = Predictor.from_checkpoint(res.last_path, device, batch_size=1, cpu_bf16=tcfg.bf16, cuda_bf16=tcfg.bf16)
+    scores = evaluate_fold(predictor, test_s)
     model = predictor.model
     count = lambda part: {src: sum(source_of(s) == src for s in part) for src in sorted({source_of(s) for s in part})}  # noqa: E731
     result = {
@@ -269,56 +251,6 @@ def run_fold(name: str, ncfg: NetworkConfig, k: int, train_s: Sequence[Sample], 
     }
     atomic_write_bytes(result_path, (json.dumps(result, indent=1) + "\n").encode())
     return result
-
-
-def rescore_fold(prev: dict[str, Any], fold_dir: Path, name: str, k: int, test_s: Sequence[Sample],
-                 tcfg: TrainConfig, protocol: dict[str, Any], device: str = "auto") -> dict[str, Any]:
-    """Score a stored fold's ``last.pt`` again under ``protocol``'s decision rule (``run_fold``'s
-    ``rescore``); the result keeps its training record and notes the rule it replaces."""
-    from .checkpoint import load_checkpoint
-
-    ckpt_path = fold_dir / "last.pt"
-    if not ckpt_path.is_file():
-        raise InputError(f"{fold_dir}: no last.pt to score again; delete result.json to train the fold again")
-    ckpt = load_checkpoint(ckpt_path)
-    made_for = ckpt.extra.get("crossval", {})
-    if made_for != {"model": name, "fold": k}:
-        raise InputError(f"{ckpt_path} was written for {made_for or 'no cross-validation fold'}, "
-                         f"not {name} fold {k}; delete the folder to train the fold again")
-    if prev.get("test_slices") != slice_names(test_s):
-        raise InputError(f"{fold_dir}: the fold's test slices are not the ones it was scored on")
-    log.info("%s fold %d: scoring %s again under the current decision rule", name, k, ckpt_path)
-    t0 = time.time()
-    predictor, scores = _score_checkpoint(ckpt_path, test_s, tcfg, device)
-    # The top-level eval_seconds, device and bf16_eval stay those of the first scoring;
-    # the new scoring's are under "rescored".
-    result = {**prev, **scores, "protocol": protocol,
-              "rescored": {"previous_decision": prev["protocol"].get("decision"),
-                           "previous_metrics": prev.get("metrics"),
-                           "previous_threshold_averaged_dice": prev.get("threshold_averaged_dice"),
-                           "eval_seconds": round(time.time() - t0, 1), "device": str(predictor.device),
-                           "bf16_eval": predictor.uses_bf16,
-                           "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
-    atomic_write_bytes(fold_dir / "result.json", (json.dumps(result, indent=1) + "\n").encode())
-    return result
-
-
-def same_protocol(prev: Optional[dict[str, Any]], now: dict[str, Any]) -> bool:
-    """Whether a stored fold result was made under ``now``'s protocol.
-
-    Settings added to TrainConfig, NetworkConfig or InferenceConfig after a result was
-    written are missing from it; they count as equal when ``now`` has their default
-    (the code then behaved as the default does). Not so ``body_8bit``: a result without it
-    was scored with the body at -500 approx. HU, before the Otsu rule."""
-    if not isinstance(prev, dict):
-        return False
-    defaults = {"train": to_dict(TrainConfig()), "network": to_dict(NetworkConfig()),
-                "decision": {**_decision(), "body_8bit": "-500"}}
-    filled = dict(prev)
-    for part, dflt in defaults.items():
-        if isinstance(prev.get(part), dict):
-            filled[part] = {**{k: v for k, v in json.loads(json.dumps(dflt)).items() if k not in prev[part]}, **prev[part]}
-    return filled == now
 
 
 # ---------------------------------------------------------------- the table
@@ -407,12 +339,8 @@ def run_crossval(medseg_dir: str | Path, zenodo_npz: str | Path, out: str | Path
                  models: Sequence[str] = tuple(MODELS), folds: Sequence[int] = tuple(range(N_FOLDS)),
                  train_config: TrainConfig = TrainConfig(), device: str = "auto",
                  folds_path: str | Path = FOLDS_PATH, base_filters: Optional[int] = None,
-                 limit_slices: Optional[int] = None, progress: Optional[ProgressCallback] = None,
-                 rescore: bool = False) -> dict[str, Any]:
-    """Run (or resume) every model on every fold; write and return the summary.
-
-    ``rescore``: folds stored under an older decision rule are scored again from their
-    checkpoints (``run_fold``) instead of being refused."""
+                 limit_slices: Optional[int] = None, progress: Optional[ProgressCallback] = None) -> dict[str, Any]:
+    """Run (or resume) every model on every fold; write and return the summary."""
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise InputError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
@@ -438,7 +366,7 @@ def run_crossval(medseg_dir: str | Path, zenodo_npz: str | Path, out: str | Path
         train_s, test_s = split_fold(samples, fold_defs, k, limit_slices)
         for name in models:
             results[name][k] = run_fold(name, networks[name], k, train_s, test_s, out, train_config,
-                                        protocols[name], device, data_fp, progress, rescore)
+                                        protocols[name], device, data_fp, progress)
     # The table covers every fold finished under this protocol, also by another process
     # (e.g. one started with --folds 4 beside this one).
     for name in models:
@@ -447,7 +375,7 @@ def run_crossval(medseg_dir: str | Path, zenodo_npz: str | Path, out: str | Path
             path = out / name / f"fold{k}" / "result.json"
             if k not in results[name] and path.is_file():
                 prev = json.loads(path.read_text())
-                if same_protocol(prev.get("protocol"), proto):
+                if prev.get("protocol") == proto:
                     results[name][k] = prev
     done_folds = sorted({k for r in results.values() for k in r})
     summary = summarise({m: [r[k] for k in sorted(r)] for m, r in results.items()})

@@ -33,7 +33,7 @@ def check_volume_output(path: str | os.PathLike, npz: bool = False) -> Path:
     """``path`` as a Path if it names a label-map file to write; InputError otherwise.
 
     Args:
-        npz: also accept ``.npz`` (label maps of 8-bit slices, selftrain.save_label_maps).
+        npz: also accept ``.npz`` (label maps of 8-bit slices, labelmaps.save_label_maps).
     """
     path = Path(path)
     suffixes = VOLUME_OUTPUT_SUFFIXES + ((".npz",) if npz else ())

@@ -59,7 +59,7 @@ def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
     slice's Otsu level, as the lung extraction takes it (``lungs.air_mask``): there fat
     can fall below -500, and a fixed level then ends the body at the fat and clears the
     lung behind it (46 of the 1,233 zenodo20_dev slices lose over 10 % of their expert
-    infection; bench/body_restriction_cap.py).
+    infection; experiments/weak_supervision/body_restriction_cap.py).
     """
     from .lungs import air_mask, body_mask
 

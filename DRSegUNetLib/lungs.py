@@ -20,7 +20,7 @@ that keeps the air around the patient, so this module adds (constants in LungCon
    zenodo20_dev only (mean Dice 0.913 / 0.929 / 0.933 / 0.933 / 0.931 / 0.928 / 0.920
    for 0 / 0.5 / 0.75 / 1 / 1.25 / 1.5 / 2 px); groups 5-8 were held out
    (docs/weak_supervision.md). "auto" (the default) is "thesis" here: these functions
-   take CT in HU; readers of 8-bit slices (``selftrain.lung_config_for``) resolve
+   take CT in HU; readers of 8-bit slices (``weak.lung_config_for``) resolve
    "auto" to "otsu".
 
 1. *Inside the body only.* The body is the largest connected tissue component
@@ -64,7 +64,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .config import THRESHOLD_METHODS, LungConfig  # noqa: F401  (THRESHOLD_METHODS: re-exported)
+from .config import LungConfig
 from .errors import InputError
 from .orientation import axial_spacing, axial_view
 from .preprocessing import check_ct_hu
@@ -234,7 +234,7 @@ def extract_lungs(image: sitk.Image, cfg: LungConfig = LungConfig()) -> sitk.Ima
     array = sitk.GetArrayViewFromImage(image)
     _check_hu(array, cfg, "CT image")
     view, inverse = axial_view(array, image.GetDirection())
-    spacing = axial_spacing(image)
+    spacing = axial_spacing(image.GetSpacing(), image.GetDirection())
     out = np.zeros(view.shape, dtype=np.uint8)
     for z in range(view.shape[0]):
         out[z] = _lungs_of_slice(np.asarray(view[z], dtype=np.float32), cfg, spacing)

@@ -12,15 +12,21 @@ whose denominator is zero otherwise (e.g. precision with no predicted pixel) is 
 
 :func:`threshold_averaged_dice` scores a probability map instead of labels: Dice
 averaged over 256 thresholds, as Inf-Net's evaluation does (crossval.py).
+:class:`GroupedMetrics` keeps the scores per group (case) too; :func:`label_agreement`
+scores label maps against other label maps (self-training's levels).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import numpy as np
 
 from .vocabulary import REGIONS
+
+if TYPE_CHECKING:
+    from .slices import SliceInput
 
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "f1")
 
@@ -98,6 +104,40 @@ class MetricAccumulator:
                 "pooled": self.pooled[r].scores(),
             }
         return out
+
+
+def _group_key(g: str) -> tuple[str, int]:
+    m = re.match(r"^(.*?)(\d+)$", g)
+    return (m.group(1), int(m.group(2))) if m else (g, -1)
+
+
+class GroupedMetrics:
+    """MetricAccumulator over all slices and per group (case)."""
+
+    def __init__(self, regions: Iterable[str] = tuple(REGIONS)) -> None:
+        self.regions = tuple(regions)
+        self.all = MetricAccumulator(self.regions)
+        self.groups: dict[str, MetricAccumulator] = {}
+
+    def add(self, group: str, name: str, pred: np.ndarray, truths: dict[str, Optional[np.ndarray]]) -> None:
+        self.all.add(name, pred, truths)
+        self.groups.setdefault(group, MetricAccumulator(self.regions)).add(name, pred, truths)
+
+    def summary(self) -> dict[str, dict]:
+        return self.all.summary()
+
+    def by_group(self) -> dict[str, dict]:
+        return {g: self.groups[g].summary() for g in sorted(self.groups, key=_group_key)}
+
+
+def label_agreement(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], inputs: Sequence[SliceInput],
+                    regions: Iterable[str] = tuple(REGIONS)) -> dict[str, Any]:
+    """Scores of label maps against other label maps (e.g. a self-training level vs its pseudo-labels)."""
+    gm = GroupedMetrics(regions)
+    for pred, ref, inp in zip(preds, refs, inputs):
+        for j in range(len(inp)):
+            gm.add(inp.groups[j], inp.names[j], pred[j], {r: region_mask(ref[j], r) for r in gm.regions})
+    return {"all": gm.summary(), "by_group": gm.by_group()}
 
 
 def mean_dice(summary: dict[str, dict], regions: Iterable[str] = tuple(REGIONS)) -> float:

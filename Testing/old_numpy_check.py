@@ -74,8 +74,8 @@ def in_process(work: Path) -> dict:
     import DRSegUNetLib
     from DRSegUNetLib.config import PIXEL_MM_RANGE, FineTuneConfig, InferenceConfig, check_pixel_mm
     from DRSegUNetLib.imageio import read_ct
-    from DRSegUNetLib.lungs import axial_spacing, extract_lungs
-    from DRSegUNetLib.orientation import SliceResult, axial_view
+    from DRSegUNetLib.lungs import extract_lungs
+    from DRSegUNetLib.orientation import SliceResult, axial_spacing, axial_view
     from DRSegUNetLib.report import add_uncertainty, compute_report
     from DRSegUNetLib.segio import ijk_to_lps, segmentation_dict
     from DRSegUNetLib.store import CorrectionsStore, ModelStore
@@ -101,7 +101,7 @@ def in_process(work: Path) -> dict:
         report = compute_report(image)
         add_uncertainty(report, [0.0, 0.25, 0.5] + [0.1] * (view.shape[0] - 3))
         reports[name] = report
-        out[f"axial_{name}"] = [list(view.shape), digest(view), list(axial_spacing(image))]
+        out[f"axial_{name}"] = [list(view.shape), digest(view), list(axial_spacing(image.GetSpacing(), image.GetDirection()))]
         # SliceResult.place as the jobs do, into a copy and into one segment's mask
         volume = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
         mask = np.zeros_like(volume)
@@ -124,7 +124,7 @@ def in_process(work: Path) -> dict:
     store = CorrectionsStore(work / "corrections")
     view = axial_view(sitk.GetArrayViewFromImage(ct), ct.GetDirection())[0]
     lview = axial_view(sitk.GetArrayViewFromImage(labels), labels.GetDirection())[0]
-    spacing = axial_spacing(ct)
+    spacing = axial_spacing(ct.GetSpacing(), ct.GetDirection())
     added = [
         (store.add(np.asarray(view[40]), np.asarray(lview[40]), spacing, "ct-64 | | sha1:x", 40), None),
         (store.add(np.asarray(view[41]).astype(np.float64) + 0.5, np.asarray(lview[41]), spacing, "ct-64", 41,
@@ -155,8 +155,7 @@ def in_process(work: Path) -> dict:
 def worker(work: Path, tiny: Path, finetune: bool = True) -> dict:
     """The worker process as the Slicer module starts it, with this interpreter."""
     from DRSegUNetLib.imageio import read_ct
-    from DRSegUNetLib.lungs import axial_spacing
-    from DRSegUNetLib.orientation import axial_view
+    from DRSegUNetLib.orientation import axial_spacing, axial_view
     from DRSegUNetLib.store import CorrectionsStore
 
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", DRSEGUNET_HOME=str(work / "home"))
@@ -179,7 +178,7 @@ def worker(work: Path, tiny: Path, finetune: bool = True) -> dict:
     lab = np.zeros(view.shape[1:], np.uint8)
     lab[100:300, 60:160] = 3
     lab[150:200, 80:120] = 1
-    store.add(np.asarray(view[0]), lab, axial_spacing(ct), "crop", 0)
+    store.add(np.asarray(view[0]), lab, axial_spacing(ct.GetSpacing(), ct.GetDirection()), "crop", 0)
     r = subprocess.run([sys.executable, "-m", "DRSegUNetLib", "finetune", "--model", str(tiny),
                         "--corrections", str(store.root), "--store", str(work / "ft_models"), "--steps", "1",
                         "--lr", "0.0001", "--device", "cpu", "--json-progress"],

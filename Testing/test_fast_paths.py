@@ -1,17 +1,14 @@
 """Faster inference paths give the plain path's labels on a real CT slice.
 
 "Plain" is the network called directly: NCHW float32, one slice at a time, numpy
-normalisation, softmax, decision. The faster paths (channels_last weights, batches,
-the pipelined device-side normalisation in bench/bench.py's ``fast_iter_slices``)
+normalisation, softmax, decision. The faster paths (channels_last weights, batches)
 change where and in which memory order the arithmetic happens, not the arithmetic, so
 the labels must agree wherever the plain path's decision is not a float-rounding tie.
+(bench/test_bench.py checks the benchmark's candidate pipeline, ``fast_iter_slices``, so.)
 """
 from __future__ import annotations
 
 import copy
-import importlib.util
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,16 +21,8 @@ from DRSegUNetLib.inference import Predictor, decide, restrict_to_body
 from DRSegUNetLib.network import DRSegUNet
 from DRSegUNetLib.preprocessing import normalize
 
-REPO = Path(__file__).resolve().parents[1]
 TIE = 1e-4  # top-2 probability gap under which either class is a correct decision
 SHIFT = (3, -2)  # second slice of the test volume: the real slice, shifted
-
-
-def _bench_module() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("drsegunet_bench", REPO / "bench" / "bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -107,32 +96,6 @@ def test_batched_volume_gives_slice_by_slice_labels(model_and_config, real_slice
     p = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2, cpu_bf16="off", pixel_mm=None))
     labels = sitk.GetArrayFromImage(p.predict(_volume(real_slices)))
     _assert_same_labels(labels, plain_probabilities, real_slices)
-
-
-@pytest.mark.slow
-def test_pipelined_device_normalised_path_gives_plain_labels(model_and_config, real_slices, plain_probabilities):
-    bench = _bench_module()
-    model, cfg = model_and_config
-    p = Predictor(copy.deepcopy(model).to(memory_format=torch.channels_last), cfg, "cpu",
-                  InferenceConfig(batch_size=2, cpu_bf16="off", pixel_mm=None))
-    p.iter_slices = types.MethodType(bench.fast_iter_slices, p)
-    events = []
-    out = p.predict(_volume(real_slices), progress=lambda s, i, n, m="", **k: events.append((s, i, n)))
-    assert events[0] == ("segment", 0, 2) and events[-1] == ("segment", 2, 2)
-    _assert_same_labels(sitk.GetArrayFromImage(out), plain_probabilities, real_slices)
-
-
-def test_pipelined_path_resamples_like_the_library(model_and_config, real_slices):
-    """With the working pixel size on (the default), bench's pipelined path and the library
-    path resample the same way and give the same labels."""
-    bench = _bench_module()
-    model, cfg = model_and_config
-    lib = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2, cpu_bf16="off"))
-    fast = Predictor(copy.deepcopy(model), cfg, "cpu", InferenceConfig(batch_size=2, cpu_bf16="off"))
-    fast.iter_slices = types.MethodType(bench.fast_iter_slices, fast)
-    assert lib.working_size(real_slices.shape, (0.64, 0.64)) == (273, 273)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(fast.predict(_volume(real_slices))),
-                                  sitk.GetArrayFromImage(lib.predict(_volume(real_slices))))
 
 
 @pytest.mark.slow

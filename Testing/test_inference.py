@@ -140,7 +140,7 @@ def test_readers_mark_eight_bit_slices_and_resampling_keeps_it():
     # The flag restrict_to_body's 8-bit rule depends on travels with the slices.
     from conftest import TESTDATA
     from DRSegUNetLib.data import read_dataset, resample_sample
-    from DRSegUNetLib.selftrain import read_slices
+    from DRSegUNetLib.slices import read_slices
 
     samples = read_dataset(TESTDATA / "zenodo_mini.npz") + read_dataset(TESTDATA / "medseg_mini")
     assert samples and all(s.eight_bit for s in samples)

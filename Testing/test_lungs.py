@@ -10,9 +10,11 @@ import SimpleITK as sitk
 from DRSegUNetLib.cli import main
 from DRSegUNetLib.config import EightBitConfig, LungConfig, SelfTrainConfig
 from DRSegUNetLib.errors import InputError
-from DRSegUNetLib.lungs import apply_mask, axial_spacing, extract_lungs, extract_lungs_slice, level_hu, otsu_level
+from DRSegUNetLib.lungs import apply_mask, extract_lungs, extract_lungs_slice, level_hu, otsu_level
 from DRSegUNetLib.preprocessing import eight_bit_to_hu
-from DRSegUNetLib.selftrain import lung_config_for, read_slices
+from DRSegUNetLib.orientation import axial_spacing
+from DRSegUNetLib.slices import read_slices
+from DRSegUNetLib.weak import lung_config_for
 
 TESTDATA = Path(__file__).resolve().parent / "data"
 CT64 = TESTDATA / "cip_ct64" / "ct-64.nrrd"
@@ -297,7 +299,7 @@ def test_volume_mask_keeps_geometry_and_ignores_array_layout():
     # first, right-to-left layout) must give the same voxels: slicing follows the
     # patient's superior-inferior axis, not the array's first axis.
     other = sitk.DICOMOrient(sitk.PermuteAxes(ct, [2, 0, 1]), "SRA")
-    assert axial_spacing(other) == pytest.approx(ct.GetSpacing()[1::-1])
+    assert axial_spacing(other.GetSpacing(), other.GetDirection()) == pytest.approx(ct.GetSpacing()[1::-1])
     back = sitk.Resample(extract_lungs(other), ct, sitk.Transform(), sitk.sitkNearestNeighbor)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(mask))
 

@@ -432,7 +432,7 @@ class DRSegUNetLogic:
             if len(before) != len(hashes):
                 raise ValueError(_("The segmentation does not match this volume's slices: choose a slice range."))
             chosen = [n for n, (a, b) in enumerate(zip(before, hashes)) if a != b]
-        spacing = axial_spacing(image)
+        spacing = axial_spacing(image.GetSpacing(), image.GetDirection())
         source = segmentationNode.GetAttribute(ATTR_SOURCE) or self.sourceIdentity(volumeNode, image)
         ids = [self.correctionsStore.add(np.asarray(ct[n]), np.asarray(labels[n]), spacing, source, n, known=known)
                for n in chosen]

@@ -2,17 +2,18 @@
 # Self-training seeds and two variants in one call of the lent GPU machine (issue 4, point 5;
 # docs/weak_supervision.md, "Fourteenth run").
 #   here:  python bench/pack_zenodo.py ../shared/data/zenodo20/zenodo20_dev.npz .device-data/zenodo_every2.npz --every 2
-#   there (carry .device-data/zenodo_every2.npz):  LIMIT_S=475 bash bench/gpu_selftrain.sh
+#   there (carry .device-data/zenodo_every2.npz):  LIMIT_S=475 bash experiments/weak_supervision/gpu_selftrain.sh
 # WORK (default /tmp/stwork) must be a fresh folder: finished stages found there count as done.
 # Training stops RESERVE_S (default 45) before LIMIT_S, so that scoring and packing fit.
 # Every run has the sixth run's settings (128-px crops, batch 8, CE + Dice, level 1 3,000
 # steps at 9.8e-4, level 2 500 steps at 9.8e-5 with two layers frozen) on every 2nd slice of
 # each COVID-19-CT-Seg volume (619 slices: the whole set and SimpleITK do not fit in the
-# 64 MiB that travel, so bench/device_stub stands in for SimpleITK when it is missing):
+# 64 MiB that travel, so simpleitk_stub.py, put in place as the package SimpleITK in a temporary
+# folder on PYTHONPATH, stands in for SimpleITK when it is missing):
 #  s<k>  `selftrain --seed k` for each k in SEEDS; level 0 is made once (s<first>) and copied;
 #  ba    "born again": s<first>'s level 1, then level 2 unfrozen at level 1's rate for BA_EPOCHS
 #        (default: as long as level 1; 0: no such run);
-#  ens   bench/weak_band.py: level 2 from s<first>'s level 1, taught the argmax of the mean
+#  ens   weak_band.py: level 2 from s<first>'s level 1, taught the argmax of the mean
 #        probabilities of every seed's level 1.
 # Each level's labels are scored against the expert masks (`evaluate`, by group) on the
 # machine; labels, scores, logs and state files come back in results.tgz (split at 15 MiB).
@@ -27,9 +28,13 @@ SEEDS=${SEEDS:-"0 1 2 3"}
 L1_EPOCHS=${L1_EPOCHS:-60}; L2_EPOCHS=${L2_EPOCHS:-10}; BA_EPOCHS=${BA_EPOCHS:-$L1_EPOCHS}; STEPS=${STEPS:-50}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
-cd "$(dirname "$0")/.." || exit 2
+HERE=experiments/weak_supervision
+cd "$(dirname "$0")/../.." || exit 2
 mkdir -p "$OUTD" "$W"
-"$PY" -c "import SimpleITK" 2>/dev/null || export PYTHONPATH="$PWD/bench/device_stub"
+if ! "$PY" -c "import SimpleITK" 2>/dev/null; then
+    STUB=$(mktemp -d /tmp/sitk-stub.XXXXXX) && mkdir "$STUB/SimpleITK" && cp "$HERE/simpleitk_stub.py" "$STUB/SimpleITK/__init__.py"
+    export PYTHONPATH="$STUB"
+fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 P="$PY -m DRSegUNetLib"
 COMMON="--base-filters 16 --crop 128 --batch-size 8 --steps-per-epoch $STEPS --loss ce+dice --level1-lr 9.8e-4
@@ -82,7 +87,7 @@ ENS=()
 for s in "$@"; do wait_stage "$W/s$s" level1 "${PID[$s]}" && ENS+=("$W/s$s/level1/best.pt"); done
 if [ "${#ENS[@]}" -ge 2 ]; then
     log "ens: level 2 on the mean of ${#ENS[@]} level-1 models"
-    run_left env OMP_NUM_THREADS=4 "$PY" bench/weak_band.py "$D" "${ENS[@]:0:1}" --ensemble "${ENS[@]:1}" \
+    run_left env OMP_NUM_THREADS=4 "$PY" "$HERE/weak_band.py" "$D" "${ENS[@]:0:1}" --ensemble "${ENS[@]:1}" \
         --out "$W/ens" --unsure-below 0 --epochs "$L2_EPOCHS" --steps-per-epoch "$STEPS" --device "$DEVICE" \
         >"$W/ens.log" 2>&1
     log "ens: rc $?"

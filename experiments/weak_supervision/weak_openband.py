@@ -2,7 +2,7 @@
 
 ``selftrain`` trains level 1 with every pixel decided: outside the extracted lung field
 everything is background. But a quarter of the expert infection lies outside that field
-(``bench/weak_lungfield.py``): dense infection at the chest wall that the air threshold
+(``weak_lungfield.py``): dense infection at the chest wall that the air threshold
 leaves out, which level 1 is then taught to call background. This script trains level 1
 as ``selftrain`` does (same ``training.train``, from scratch, the level-0 pseudo-labels
 inside the field) except that in a band of ``--open-mm`` round the field, inside the
@@ -10,7 +10,8 @@ body, a pixel may be background, GGO or lung (the marginal loss of ``training.tr
 level 1 is not taught to call it anything. Then it labels every slice (argmax); score the
 labels with ``evaluate``:
 
-    python bench/weak_openband.py ../shared/data/zenodo20/zenodo20_dev.npz runs/weak6/st/level0/labels.npz \\
+    python experiments/weak_supervision/weak_openband.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+        runs/weak6/st/level0/labels.npz \\
         --out runs/weak11_open15 --open-mm 15
     python -m DRSegUNetLib evaluate ../shared/data/zenodo20/zenodo20_dev.npz \\
         --predictions runs/weak11_open15/labels.npz --by-group --json runs/weak11_open15/eval.json
@@ -26,16 +27,17 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DRSegUNetLib.config import EightBitConfig, ModelConfig, NetworkConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
+from DRSegUNetLib.labelmaps import labels_for_dataset  # noqa: E402
 from DRSegUNetLib.lungs import air_mask, assumed_spacing, body_mask  # noqa: E402
-from DRSegUNetLib.selftrain import labels_for_dataset, lung_config_for  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, GGO, LUNG  # noqa: E402
-from weak_band import add_training_options, experiment_parser, finish, start, training_config  # noqa: E402  (bench/)
+from DRSegUNetLib.weak import lung_config_for  # noqa: E402
+from weak_band import add_training_options, experiment_parser, finish, start, training_config  # noqa: E402
 
 
 def open_band_allowed(labels: np.ndarray, body: np.ndarray, radius_px: float) -> np.ndarray:

@@ -1,13 +1,13 @@
 """Infection Dice of self-training runs that differ only in their seed, as a table (issue 4).
 
-Reads the ``evaluate --json`` files that ``bench/gpu_selftrain.sh`` writes into its
+Reads the ``evaluate --json`` files that ``gpu_selftrain.sh`` writes into its
 ``eval/`` folders (``s<seed>_level<k>.json``, ``level0.json``, ``ens_level<k>.json``,
 ``ba_level2.json``) and prints, per level: the seeds' mean, standard deviation (n - 1),
 lowest and highest infection Dice (mean over slices, against the expert masks), then
 every other file as its own row, then the same per case group. ``--ref NAME=JSON`` adds
 rows scored elsewhere (for example the CPU runs, re-scored on the same slices):
 
-    python bench/weak_seeds.py runs/gpu14a/eval runs/gpu14b/eval \\
+    python experiments/weak_supervision/weak_seeds.py runs/gpu14a/eval runs/gpu14b/eval \\
         --ref "sixth run L1 (CPU)=runs/gpu14_cpuref/weak6_level1.json"
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def infection(d: dict, group: str | None = None) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("folders", nargs="+", help="eval/ folders of bench/gpu_selftrain.sh")
+    ap.add_argument("folders", nargs="+", help="eval/ folders of gpu_selftrain.sh")
     ap.add_argument("--ref", action="append", default=[], metavar="NAME=JSON")
     a = ap.parse_args(argv)
     seeds: dict[int, dict[int, dict]] = {}  # level -> seed -> eval

@@ -11,7 +11,8 @@ against the expert masks (mean over slices, as ``evaluate``). With ``--save R`` 
 for that radius go to ``OUT/labels_r<R>.npz`` for ``evaluate --predictions``. Radius 0
 is level 1's own argmax. No expert mask decides anything here:
 
-    python bench/weak_zsmooth.py ../shared/data/zenodo20/zenodo20_dev.npz runs/weak6/st/level1/best.pt \\
+    python experiments/weak_supervision/weak_zsmooth.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+        runs/weak6/st/level1/best.pt \\
         --radii 0,1,2,3 --out runs/weak15_zsmooth --save 2
 """
 from __future__ import annotations
@@ -25,14 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DRSegUNetLib.inference import Predictor  # noqa: E402
-from DRSegUNetLib.selftrain import _group_key, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.labelmaps import save_label_maps  # noqa: E402
+from DRSegUNetLib.metrics import _group_key  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG  # noqa: E402
 
-from weak_lungfield import dice_per_slice  # noqa: E402  (bench/)
+from weak_lungfield import dice_per_slice  # noqa: E402  (this folder)
 
 
 def weights(radius: int) -> np.ndarray:

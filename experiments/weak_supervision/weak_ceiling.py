@@ -23,7 +23,7 @@ against the expert infection masks of a COVID-19-CT-Seg ``.npz`` (zenodo20_dev.n
 
 The oracles peek at the answers, so they are bounds, not methods.
 
-    python bench/weak_ceiling.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+    python experiments/weak_supervision/weak_ceiling.py ../shared/data/zenodo20/zenodo20_dev.npz \\
         --pseudolabels runs/weak5/st/level0/labels.npz --model runs/weak5/st/level1/best.pt \\
         --json out/weak_ceiling.json
 
@@ -39,10 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from DRSegUNetLib.inference import Predictor  # noqa: E402
-from DRSegUNetLib.selftrain import labels_for_dataset, read_slices  # noqa: E402
+from DRSegUNetLib.labelmaps import labels_for_dataset  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO  # noqa: E402
 
 CUTS = "0.05,0.1,0.2,0.3,0.5,0.7,0.9"

@@ -8,7 +8,8 @@ COVID-19-CT-Seg ``.npz`` (mapped to approximate HU, EightBitConfig) fat can fall
 to the *expert* labels themselves (infection as GGO, the rest of the lung as lung), so any
 loss is what every model scored on these slices loses, whatever it predicts:
 
-    python bench/body_restriction_cap.py ../shared/data/zenodo20/zenodo20_dev.npz --levels=-500,-700,-800
+    python experiments/weak_supervision/body_restriction_cap.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+        --levels=-500,-700,-800
 
 Each row is one body level: a fixed approx. HU, or ``otsu`` (each slice's Otsu level, the
 lung extraction's rule for 8-bit slices, ``lungs.air_mask``). It prints the share of expert
@@ -24,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DRSegUNetLib.inference import restrict_to_body  # noqa: E402
 from DRSegUNetLib.lungs import air_mask  # noqa: E402
-from DRSegUNetLib.selftrain import lung_config_for, read_slices  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import GGO, LUNG  # noqa: E402
-from weak_lungfield import dice_per_slice  # noqa: E402  (bench/)
+from DRSegUNetLib.weak import lung_config_for  # noqa: E402
+from weak_lungfield import dice_per_slice  # noqa: E402  (this folder)
 
 
 def restrict_with_air(labels: np.ndarray, air: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ median, interquartile range, and its rank correlation (Spearman) with the expert
 (expert infection / expert lung), which says how well a map follows how much of each slice
 is diseased:
 
-    python bench/weak_by_size.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+    python experiments/weak_supervision/weak_by_size.py ../shared/data/zenodo20/zenodo20_dev.npz \\
         PL=runs/weak6/st/level0/labels.npz L1=runs/weak14_l2_body8/level1_labels.npz \\
         L2=runs/weak14_l2_body8/labels.npz
 """
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from DRSegUNetLib.selftrain import labels_for_dataset  # noqa: E402
+from DRSegUNetLib.labelmaps import labels_for_dataset  # noqa: E402
 from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG  # noqa: E402
 
-from weak_lungfield import dice_per_slice  # noqa: E402  (bench/)
+from weak_lungfield import dice_per_slice  # noqa: E402  (this folder)
 
 
 def quartiles(area: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ every result against the expert masks:
 
 Rows that use the expert lung peek at the answers: they are bounds, not methods.
 
-    python bench/weak_lungfield.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+    python experiments/weak_supervision/weak_lungfield.py ../shared/data/zenodo20/zenodo20_dev.npz \\
         --closing-mm 15,20,30 --posterior-fill 20,30,45 --upside-down-groups 8 --json out/weak_lungfield.json
 
 Per-slice Dice (a slice empty in both counts 1; every slice of zenodo20_dev has expert lung
@@ -43,11 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from DRSegUNetLib.labelmaps import save_label_maps  # noqa: E402
 from DRSegUNetLib.lungs import assumed_spacing, disk_closing, fill_holes  # noqa: E402
-from DRSegUNetLib.selftrain import lung_config_for, lung_masks, pseudo_labels, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.slices import read_slices  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, GGO  # noqa: E402
+from DRSegUNetLib.weak import lung_config_for, lung_masks, pseudo_labels  # noqa: E402
 
 
 def dice_per_slice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

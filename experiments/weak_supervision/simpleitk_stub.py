@@ -1,4 +1,4 @@
-"""Stand-in for SimpleITK on the lent GPU machine, which has none (bench/gpu_selftrain.sh).
+"""Stand-in for SimpleITK on the lent GPU machine, which has none (gpu_selftrain.sh).
 
 The machine takes at most 64 MiB with the repository; SimpleITK (28 MB packed) and half of
 COVID-19-CT-Seg (35 MB) do not both fit. For ``.npz`` slice inputs the library names
@@ -11,7 +11,7 @@ __version__ = "0+stub"
 
 def _missing(name: str) -> type:
     def fail(*_args, **_kwargs):
-        raise RuntimeError(f"SimpleITK.{name} was used, but this is bench/device_stub's stand-in "
+        raise RuntimeError(f"SimpleITK.{name} was used, but this is simpleitk_stub.py's stand-in "
                            "(only .npz slice inputs work with it)")
     return type(name, (), {"__new__": fail})
 

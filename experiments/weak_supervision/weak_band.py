@@ -10,11 +10,12 @@ two layers frozen), then labels every slice; score the labels with ``evaluate``.
 ``--infection-above CUT`` first relabels level 1's output: GGO or consolidation (the more
 probable of the two) wherever their summed probability exceeds CUT, and lung or
 background (the more probable) where level 1's argmax said infection below it; this is a
-fixed cut of ``bench/weak_ceiling.py``, used as level 2's labels. ``--ensemble CKPT...``
+fixed cut of ``weak_ceiling.py``, used as level 2's labels. ``--ensemble CKPT...``
 takes level 2's labels from the mean probabilities of LEVEL1 and other level-1 models
-(other seeds; ``bench/gpu_selftrain.sh``):
+(other seeds; ``gpu_selftrain.sh``):
 
-    python bench/weak_band.py ../shared/data/zenodo20/zenodo20_dev.npz runs/weak6/st/level1/best.pt \\
+    python experiments/weak_supervision/weak_band.py ../shared/data/zenodo20/zenodo20_dev.npz \\
+        runs/weak6/st/level1/best.pt \\
         --out runs/weak6_band --unsure-below 0.7 --flip-tta
     python -m DRSegUNetLib evaluate ../shared/data/zenodo20/zenodo20_dev.npz \\
         --predictions runs/weak6_band/labels.npz --by-group --json runs/weak6_band/eval.json
@@ -34,13 +35,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelConfig, TrainConfig  # noqa: E402
 from DRSegUNetLib.data import Sample, bit  # noqa: E402
 from DRSegUNetLib.inference import Predictor, restrict_to_body  # noqa: E402
-from DRSegUNetLib.selftrain import SliceInput, predict_labels, read_slices, save_label_maps  # noqa: E402
+from DRSegUNetLib.labelmaps import save_label_maps  # noqa: E402
+from DRSegUNetLib.selftrain import predict_labels  # noqa: E402
+from DRSegUNetLib.slices import SliceInput, read_slices  # noqa: E402
 from DRSegUNetLib.training import train  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
 
