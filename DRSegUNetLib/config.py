@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from .vocabulary import NUM_CLASSES
+
 
 class Choice(str, Enum):
     """A setting with a fixed set of string values (a config field, a command-line option).
@@ -89,7 +91,7 @@ class NetworkConfig:
     """
 
     in_channels: int = 1
-    num_classes: int = 4
+    num_classes: int = NUM_CLASSES
     base_filters: int = 16
     depth: int = 4
     upsampling: str = Upsampling.TRANSPOSE.value  # Upsampling: transpose (thesis default) or upsample
