@@ -338,16 +338,18 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshModels(selectActive=True)
 
     def onAcceptCorrections(self):
+        from DRSegUNetLib.vocabulary import CONSOLIDATION_NAME, GGO_NAME, INFECTION_NAME, LUNG_NAME
+
         if not self.requirementsReady(_("Failed to store the corrections."), withTorch=False):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to store the corrections."), waitCursor=True):
             sliceRange = None
             if self.ui.acceptRangeRadioButton.checked:
                 sliceRange = (self.ui.rangeFirstSpinBox.value - 1, self.ui.rangeLastSpinBox.value - 1)
-            checked = [name for name, box in (("ggo", self.ui.checkedGgoCheckBox),
-                                              ("consolidation", self.ui.checkedConsolidationCheckBox),
-                                              ("lung", self.ui.checkedLungCheckBox),
-                                              ("infection", self.ui.checkedInfectionCheckBox)) if box.checked]
+            checked = [name for name, box in ((GGO_NAME, self.ui.checkedGgoCheckBox),
+                                              (CONSOLIDATION_NAME, self.ui.checkedConsolidationCheckBox),
+                                              (LUNG_NAME, self.ui.checkedLungCheckBox),
+                                              (INFECTION_NAME, self.ui.checkedInfectionCheckBox)) if box.checked]
             ids = self.logic.acceptCorrections(
                 self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode(), sliceRange,
                 checkedClasses=checked)
@@ -471,7 +473,7 @@ class DRSegUNetTest(ScriptedLoadableModuleTest):
     def test_DRSegUNet_flow(self):
         import DRSegUNetLib
         from DRSegUNetLib.store import CorrectionsStore, ModelStore
-        from DRSegUNetLib.vocabulary import CONSOLIDATION, SEGMENTS
+        from DRSegUNetLib.vocabulary import CONSOLIDATION, CONSOLIDATION_NAME, SEGMENTS
 
         self.delayDisplay("Starting the DRSegUNet flow test")
         with tempfile.TemporaryDirectory() as tmp:
@@ -506,7 +508,7 @@ class DRSegUNetTest(ScriptedLoadableModuleTest):
             n, rows, cols = corrected.shape[0] // 2, corrected.shape[1], corrected.shape[2]
             corrected[n, rows // 4:3 * rows // 4, cols // 4:3 * cols // 4] = CONSOLIDATION
             slicer.util.updateSegmentBinaryLabelmapFromArray((corrected == CONSOLIDATION).astype(np.uint8),
-                                                             job.segmentationNode, "consolidation", volume)
+                                                             job.segmentationNode, CONSOLIDATION_NAME, volume)
             ids = logic.acceptCorrections(volume, job.segmentationNode)
             self.assertEqual(len(ids), 1)
             self.delayDisplay(f"Accepted {len(ids)} slice")

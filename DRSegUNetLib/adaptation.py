@@ -28,28 +28,28 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .config import EightBitConfig, FineTuneConfig, InferenceConfig
+from .config import BatchNormMode, Bf16, EightBitConfig, FineTuneConfig, InferenceConfig, Loss, ReplayLoss, Trainable
 from .data import Sample, labels_to_allowed, read_npz, resample_sample
 from .errors import InputError
 from .metrics import MetricAccumulator
 from .preprocessing import eight_bit_to_hu
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
-from .vocabulary import REGIONS
+from .vocabulary import GGO_NAME, INFECTION_NAME, LUNG_NAME, REGIONS
 
 REPLAY = "replay"
 REFERENCE = "reference"
 CORRECTIONS = "corrections"
 # Regions the gate compares; consolidation is reported, not gated: the reference has few
 # consolidation pixels, so one slice swings its mean by more than any tolerance.
-GATED_REGIONS = ("ggo", "infection", "lung")
+GATED_REGIONS = (GGO_NAME, INFECTION_NAME, LUNG_NAME)
 
 
 PRESETS: dict[str, FineTuneConfig] = {
     "default": FineTuneConfig(),
     # Thesis §4.4.2 / §5.5: first two layers frozen, 9.8e-6, BatchNorm statistics
     # re-estimated from each batch (Keras' training mode), no replay.
-    "thesis": FineTuneConfig(steps=0, epochs=10, lr=9.8e-6, frozen_layers=2, bn="train", loss="ce",
-                             replay_fraction=0.0, alphas=(1.0,)),
+    "thesis": FineTuneConfig(steps=0, epochs=10, lr=9.8e-6, frozen_layers=2, bn=BatchNormMode.TRAIN.value,
+                             loss=Loss.CE.value, replay_fraction=0.0, alphas=(1.0,)),
 }
 
 
@@ -297,15 +297,15 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
     corr_sampler = PatchSampler(train_s, config.crop, augment, config.seed)
     replay_sampler = PatchSampler(replay, config.crop, augment, config.seed + 1) if n_replay else None
     frozen = freeze_first_layers(model, config.frozen_layers)
-    if config.trainable == "batchnorm":
+    if config.trainable == Trainable.BATCHNORM:
         for m in model.modules():
             if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 for p in m.parameters(recurse=False):
                     p.requires_grad_(False)
-    elif config.trainable != "all":
+    elif config.trainable != Trainable.ALL:
         raise InputError(f"unknown trainable {config.trainable!r}; use all or batchnorm")
     old = None
-    if (n_replay and config.replay_loss == "distill") or config.keep_open_type:
+    if (n_replay and config.replay_loss == ReplayLoss.DISTILL) or config.keep_open_type:
         old = init.build_model().to(device).eval()
         for p in old.parameters():
             p.requires_grad_(False)
@@ -322,7 +322,7 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
             hu, allowed = np.concatenate([hu, rhu]), np.concatenate([allowed, rallowed])
         x = torch.from_numpy(normalize(hu, pre)).unsqueeze(1).to(device)
         y = torch.from_numpy(allowed).to(device)
-        with training_autocast(device, "auto"):
+        with training_autocast(device, Bf16.AUTO.value):
             logits = model(x).float()
             loss = compute_loss(logits[:n_corr], y[:n_corr], config.loss)
             if config.keep_open_type:
@@ -330,7 +330,7 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
                     old_corr = old(x[:n_corr]).float()
                 loss = loss + open_type_loss(logits[:n_corr], old_corr, y[:n_corr])
             if n_replay:
-                if old is not None and config.replay_loss == "distill":
+                if old is not None and config.replay_loss == ReplayLoss.DISTILL:
                     with torch.no_grad():
                         target = old(x[n_corr:]).float()
                     loss = loss + distillation_loss(logits[n_corr:], target)

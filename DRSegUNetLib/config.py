@@ -7,7 +7,34 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
+
+from .vocabulary import NUM_CLASSES
+
+
+class Choice(str, Enum):
+    """A setting with a fixed set of string values (a config field, a command-line option).
+
+    Members are ``str``: they compare equal to the plain strings that configs, JSON files and
+    checkpoints hold ("auto" == Bf16.AUTO), so those keep loading. The config fields themselves
+    hold the plain strings (``.value``). A member formats as its value and pickles as a plain
+    ``str``, so one that slips into a message or a checkpoint reads as before.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    def __reduce_ex__(self, protocol):
+        return str, (str(self.value),)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The plain strings, in declaration order (``choices=`` of an option, messages)."""
+        return tuple(m.value for m in cls)
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,20 @@ class EightBitConfig:
     high: float = 150.0
 
 
+class Upsampling(Choice):
+    """NetworkConfig.upsampling: the decoder's up-sampling."""
+
+    TRANSPOSE = "transpose"  # the thesis's 3x3 stride-2 transposed convolution
+    UPSAMPLE = "upsample"  # nearest up-sampling and a 3x3 convolution (Table 13)
+
+
+class Arch(Choice):
+    """NetworkConfig.arch: which network a checkpoint holds."""
+
+    DRSEGUNET = "drsegunet"
+    MONAI_UNET = "monai_unet"
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Which network a checkpoint holds (network.build_network builds it).
@@ -50,15 +91,23 @@ class NetworkConfig:
     """
 
     in_channels: int = 1
-    num_classes: int = 4
+    num_classes: int = NUM_CLASSES
     base_filters: int = 16
     depth: int = 4
-    upsampling: str = "transpose"  # "transpose" (thesis default) or "upsample" (Table 13)
-    arch: str = "drsegunet"  # "drsegunet" or "monai_unet"
+    upsampling: str = Upsampling.TRANSPOSE.value  # Upsampling: transpose (thesis default) or upsample
+    arch: str = Arch.DRSEGUNET.value  # Arch
     res_units: int = 2  # monai_unet only: residual units per level (MONAI's num_res_units)
 
 
-THRESHOLD_METHODS = ("auto", "thesis", "otsu")  # LungConfig.threshold_method
+class ThresholdMethod(Choice):
+    """LungConfig.threshold_method: how the air/tissue level is chosen (lungs.py, "Threshold")."""
+
+    AUTO = "auto"
+    THESIS = "thesis"
+    OTSU = "otsu"
+
+
+THRESHOLD_METHODS = ThresholdMethod.values()  # LungConfig.threshold_method
 
 
 @dataclass(frozen=True)
@@ -73,7 +122,7 @@ class LungConfig:
     # "auto" = "otsu" for 8-bit sources (not HU), "thesis" for CT in HU. The lungs.py
     # functions take CT in HU, so there "auto" is "thesis"; the readers of 8-bit
     # slices (weak.lung_config_for) resolve it to "otsu".
-    threshold_method: str = "auto"
+    threshold_method: str = ThresholdMethod.AUTO.value
     otsu_sigma_px: float = 1.0  # Gaussian smoothing (pixels) before Otsu; chosen on zenodo20 groups 0-4 (lungs.py)
     otsu_bins: int = 256  # histogram bins on the normalised [0, 1] scale
     n_components: int = 2  # bwareafilt(bw, 2)
@@ -101,6 +150,13 @@ class LungConfig:
                              f"({self.window_low:g} and {self.window_high:g}), not {self.threshold_hu:g}")
 
 
+class ClusterDomain(Choice):
+    """PseudoLabelConfig.cluster_domain: what k-means clusters."""
+
+    IMAGE = "image"
+    LUNG = "lung"
+
+
 @dataclass(frozen=True)
 class PseudoLabelConfig:
     """Thesis §4.4.1 steps 5-6: k-means and morphological clean-up."""
@@ -121,11 +177,45 @@ class PseudoLabelConfig:
     # only, split in three (the brightest third is mostly vessels). Chosen on COVID-19-CT-Seg
     # groups 0-4: pseudo-label infection Dice 0.244 ("image") vs 0.143 ("lung");
     # docs/weak_supervision.md.
-    cluster_domain: str = "image"
+    cluster_domain: str = ClusterDomain.IMAGE.value
 
     def __post_init__(self) -> None:
-        if self.cluster_domain not in ("image", "lung"):
-            raise ValueError(f"cluster_domain must be 'image' or 'lung', not {self.cluster_domain!r}")
+        if self.cluster_domain not in ClusterDomain.values():
+            raise ValueError(f"cluster_domain must be {' or '.join(map(repr, ClusterDomain.values()))}, "
+                             f"not {self.cluster_domain!r}")
+
+
+class Loss(Choice):
+    """TrainConfig.loss (training.compute_loss)."""
+
+    CE = "ce"  # marginal cross-entropy (thesis)
+    CE_DICE = "ce+dice"  # plus a soft Dice per class where the class is decided
+    CE_REGIONDICE = "ce+regiondice"  # plus a soft Dice per region (vocabulary.REGIONS)
+
+
+class LrSchedule(Choice):
+    CONSTANT = "constant"  # thesis
+    COSINE = "cosine"
+
+
+class Bf16(Choice):
+    """bfloat16 autocast (TrainConfig.bf16, InferenceConfig.cpu_bf16 and cuda_bf16)."""
+
+    AUTO = "auto"  # where the hardware computes bf16 natively
+    ON = "on"
+    OFF = "off"
+
+
+class BatchNormMode(Choice):
+    """TrainConfig.bn: BatchNorm statistics during training."""
+
+    TRAIN = "train"  # re-estimated from each batch
+    FROZEN = "frozen"  # the starting model's (eval mode); the affine weights still train
+
+
+class Optimizer(Choice):
+    ADAM = "adam"  # thesis
+    SGD = "sgd"  # momentum 0.9
 
 
 @dataclass(frozen=True)
@@ -136,9 +226,9 @@ class TrainConfig:
     crop: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    loss: str = "ce"  # "ce" (thesis) or "ce+dice"
+    loss: str = Loss.CE.value  # Loss
     seed: int = 0
-    lr_schedule: str = "constant"  # "constant" (thesis) or "cosine"
+    lr_schedule: str = LrSchedule.CONSTANT.value  # LrSchedule
     val_every: int = 1
     frozen_layers: int = 0  # level 2 freezes the first two layers (stem conv1, bn1)
     # Relative frequency of crops per source ("medseg", "zenodo", ...; a source not named
@@ -148,7 +238,7 @@ class TrainConfig:
     select_regions: tuple[str, ...] = ()
     # bfloat16 autocast for the forward pass and loss (weights and Adam stay float32):
     # "auto" = on CUDA and on CPUs with native bf16 (1.7-2x faster steps here: bench/README.md), "on", "off".
-    bf16: str = "auto"
+    bf16: str = Bf16.AUTO.value
     # Processes that draw augmented crops ahead of the training step (0: in this process,
     # the reproducible default; a GPU wants several, its CPU crops are the bottleneck).
     workers: int = 0
@@ -156,11 +246,33 @@ class TrainConfig:
     # (Keras' and the thesis's behaviour; what training from scratch needs), "frozen" keeps
     # the statistics of the starting model (eval mode) while still training the affine
     # weights -- what fine-tuning on a few slices needs (issue 18).
-    bn: str = "train"
-    optimizer: str = "adam"  # "adam" (thesis) or "sgd" (momentum 0.9; moves parameters by their gradient's size)
+    bn: str = BatchNormMode.TRAIN.value
+    optimizer: str = Optimizer.ADAM.value  # adam (thesis) or sgd (moves parameters by their gradient's size)
     # Exponential moving average of the weights, validated and saved instead of the live
     # weights (0: off, the thesis's behaviour; e.g. 0.998 averages about the last 500 steps).
     ema_decay: float = 0.0
+
+
+class Trainable(Choice):
+    """FineTuneConfig.trainable: which weights a fine-tune trains."""
+
+    ALL = "all"  # every weight past the frozen layers
+    BATCHNORM = "batchnorm"  # only BatchNorm scales and shifts
+
+
+class ReplayLoss(Choice):
+    """FineTuneConfig.replay_loss: what replay crops train."""
+
+    DISTILL = "distill"  # the starting model's own predictions (learning without forgetting)
+    LABELS = "labels"  # their annotations
+
+
+class ActivatePolicy(Choice):
+    """When ``finetune`` makes its new model version active."""
+
+    IF_BETTER = "if-better"  # if it passes the gate
+    ALWAYS = "always"
+    NEVER = "never"
 
 
 @dataclass(frozen=True)
@@ -175,19 +287,19 @@ class FineTuneConfig:
     steps: int = 40  # optimisation steps; 0 = ``epochs`` passes over the accepted slices
     epochs: int = 10  # used only when steps = 0 (one crop per slice and pass)
     lr: float = 1e-4
-    lr_schedule: str = "constant"
+    lr_schedule: str = LrSchedule.CONSTANT.value
     frozen_layers: int = 2
-    bn: str = "frozen"  # TrainConfig.bn
+    bn: str = BatchNormMode.FROZEN.value  # TrainConfig.bn
     # Which weights train: "all" (past the frozen layers) or "batchnorm" (only BatchNorm scales
     # and shifts: a few thousand parameters, which adapts the features' calibration to a scan).
-    trainable: str = "all"
+    trainable: str = Trainable.ALL.value
     batch_size: int = 4
     crop: int = 256
-    loss: str = "ce+regiondice"
+    loss: str = Loss.CE_REGIONDICE.value
     replay_fraction: float = 0.5  # share of crops drawn from the model's replay slices
     # What replay crops train: "distill" = the starting model's own predictions (learning without
     # forgetting), "labels" = their annotations.
-    replay_loss: str = "distill"
+    replay_loss: str = ReplayLoss.DISTILL.value
     # Where a correction leaves the lesion type open (known=infection), also keep the starting
     # model's GGO/consolidation split there (lab bench: experiments/README.md). Off by default.
     keep_open_type: bool = False
@@ -223,10 +335,10 @@ class SelfTrainConfig:
     steps_per_epoch: int = 0
     batch_size: int = 8
     crop: int = 128
-    loss: str = "ce"
+    loss: str = Loss.CE.value  # ce or ce+dice
     seed: int = 0
     base_filters: int = 16
-    lr_schedule: str = "constant"  # every level: "constant" (thesis) or "cosine" (decays to 2% of its rate)
+    lr_schedule: str = LrSchedule.CONSTANT.value  # every level: constant (thesis) or cosine (decays to 2% of its rate)
     # Lung threshold for 8-bit COVID-19-CT-Seg slices mapped to approx. HU (EightBitConfig):
     # they are min-max normalised and CLAHE-enhanced, which puts soft tissue near -500
     # approx. HU, so the thesis's -170 HU finds no lung (see Testing/test_lungs.py).
@@ -249,10 +361,17 @@ def check_pixel_mm(value: float, option: str = "--pixel-mm") -> None:
                          f"or 0 for the own grid; got {value}")
 
 
+class Decision(Choice):
+    """InferenceConfig.decision: probabilities to labels."""
+
+    ARGMAX = "argmax"
+    THRESHOLD = "threshold"  # thesis §4.5
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     batch_size: int = 4
-    decision: str = "argmax"  # "argmax" or "threshold" (thesis §4.5)
+    decision: str = Decision.ARGMAX.value
     threshold: float = 0.5
     # Labels outside the patient's body (largest region at or above this HU, holes
     # filled) are background: outside air is never lung. 8-bit slices in approximate HU
@@ -264,10 +383,10 @@ class InferenceConfig:
     # bfloat16 autocast on CPU: "auto" uses it where the CPU has native bf16 arithmetic
     # (x86 avx512_bf16 or AMX, read from /proc/cpuinfo on Linux; elsewhere "auto" is float32;
     # 2.1x faster end to end here, docs/bench_cpu_bf16_2026-11-27.md), "on", or "off".
-    cpu_bf16: str = "auto"
+    cpu_bf16: str = Bf16.AUTO.value
     # bfloat16 autocast on CUDA: "auto" where the GPU computes bf16 (torch.cuda.is_bf16_supported),
     # "on", or "off". Training's validation passes its TrainConfig.bf16 here and in cpu_bf16.
-    cuda_bf16: str = "auto"
+    cuda_bf16: str = Bf16.AUTO.value
     # Working pixel size in mm for CT with a known geometry (segment, Slicer): slices are
     # resampled to it for the network and the probabilities back to the CT's own grid
     # before the decision. On the CT's own 0.6-0.8 mm grid the bundled model takes dark

@@ -23,7 +23,8 @@ import numpy as np
 from .config import EightBitConfig
 from .errors import InputError
 from .preprocessing import eight_bit_to_hu, working_size
-from .vocabulary import BACKGROUND, CHECKABLE, CLASS_NAMES, CONSOLIDATION, GGO, LUNG, NUM_CLASSES, REGIONS, check_class_names
+from .vocabulary import (BACKGROUND, BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, CONSOLIDATION, GGO, INFECTION_NAME, LUNG,
+                         LUNG_NAME, NUM_CLASSES, REGIONS, check_class_names)
 
 ALL_CLASSES = np.uint8((1 << NUM_CLASSES) - 1)
 
@@ -101,9 +102,9 @@ def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None)
     every = bit(*range(NUM_CLASSES))
     allowed = np.full(lab.shape, every, dtype=np.uint8)
     for name in set(known):
-        if name in ("lung", "background"):
+        if name in (LUNG_NAME, BACKGROUND_NAME):
             allowed &= np.where(lab != BACKGROUND, bit(GGO, CONSOLIDATION, LUNG), bit(BACKGROUND)).astype(np.uint8)
-        elif name == "infection":
+        elif name == INFECTION_NAME:
             lesion = (lab == GGO) | (lab == CONSOLIDATION)
             allowed &= np.where(lesion, bit(GGO, CONSOLIDATION), np.uint8(every & ~bit(GGO, CONSOLIDATION))).astype(np.uint8)
         else:

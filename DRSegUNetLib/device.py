@@ -9,6 +9,7 @@ import functools
 import torch
 
 from . import check_torch
+from .config import Bf16
 from .errors import InputError
 
 check_torch(torch.__version__)  # one line (TorchVersionError) under a torch older than MIN_TORCH
@@ -46,12 +47,12 @@ def bf16_enabled(device: torch.device, mode: str, option: str = "bf16") -> bool:
     """Whether to run under bf16 autocast on ``device`` (inference and training alike):
     ``mode`` "on", "off", or "auto" = where the hardware computes bf16 natively (CUDA
     GPUs with bf16, CPUs with avx512_bf16 or AMX)."""
-    if mode not in ("auto", "on", "off"):
+    if mode not in Bf16.values():
         raise ValueError(f"{option} must be auto, on or off, not {mode!r}")
     if device.type not in ("cpu", "cuda"):
         return False
-    if mode != "auto":
-        return mode == "on"
+    if mode != Bf16.AUTO:
+        return mode == Bf16.ON
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
 
 

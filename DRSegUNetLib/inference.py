@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import InferenceConfig, LungConfig, ModelConfig
+from .config import Bf16, Decision, InferenceConfig, LungConfig, ModelConfig, ThresholdMethod
 from .device import bf16_enabled, resolve_device
 from .errors import InputError
 from .network import DRSegUNet
@@ -27,6 +27,7 @@ from .orientation import SliceResult, axial_spacing, axial_view  # noqa: F401  (
 from .preprocessing import check_ct_geometry, check_ct_hu, normalize, working_size
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 from .resample import resample_bilinear
+from .vocabulary import BACKGROUND
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,10 @@ def decide(prob: torch.Tensor, cfg: InferenceConfig) -> torch.Tensor:
     class c only when P(c) > threshold, else background (0).
     """
     conf, lab = prob.max(dim=1)
-    if cfg.decision == "threshold":
-        lab = torch.where(conf > cfg.threshold, lab, torch.zeros_like(lab))
-    elif cfg.decision != "argmax":
-        raise ValueError(f"unknown decision {cfg.decision!r}; use 'argmax' or 'threshold'")
+    if cfg.decision == Decision.THRESHOLD:
+        lab = torch.where(conf > cfg.threshold, lab, torch.full_like(lab, BACKGROUND))
+    elif cfg.decision != Decision.ARGMAX:
+        raise ValueError(f"unknown decision {cfg.decision!r}; use {' or '.join(map(repr, Decision.values()))}")
     return lab.to(torch.uint8)
 
 
@@ -63,13 +64,13 @@ def restrict_to_body(labels: np.ndarray, hu: np.ndarray, threshold_hu: float,
     """
     from .lungs import air_mask, body_mask
 
-    otsu = LungConfig(threshold_method="otsu")
+    otsu = LungConfig(threshold_method=ThresholdMethod.OTSU.value)
     out = labels.copy()
     for k in range(labels.shape[0]):
         air = air_mask(hu[k], otsu) if eight_bit else hu[k] < threshold_hu
         border = np.concatenate([air[0], air[-1], air[:, 0], air[:, -1]])
         if border.mean() >= min_border_air:
-            out[k][~body_mask(air)] = 0
+            out[k][~body_mask(air)] = BACKGROUND
     return out
 
 

@@ -64,7 +64,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .config import LungConfig
+from .config import THRESHOLD_METHODS, LungConfig, ThresholdMethod  # noqa: F401  (THRESHOLD_METHODS: re-exported)
 from .errors import InputError
 from .orientation import axial_spacing, axial_view
 from .preprocessing import check_ct_hu
@@ -111,7 +111,7 @@ def threshold_level(hu: np.ndarray, cfg: LungConfig = LungConfig()) -> tuple[np.
     slice smoothed with a Gaussian of ``otsu_sigma_px`` pixels, and its Otsu level.
     """
     x = normalise_window(hu, cfg)
-    if cfg.threshold_method != "otsu":
+    if cfg.threshold_method != ThresholdMethod.OTSU:
         return x, float(np.float32((cfg.threshold_hu - cfg.window_low) / (cfg.window_high - cfg.window_low)))
     if cfg.otsu_sigma_px > 0:
         x = ndimage.gaussian_filter(x, cfg.otsu_sigma_px)
@@ -121,7 +121,7 @@ def threshold_level(hu: np.ndarray, cfg: LungConfig = LungConfig()) -> tuple[np.
 def air_mask(hu: np.ndarray, cfg: LungConfig = LungConfig()) -> np.ndarray:
     """Thesis step 1: pixels below the threshold (``threshold_level``), on the normalised scale."""
     x, level = threshold_level(hu, cfg)
-    if cfg.threshold_method == "otsu":
+    if cfg.threshold_method == ThresholdMethod.OTSU:
         return x.astype(np.float64) < level  # exactly as the histogram split
     return x < np.float32(level)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import check_torch
-from .config import NetworkConfig
+from .config import Arch, NetworkConfig, Upsampling
 
 check_torch(torch.__version__)  # one line (TorchVersionError) under a torch older than MIN_TORCH
 
@@ -93,14 +93,14 @@ class Decoder(nn.Module):
     ``"upsample"`` is nearest up-sampling followed by a 3x3 conv (Table 13 ablation).
     """
 
-    def __init__(self, cin: int, cskip: int, cout: int, upsampling: str = "transpose") -> None:
+    def __init__(self, cin: int, cskip: int, cout: int, upsampling: str = Upsampling.TRANSPOSE.value) -> None:
         super().__init__()
-        if upsampling == "transpose":
+        if upsampling == Upsampling.TRANSPOSE:
             self.up = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
-        elif upsampling == "upsample":
+        elif upsampling == Upsampling.UPSAMPLE:
             self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _conv3(cin, cout))
         else:
-            raise ValueError(f"unknown upsampling {upsampling!r}; use 'transpose' or 'upsample'")
+            raise ValueError(f"unknown upsampling {upsampling!r}; use {' or '.join(map(repr, Upsampling.values()))}")
         self.block = ResidualBlock(cout + cskip, cout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ class DRSegUNet(nn.Module):
     def __init__(self, config: NetworkConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or NetworkConfig()
-        if config.arch != "drsegunet":
+        if config.arch != Arch.DRSEGUNET:
             raise ValueError(f"DRSegUNet built from a config for arch {config.arch!r}; use build_network")
         f = [config.base_filters * 2**i for i in range(config.depth + 1)]
         self.stem = Stem(config.in_channels, f[0])
@@ -160,7 +160,7 @@ class DRSegUNet(nn.Module):
         return self.head(y)[..., :h, :w]
 
 
-ARCHS = ("drsegunet", "monai_unet")
+ARCHS = Arch.values()
 
 
 class MonaiUNet(nn.Module):
@@ -196,9 +196,9 @@ class MonaiUNet(nn.Module):
 def build_network(config: NetworkConfig | None = None) -> nn.Module:
     """The network ``config.arch`` names: DRSegUNet or MonaiUNet (monai imported only then)."""
     config = config or NetworkConfig()
-    if config.arch == "drsegunet":
+    if config.arch == Arch.DRSEGUNET:
         return DRSegUNet(config)
-    if config.arch == "monai_unet":
+    if config.arch == Arch.MONAI_UNET:
         return MonaiUNet(config)
     raise ValueError(f"unknown network arch {config.arch!r}; use one of {', '.join(ARCHS)}")
 

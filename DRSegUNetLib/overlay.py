@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from .atomic import atomic_write_bytes
 from .orientation import axial_view
-from .vocabulary import CONSOLIDATION, GGO, LUNG, REGIONS, SEGMENTS
+from .vocabulary import CONSOLIDATION, GGO, INFECTION_NAME, LUNG, LUNG_NAME, REGIONS, SEGMENTS
 
 WINDOW = (-1350.0, 150.0)  # lung window W1500/L-600 for display only
 ALPHA = 0.45
@@ -23,7 +23,7 @@ def overlay_slice(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for value in (GGO, CONSOLIDATION):
         m = labels == value
         rgb[m] = (1 - ALPHA) * rgb[m] + ALPHA * colours[value]
-    field = np.isin(labels, REGIONS["lung"])
+    field = np.isin(labels, REGIONS[LUNG_NAME])
     from scipy import ndimage
 
     edge = field & ~ndimage.binary_erosion(field)
@@ -44,7 +44,7 @@ def write_overlay(image: sitk.Image, labels: sitk.Image, path: str | os.PathLike
     hu, _ = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())
     lab, _ = axial_view(sitk.GetArrayViewFromImage(labels), labels.GetDirection())
     if index is None:
-        infection = np.isin(lab, REGIONS["infection"]).sum(axis=(1, 2))
+        infection = np.isin(lab, REGIONS[INFECTION_NAME]).sum(axis=(1, 2))
         index = int(np.argmax(infection)) if infection.any() else lab.shape[0] // 2
     rgb = overlay_slice(np.asarray(hu[index], dtype=np.float32), np.asarray(lab[index]))
     info = PngInfo()

@@ -40,7 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .config import LungConfig, PseudoLabelConfig
+from .config import ClusterDomain, LungConfig, PseudoLabelConfig
 from .errors import InputError
 from .imageio import mask_on_grid
 from .lungs import extract_lungs
@@ -205,7 +205,7 @@ def pseudolabel_slice(hu: np.ndarray, lung_mask: np.ndarray,
     # Step 4 applied the mask to the image (outside the lung is air); k-means sees all of
     # it ("image") or the lung pixels only ("lung"; PseudoLabelConfig checks the name).
     masked = np.where(lung, np.clip(hu.astype(np.float64), cfg.hu_min, cfg.hu_max), cfg.hu_min)
-    clustered = np.ones(hu.shape, dtype=bool) if cfg.cluster_domain == "image" else lung
+    clustered = np.ones(hu.shape, dtype=bool) if cfg.cluster_domain == ClusterDomain.IMAGE else lung
     ranks = kmeans_ranks(masked[clustered], cfg)
     if ranks is None:
         return labels  # too few distinct values to form K clusters: all lung

@@ -12,7 +12,7 @@ from scipy import ndimage
 from .atomic import atomic_write_bytes
 from .orientation import axial_view
 from .progress import ProgressCallback, report as report_progress
-from .vocabulary import REGIONS
+from .vocabulary import CONSOLIDATION_NAME, GGO_NAME, INFECTION_NAME, LUNG_NAME, REGIONS
 
 # A lung is reported separately only when the lung field splits into two 3D
 # components, each at least this fraction of the field, on opposite sides.
@@ -28,8 +28,8 @@ def _stats(counts: np.ndarray, voxel_ml: float) -> dict[str, Any]:
     """Volumes and % of lung from ``counts[v]``, the number of voxels of label value v."""
     vol = {r: float(int(sum(counts[v] for v in values if v < len(counts))) * voxel_ml)
            for r, values in REGIONS.items()}
-    lung = vol["lung"]
-    pct = {r: (100.0 * vol[r] / lung if lung > 0 else None) for r in ("ggo", "consolidation", "infection")}
+    lung = vol[LUNG_NAME]
+    pct = {r: (100.0 * vol[r] / lung if lung > 0 else None) for r in (GGO_NAME, CONSOLIDATION_NAME, INFECTION_NAME)}
     return {
         "volume_ml": {r: round(v, 3) for r, v in vol.items()},
         "percent_of_lung": {r: (round(p, 2) if p is not None else None) for r, p in pct.items()},
@@ -69,7 +69,7 @@ def compute_report(labels: sitk.Image, progress: Optional[ProgressCallback] = No
     view, _ = axial_view(np.asarray(arr), labels.GetDirection())
     n_values = max(max(v) for v in REGIONS.values()) + 1
     is_lung = np.zeros(256, bool)  # by uint8 label value
-    is_lung[list(REGIONS["lung"])] = True
+    is_lung[list(REGIONS[LUNG_NAME])] = True
     step = max(1, BLOCK_VOXELS // max(1, view.shape[1] * view.shape[2]))
     blocks = [slice(z, min(z + step, view.shape[0])) for z in range(0, view.shape[0], step)]
     total = 2 * len(blocks) + 1
@@ -88,7 +88,7 @@ def compute_report(labels: sitk.Image, progress: Optional[ProgressCallback] = No
         if block.dtype == np.uint8:
             field[b] = is_lung[block]
         else:
-            field[b] = np.isin(block, REGIONS["lung"])
+            field[b] = np.isin(block, REGIONS[LUNG_NAME])
         tick("volumes")
     rep: dict[str, Any] = {"voxel_ml": voxel_ml, "shape_zyx": list(arr.shape), **_stats(counts, voxel_ml)}
     comp, n = _label_field(field)

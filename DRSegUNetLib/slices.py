@@ -7,7 +7,7 @@ EightBitConfig. Slices are named and grouped (by case) as ``data.read_zenodo_npz
 them, so that scores line up.
 
 Light at import (no numpy, no SimpleITK): the command line imports ``VOLUME_SUFFIXES`` and
-``_volume_name`` from here.
+``volume_name`` from here.
 """
 from __future__ import annotations
 
@@ -74,13 +74,13 @@ def read_slices(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) 
     image = read_ct(p)
     array = validate_ct_image(image, p.name)
     view, _ = axial_view(array, image.GetDirection())
-    name = _volume_name(p)
+    name = volume_name(p)
     n = view.shape[0]
     return SliceInput(str(p), np.ascontiguousarray(view, dtype=np.float32), [f"{name}:{z}" for z in range(n)],
                       [name] * n, False, axial_spacing(image.GetSpacing(), image.GetDirection()), image)
 
 
-def _volume_name(p: Path) -> str:
+def volume_name(p: Path) -> str:
     """The file name without its volume suffix (``ct.nii.gz`` → ``ct``)."""
     name = p.name
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):

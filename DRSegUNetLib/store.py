@@ -36,6 +36,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes, default_dir_mode, fsync_dir as _fsync_dir
 from .errors import InputError
+from .vocabulary import CHECKABLE, LABEL_LEGEND, NUM_CLASSES, check_class_names
 
 log = logging.getLogger(__name__)
 
@@ -494,13 +495,11 @@ def check_correction(ct: np.ndarray, labels: np.ndarray, spacing: Sequence[float
         raise ValueError("the CT slice has NaN or infinite values")
     whole = labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer) or (
         np.issubdtype(labels.dtype, np.floating) and np.array_equal(labels, np.round(labels)))  # NaN fails too
-    if labels.size and (not whole or labels.min() < 0 or labels.max() > 3):
-        raise ValueError("labels must be 0 background, 1 GGO, 2 consolidation or 3 lung")
+    if labels.size and (not whole or labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"labels must be {LABEL_LEGEND}")
     if len(spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be (row, column) in mm, both > 0, got {tuple(spacing)}")
     if known is not None:
-        from .vocabulary import CHECKABLE, check_class_names
-
         check_class_names(known, CHECKABLE)
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .checkpoint import Checkpoint, nonfinite_keys, save_checkpoint
-from .config import InferenceConfig, ModelConfig, PreprocessConfig, TrainConfig, to_dict
+from .config import (BatchNormMode, InferenceConfig, Loss, LrSchedule, ModelConfig, Optimizer, PreprocessConfig,
+                     TrainConfig, to_dict)
 from .data import Sample, bit
 from .device import bf16_enabled, resolve_device
 from .errors import InputError
@@ -99,15 +100,15 @@ def region_soft_dice(logits: torch.Tensor, allowed: torch.Tensor, eps: float = 1
     return torch.stack(losses).mean() if losses else logits.sum() * 0.0
 
 
-LOSSES = ("ce", "ce+dice", "ce+regiondice")
+LOSSES = Loss.values()
 
 
 def compute_loss(logits: torch.Tensor, allowed: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "ce":
+    if kind == Loss.CE:
         return marginal_cross_entropy(logits, allowed)
-    if kind == "ce+dice":
+    if kind == Loss.CE_DICE:
         return marginal_cross_entropy(logits, allowed) + marginal_soft_dice(logits, allowed)
-    if kind == "ce+regiondice":
+    if kind == Loss.CE_REGIONDICE:
         return marginal_cross_entropy(logits, allowed) + region_soft_dice(logits, allowed)
     raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
 
@@ -320,10 +321,10 @@ def freeze_first_layers(model: DRSegUNet, n: int) -> list[str]:
     return frozen
 
 
-BN_MODES = ("train", "frozen")
+BN_MODES = BatchNormMode.values()
 
 
-def set_train_mode(model: torch.nn.Module, frozen: Sequence[str], bn: str = "train") -> None:
+def set_train_mode(model: torch.nn.Module, frozen: Sequence[str], bn: str = BatchNormMode.TRAIN.value) -> None:
     """Training mode, except BatchNorm layers that keep their running statistics: the
     frozen ones always, and every one with ``bn="frozen"`` (TrainConfig.bn)."""
     if bn not in BN_MODES:
@@ -331,7 +332,7 @@ def set_train_mode(model: torch.nn.Module, frozen: Sequence[str], bn: str = "tra
     model.train()
     modules = dict(model.named_modules())
     for name, m in modules.items():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (bn == "frozen" or name in frozen):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (bn == BatchNormMode.FROZEN or name in frozen):
             m.eval()
 
 
@@ -424,15 +425,15 @@ def train(
     if frozen:
         log.info("frozen layers: %s", ", ".join(frozen))
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
+    if config.optimizer == Optimizer.SGD:
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    elif config.optimizer == "adam":
+    elif config.optimizer == Optimizer.ADAM:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; use adam or sgd")
     total_steps = config.epochs * config.steps_per_epoch
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=config.lr * 0.02)
-             if config.lr_schedule == "cosine" else None)
+             if config.lr_schedule == LrSchedule.COSINE else None)
     net: torch.nn.Module = model
     if world > 1:
         # Every rank draws different crops; gradients are averaged, so weights stay equal.

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 from typing import Iterable
 
 BACKGROUND, GGO, CONSOLIDATION, LUNG = 0, 1, 2, 3
-CLASS_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation", "lung")
+# The names of the classes and of the region "infection" (GGO or consolidation), as reports, metrics,
+# checkpoints, the CLI and the Slicer module spell them.
+BACKGROUND_NAME, GGO_NAME, CONSOLIDATION_NAME, LUNG_NAME = "background", "ggo", "consolidation", "lung"
+INFECTION_NAME = "infection"
+CLASS_NAMES: tuple[str, ...] = (BACKGROUND_NAME, GGO_NAME, CONSOLIDATION_NAME, LUNG_NAME)  # by label value
 NUM_CLASSES = len(CLASS_NAMES)
+# The label values as help texts and messages list them: "0 background, 1 GGO, 2 consolidation, 3 lung".
+LABEL_LEGEND = f"{BACKGROUND} background, {GGO} GGO, {CONSOLIDATION} consolidation, {LUNG} lung"
 
 
 def check_class_names(names: Iterable[str], allowed: tuple[str, ...] = CLASS_NAMES) -> None:
@@ -27,14 +33,14 @@ def check_class_names(names: Iterable[str], allowed: tuple[str, ...] = CLASS_NAM
 # What a user can say they checked on an accepted slice (data.labels_to_allowed): the three
 # segments, "background" (the same as "lung": everything outside the lung field is right),
 # and "infection": the lesion extent is right, whether GGO or consolidation is left open.
-CHECKABLE: tuple[str, ...] = CLASS_NAMES + ("infection",)
+CHECKABLE: tuple[str, ...] = CLASS_NAMES + (INFECTION_NAME,)
 
 # Derived regions used by metrics and reports: name -> label values it is made of.
 REGIONS: dict[str, tuple[int, ...]] = {
-    "ggo": (GGO,),
-    "consolidation": (CONSOLIDATION,),
-    "infection": (GGO, CONSOLIDATION),
-    "lung": (GGO, CONSOLIDATION, LUNG),  # the whole lung field, lesions included
+    GGO_NAME: (GGO,),
+    CONSOLIDATION_NAME: (CONSOLIDATION,),
+    INFECTION_NAME: (GGO, CONSOLIDATION),
+    LUNG_NAME: (GGO, CONSOLIDATION, LUNG),  # the whole lung field, lesions included
 }
 
 # Slicer terminology: our own context (DRSegUNet/Resources/<TERMINOLOGY_FILE_NAME>, made by
@@ -78,11 +84,11 @@ class Segment:
 
 
 SEGMENTS: tuple[Segment, ...] = (
-    Segment("ggo", "Ground-glass opacity", (GGO,), (0.95, 0.85, 0.20),
+    Segment(GGO_NAME, "Ground-glass opacity", (GGO,), (0.95, 0.85, 0.20),
             _CATEGORY_ALTERED, ("DCM", "112120", "Ground glass opacity"), 0),
-    Segment("consolidation", "Consolidation", (CONSOLIDATION,), (0.85, 0.25, 0.20),
+    Segment(CONSOLIDATION_NAME, "Consolidation", (CONSOLIDATION,), (0.85, 0.25, 0.20),
             _CATEGORY_ALTERED, ("SCT", "95436008", "Lung consolidation"), 0),
-    Segment("lung", "Lung", (GGO, CONSOLIDATION, LUNG), (0.50, 0.68, 0.85),
+    Segment(LUNG_NAME, "Lung", (GGO, CONSOLIDATION, LUNG), (0.50, 0.68, 0.85),
             _CATEGORY_ANATOMY, ("SCT", "39607008", "Lung"), 1),
 )
 

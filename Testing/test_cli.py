@@ -188,7 +188,7 @@ def test_segment_many_checks_a_read_only_out_dir_only_when_there_is_work(tmp_pat
                                                                           monkeypatch):
     import os
 
-    import DRSegUNetLib.cli as cli
+    import DRSegUNetLib.cli.segment as segment_commands
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -198,7 +198,7 @@ def test_segment_many_checks_a_read_only_out_dir_only_when_there_is_work(tmp_pat
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(out) else real_access(p, mode))
     loaded = []
-    monkeypatch.setattr(cli, "_predictor", lambda *a: loaded.append(a))
+    monkeypatch.setattr(segment_commands, "load_predictor", lambda *a: loaded.append(a))
     args = ["segment", str(inputs), "--out-dir", str(out), "--model", str(tiny_checkpoint), "--outputs", "labels"]
     assert main(args) == 0  # nothing to write: the read-only folder does not matter
     (out / "one.nii.gz").unlink()

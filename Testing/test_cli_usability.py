@@ -21,7 +21,9 @@ import SimpleITK as sitk
 
 from conftest import REPO, TESTDATA
 
-from DRSegUNetLib.cli import ProgressPrinter, build_parser, expand_inputs, main
+from DRSegUNetLib.cli import build_parser, main
+from DRSegUNetLib.cli.common import ProgressPrinter
+from DRSegUNetLib.cli.files import expand_inputs
 
 CT64 = TESTDATA / "cip_ct64" / "ct-64.nrrd"
 

@@ -48,7 +48,9 @@ def test_readme_set_up_commands_install_the_package_and_ci_runs_the_test_command
 def test_pyproject_lists_the_package_data_that_exists_and_the_requirements():
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     tool = project["tool"]["setuptools"]
-    assert tool["packages"] == ["DRSegUNetLib"]
+    # every package of the library, its subpackages (DRSegUNetLib.cli) too: setuptools lists no subpackage itself
+    packages = sorted(".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "DRSegUNetLib").rglob("__init__.py"))
+    assert sorted(tool["packages"]) == packages == ["DRSegUNetLib", "DRSegUNetLib.cli"]
     globs = tool["package-data"]["DRSegUNetLib"]
     package = REPO / "DRSegUNetLib"
     for folder in PACKAGE_DATA_DIRS:
@@ -106,7 +108,9 @@ def test_a_wheel_carries_the_model_the_sample_and_the_splits(tmp_path):
     check = ("import DRSegUNetLib as d, sys; from pathlib import Path; "
              "assert Path(d.__file__).is_relative_to(Path(sys.argv[1])), d.__file__; "
              "assert d.default_model_path().is_file() and d.sample_ct_path().is_file(); "
-             "assert (d.PACKAGE_DIR / 'splits' / 'default.json').is_file()")
+             "assert (d.PACKAGE_DIR / 'splits' / 'default.json').is_file(); "
+             "import DRSegUNetLib.cli as c; "  # the subpackage (and every command family it imports) too
+             "assert Path(c.__file__).is_relative_to(Path(sys.argv[1])), c.__file__")
     env = dict(_env_without_repo(), PYTHONPATH=str(tmp_path / "site"))
     r = subprocess.run([sys.executable, "-c", check, str(tmp_path / "site")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)

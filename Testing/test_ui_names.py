@@ -103,6 +103,8 @@ def _library_imports(path: Path) -> set[Path]:
     """DRSegUNetLib modules ``path`` imports, anywhere in it (a function's lazy import runs too)."""
     tree = ast.parse(path.read_text(), str(path))
     inside = LIBRARY in path.parents
+    # The package a relative import starts from: DRSegUNetLib, or a subpackage such as DRSegUNetLib.cli.
+    package = path.parent.relative_to(REPO).parts if inside else ()
     found = set()
 
     def module_file(dotted: str) -> Path | None:
@@ -122,7 +124,7 @@ def _library_imports(path: Path) -> set[Path]:
             if node.level:
                 if not inside:
                     continue
-                base = "DRSegUNetLib" + ("." + node.module if node.module else "")
+                base = ".".join(package[:len(package) - (node.level - 1)] + ((node.module,) if node.module else ()))
             else:
                 base = node.module or ""
             names = [base] + [f"{base}.{a.name}" for a in node.names]  # "from pkg import submodule"
@@ -152,7 +154,8 @@ def test_the_run_time_imports_are_followed() -> None:
     assert {"DRSegUNet/DRSegUNet.py", "DRSegUNet/DRSegUNetSlicer/logic.py", "DRSegUNet/Scripts/segment.py",
             "DRSegUNetLib/__init__.py", "DRSegUNetLib/vocabulary.py", "DRSegUNetLib/orientation.py",
             "DRSegUNetLib/store.py", "DRSegUNetLib/inference.py", "DRSegUNetLib/report.py",
-            "DRSegUNetLib/config.py", "DRSegUNetLib/cli.py"} <= names
+            "DRSegUNetLib/config.py", "DRSegUNetLib/cli/__init__.py", "DRSegUNetLib/cli/segment.py",
+            "DRSegUNetLib/cli/correction_loop.py", "DRSegUNetLib/cli/common.py"} <= names
 
 
 def test_code_run_inside_slicer_parses_as_python_3_9() -> None:

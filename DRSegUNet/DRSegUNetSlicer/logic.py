@@ -13,7 +13,7 @@ import vtk
 import DRSegUNetLib
 from DRSegUNetLib.orientation import axial_view
 from DRSegUNetLib.store import HOME_ENV, CorrectionsStore, ModelStore, default_home
-from DRSegUNetLib.vocabulary import LUNG, SEGMENTS
+from DRSegUNetLib.vocabulary import CONSOLIDATION_NAME, GGO_NAME, INFECTION_NAME, LUNG, LUNG_NAME, SEGMENTS
 
 from .commands import libraryCommand, libraryEnvironment, pythonExecutable, temporaryFolder
 from .constants import (ATTR_ACCEPTED, ATTR_SLICE_HASHES, ATTR_SOURCE, ATTR_UNCERTAINTY, BINARY_LABELMAP, DEVICES,
@@ -400,20 +400,20 @@ class DRSegUNetLogic:
                 checked segments is known only not to be one of them).
         """
         from DRSegUNetLib.orientation import axial_spacing
-        from DRSegUNetLib.vocabulary import CLASS_NAMES
+        from DRSegUNetLib.vocabulary import BACKGROUND_NAME, CLASS_NAMES, INFECTION_NAME
 
         if volumeNode is None or segmentationNode is None:
             raise ValueError(_("Select the CT volume and its segmentation."))
         known = None
         if checkedClasses is not None:
-            segmentClasses = [c for c in CLASS_NAMES if c != "background"]
-            unknown = sorted(set(checkedClasses) - set(segmentClasses) - {"infection"})
+            segmentClasses = [c for c in CLASS_NAMES if c != BACKGROUND_NAME]
+            unknown = sorted(set(checkedClasses) - set(segmentClasses) - {INFECTION_NAME})
             if unknown:
                 raise ValueError(_("Unknown segment classes: {names}.").format(names=", ".join(unknown)))
             if not checkedClasses:
                 raise ValueError(_("Check at least one segment you corrected."))
             if not set(checkedClasses) >= set(segmentClasses):
-                known = tuple(c for c in segmentClasses + ["infection"] if c in set(checkedClasses))
+                known = tuple(c for c in segmentClasses + [INFECTION_NAME] if c in set(checkedClasses))
         image = sitkImageFromVolumeNode(volumeNode)
         ct = axial_view(sitk.GetArrayViewFromImage(image), image.GetDirection())[0]
         labels = axial_view(self.labelsFromSegmentation(segmentationNode, volumeNode), image.GetDirection())[0]
@@ -607,7 +607,8 @@ def _axialSliceVoxel(volumeNode, dims: Sequence[int], index: int) -> Tuple[int, 
 
 def reportRows(report: Dict[str, Any]) -> List[Tuple[str, float, Optional[float]]]:
     """(region, volume mL, % of lung) rows of a ``compute_report`` dict, whole lungs then each lung."""
-    names = (("ggo", "GGO"), ("consolidation", "Consolidation"), ("infection", "Total infection"), ("lung", "Lung field"))
+    names = ((GGO_NAME, "GGO"), (CONSOLIDATION_NAME, "Consolidation"), (INFECTION_NAME, "Total infection"),
+             (LUNG_NAME, "Lung field"))
 
     def rows(stats: Dict[str, Any], prefix: str) -> List[Tuple[str, float, Optional[float]]]:
         out = []
@@ -615,7 +616,7 @@ def reportRows(report: Dict[str, Any]) -> List[Tuple[str, float, Optional[float]
             volume = stats["volume_ml"].get(key)
             if volume is None:
                 continue
-            percent = 100.0 if key == "lung" else stats["percent_of_lung"].get(key)
+            percent = 100.0 if key == LUNG_NAME else stats["percent_of_lung"].get(key)
             out.append((prefix + name, float(volume), None if percent is None else float(percent)))
         return out
 

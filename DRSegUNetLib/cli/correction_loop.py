@@ -10,26 +10,27 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from . import default_model_path
-from .config import InferenceConfig, check_pixel_mm
-from .errors import InputError
-
-SliceParser = Callable[[str], Any]
-
-
-def _store_option(p: argparse.ArgumentParser, name: str, what: str) -> None:
-    p.add_argument(f"--{name}", default=None,
-                   help=f"{what} folder (default: the user's data folder, $DRSEGUNET_HOME when set)")
+from .. import default_model_path
+from ..config import (ActivatePolicy, BatchNormMode, FineTuneConfig, InferenceConfig, Loss, ReplayLoss,
+                      check_pixel_mm)
+from ..errors import InputError
+from ..vocabulary import BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, INFECTION_NAME, LABEL_LEGEND, NUM_CLASSES
+from .common import (ProgressPrinter, add_common_options, add_json_progress, add_pixel_mm, add_store_option,
+                     add_verbose, count, model_store, positive_float, positive_int, resolve_model)
+from .files import check_nifti_signature
 
 
-def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None], positive_int, positive_float, count) -> None:
+def add_parsers(sub) -> None:
     """Register ``finetune``, ``corrections`` and ``models`` on the subparsers ``sub``."""
-    from .adaptation import PRESETS
-    from .config import FineTuneConfig
-    from .training import BN_MODES, LOSSES
-    from .vocabulary import CHECKABLE
+    _add_finetune(sub)
+    _add_corrections(sub)
+    _add_models(sub)
+
+
+def _add_finetune(sub) -> None:
+    from ..adaptation import PRESETS
 
     ft = FineTuneConfig()
     p = sub.add_parser(
@@ -39,8 +40,8 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None], positive
                     "shipped with the model and on held-out corrected slices; it becomes active only if no reference "
                     "region loses more than --tolerance Dice and the held-out slices do not get worse (--activate). "
                     "Earlier versions are kept.")
-    _store_option(p, "corrections", "corrections store")
-    _store_option(p, "store", "model store (the new version is added here)")
+    add_store_option(p, "corrections", "corrections store")
+    add_store_option(p, "store", "model store (the new version is added here)")
     p.add_argument("--model", default=None, help="checkpoint file or store version number to start from "
                                                   "(default: the store's active version)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -54,13 +55,13 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None], positive
                    help=f"passes over the accepted slices when --steps is 0 (default {ft.epochs})")
     p.add_argument("--lr", type=positive_float, default=None, help=f"Adam learning rate (default {ft.lr:g})")
     p.add_argument("--frozen-layers", type=count, default=None, help=f"first weight layers kept fixed (default {ft.frozen_layers})")
-    p.add_argument("--bn", choices=BN_MODES, default=None, help=f"BatchNorm statistics: frozen keeps the model's, train re-estimates (default {ft.bn})")
-    p.add_argument("--loss", choices=LOSSES, default=None, help=f"training loss (default {ft.loss})")
+    p.add_argument("--bn", choices=BatchNormMode.values(), default=None, help=f"BatchNorm statistics: frozen keeps the model's, train re-estimates (default {ft.bn})")
+    p.add_argument("--loss", choices=Loss.values(), default=None, help=f"training loss (default {ft.loss})")
     p.add_argument("--batch-size", type=positive_int, default=None, help=f"crops per step (default {ft.batch_size})")
     p.add_argument("--crop", type=positive_int, default=None, help=f"crop size in working pixels (default {ft.crop})")
     p.add_argument("--replay-fraction", type=float, default=None,
                    help=f"share of crops from the model's own replay slices (default {ft.replay_fraction:g}; 0: none)")
-    p.add_argument("--replay-loss", choices=("distill", "labels"), default=None,
+    p.add_argument("--replay-loss", choices=ReplayLoss.values(), default=None,
                    help=f"replay crops keep the starting model's predictions (distill) or learn their annotations "
                         f"(labels) (default {ft.replay_loss})")
     p.add_argument("--no-interpolation", action="store_true",
@@ -70,68 +71,59 @@ def add_parsers(sub, common: Callable[[argparse.ArgumentParser], None], positive
                    help=f"hold one corrected slice in N out for the gate (default {ft.holdout_every}; 0: none)")
     p.add_argument("--tolerance", type=float, default=None,
                    help=f"largest reference Dice drop that still activates the new version (default {ft.tolerance:g})")
-    p.add_argument("--activate", choices=("if-better", "always", "never"), default="if-better",
+    p.add_argument("--activate", choices=ActivatePolicy.values(), default=ActivatePolicy.IF_BETTER.value,
                    help="make the new version active: if it passes the gate (default), always, or never")
-    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm,
-                   help="working pixel size in mm the corrections are resampled to, as segment uses "
-                        f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
+    add_pixel_mm(p, "working pixel size in mm the corrections are resampled to, as segment uses "
+                    f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
     p.add_argument("--json", default=None, help="write the outcome (version, gate numbers) to this JSON file")
-    p.add_argument("--json-progress", action="store_true", help="print progress as JSON lines on stdout")
-    common(p)
+    add_json_progress(p)
+    add_common_options(p)
 
+
+def _add_corrections(sub) -> None:
     p = sub.add_parser("corrections", help="add, list or remove accepted correction slices",
                        description="The corrections store that finetune learns from (the Slicer module's Accept "
                                    "Corrections writes the same store). Corrections hold patient data.")
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = csub.add_parser("add", help="accept slices of a CT and its label map",
-                        description="Store axial slices of CT (in HU) with labels of our vocabulary (0 background, "
-                                    "1 GGO, 2 consolidation, 3 lung) on the CT's grid. Slice indices count along the "
+                        description=f"Store axial slices of CT (in HU) with labels of our vocabulary ({LABEL_LEGEND}) "
+                                    "on the CT's grid. Slice indices count along the "
                                     "axial view segment uses (0 = most inferior).")
     a.add_argument("ct", help="CT volume in HU (NIfTI, NRRD, MHA, DICOM)")
     a.add_argument("labels", help="label map with the CT's geometry")
     a.add_argument("--slices", required=True, help="comma-separated axial slice indices, e.g. 12,40,77")
     a.add_argument("--known", default=None,
                    help=f"what was checked on these slices, comma-separated from {', '.join(CHECKABLE)} "
-                        "(default: everything); infection = the lesion outline, with GGO/consolidation left open")
-    _store_option(a, "store", "corrections store")
-    a.add_argument("-v", "--verbose", action="store_true")
+                        f"(default: everything); {INFECTION_NAME} = the lesion outline, with GGO/consolidation left open")
+    add_store_option(a, "store", "corrections store")
+    add_verbose(a)
     a = csub.add_parser("list", help="list the stored slices")
-    _store_option(a, "store", "corrections store")
+    add_store_option(a, "store", "corrections store")
     a.add_argument("--json", action="store_true", help="one JSON object per slice")
-    a.add_argument("-v", "--verbose", action="store_true")
+    add_verbose(a)
     a = csub.add_parser("remove", help="remove stored slices by id")
     a.add_argument("ids", nargs="+", help="ids as listed by corrections list")
-    _store_option(a, "store", "corrections store")
-    a.add_argument("-v", "--verbose", action="store_true")
+    add_store_option(a, "store", "corrections store")
+    add_verbose(a)
 
+
+def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list model versions or make one active",
                        description="The model store: version 1 is the bundled model; finetune adds versions.")
     msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = msub.add_parser("list", help="list versions, the active one marked, with their gate numbers")
-    _store_option(a, "store", "model store")
-    a.add_argument("-v", "--verbose", action="store_true")
+    add_store_option(a, "store", "model store")
+    add_verbose(a)
     a = msub.add_parser("activate", help="make a version active (also one the gate did not activate)")
     a.add_argument("version", type=positive_int)
-    _store_option(a, "store", "model store")
-    a.add_argument("-v", "--verbose", action="store_true")
-
-
-def _home() -> Path:
-    from .store import default_home
-
-    return default_home()
-
-
-def model_store(path: Optional[str]):
-    from .store import ModelStore
-
-    return ModelStore(Path(path) if path else _home() / "models", bundled=default_model_path())
+    add_store_option(a, "store", "model store")
+    add_verbose(a)
 
 
 def corrections_store(path: Optional[str], must_exist: bool):
-    from .store import CorrectionsStore
+    from ..store import CorrectionsStore, default_home
 
-    root = Path(path) if path else _home() / "corrections"
+    root = Path(path) if path else default_home() / "corrections"
     if must_exist and not root.is_dir():
         raise InputError(f"corrections store {root} does not exist")
     if root.exists() and not root.is_dir():
@@ -139,28 +131,11 @@ def corrections_store(path: Optional[str], must_exist: bool):
     return CorrectionsStore(root)
 
 
-def resolve_model(store, model: Optional[str]):
-    """(checkpoint path, store version or None) for ``--model``: a file, a version number, or None = active."""
-    if model is None:
-        v = store.active()
-        return v.path, v
-    if model.isdigit():
-        try:
-            v = store.get(int(model))
-        except KeyError:
-            raise InputError(f"--model {model}: the store {store.root} has no version {model} "
-                             f"(it has {', '.join(str(x.version) for x in store.versions())})") from None
-        return v.path, v
-    path = Path(model)
-    if not path.is_file():
-        raise InputError(f"checkpoint {model} does not exist")
-    return path, store.version_of(path)
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..adaptation import CorrectionSlice, adaptation_data_path, finetune, load_adaptation_data, preset
+    from ..checkpoint import load_checkpoint
 
-
-def cmd_finetune(args: argparse.Namespace, printer) -> int:
-    from .adaptation import (CorrectionSlice, adaptation_data_path, finetune, load_adaptation_data, preset)
-    from .checkpoint import load_checkpoint, save_checkpoint
-
+    printer = ProgressPrinter(json_lines=args.json_progress)
     check_pixel_mm(args.pixel_mm)
     if args.replay_fraction is not None and not 0 <= args.replay_fraction < 1:
         raise InputError(f"--replay-fraction must be from 0 to below 1, got {args.replay_fraction}")
@@ -188,7 +163,15 @@ def cmd_finetune(args: argparse.Namespace, printer) -> int:
     fingerprint = corrections.fingerprint(ids)
     outcome = finetune(init, slices, config, data, args.pixel_mm or None, args.device, progress=printer,
                        extra={"corrections_fingerprint": fingerprint, "n_corrections": len(slices)})
-    gate = outcome.gate
+    version = _add_version(args, store, outcome, config, ids, fingerprint, start, parent)
+    _announce(args, store, version, outcome, parent, printer)
+    return 0
+
+
+def _add_version(args: argparse.Namespace, store, outcome, config, ids, fingerprint, start, parent):
+    """Add the fine-tuned model to the model store, with its card; make it active as --activate says."""
+    from ..checkpoint import save_checkpoint
+
     with tempfile.TemporaryDirectory(prefix="drsegunet-finetune-") as tmp:
         path = Path(tmp) / "model.pt"
         save_checkpoint(outcome.checkpoint, path)
@@ -196,29 +179,38 @@ def cmd_finetune(args: argparse.Namespace, printer) -> int:
             "level": 2, "preset": args.preset, "corrections_fingerprint": fingerprint, "corrections_used": ids,
             "pixel_mm": args.pixel_mm or None, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "steps": outcome.steps, "replay_slices": outcome.n_replay, "started_from": str(start),
-            "gate": gate.to_dict(), "loss_history": [h["loss"] for h in outcome.history]},
+            "gate": outcome.gate.to_dict(), "loss_history": [h["loss"] for h in outcome.history]},
             parent=parent)
-    activate = args.activate == "always" or (args.activate == "if-better" and gate.passed)
-    if activate:
+    if _activates(args, outcome.gate):
         store.set_active(version)
+    return version
+
+
+def _activates(args: argparse.Namespace, gate) -> bool:
+    return args.activate == ActivatePolicy.ALWAYS or (args.activate == ActivatePolicy.IF_BETTER and gate.passed)
+
+
+def _announce(args: argparse.Namespace, store, version, outcome, parent, printer) -> None:
+    """The outcome of finetune: a progress line ("done"), --json, and a message on stderr."""
+    gate = outcome.gate
+    activate = _activates(args, gate)
     previous = parent.version if parent is not None else None
     if activate:
         message = f"saved model version {version.version}, now active ({gate.summary()})"
     else:
-        why = "; ".join(gate.reasons) if args.activate == "if-better" else "--activate never"
+        why = "; ".join(gate.reasons) if args.activate == ActivatePolicy.IF_BETTER else "--activate never"
         message = (f"saved model version {version.version} but did NOT make it active ({why}); the active model is "
                    f"still v{store.active().version}. Make it active anyway with: python -m DRSegUNetLib models "
                    f"activate {version.version}")
     result = {"version": version.version, "path": str(version.path), "activated": activate, "parent": previous,
               "gate": gate.to_dict(), "steps": outcome.steps}
     if args.json:
-        from .atomic import atomic_write_bytes
+        from ..atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(args.json), (json.dumps(result, indent=1) + "\n").encode("utf-8"))
     printer("done", 1, 1, message, **result)
     if not args.json_progress:
         print(message, file=sys.stderr)
-    return 0
 
 
 def parse_slices(text: str, n: int) -> list[int]:
@@ -234,8 +226,10 @@ def parse_slices(text: str, n: int) -> list[int]:
     return sorted(set(idx))
 
 
-def cmd_corrections(args: argparse.Namespace, printer) -> int:
+def cmd_corrections(args: argparse.Namespace) -> int:
     if args.action == "add":
+        check_nifti_signature(args.ct)
+        check_nifti_signature(args.labels)
         return _corrections_add(args)
     store = corrections_store(args.store, must_exist=args.action == "remove")
     if args.action == "list":
@@ -259,27 +253,26 @@ def cmd_corrections(args: argparse.Namespace, printer) -> int:
     return 0
 
 
-def _corrections_add(args: argparse.Namespace) -> int:
+def _known(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The segments --known names; None: every segment checked."""
+    if not text:
+        return None
+    known = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = sorted(set(known) - set(CHECKABLE))
+    if bad or not known:
+        raise InputError(f"--known: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(CHECKABLE)}")
+    return None if set(known) >= set(CLASS_NAMES) - {BACKGROUND_NAME} else known  # every segment checked: None
+
+
+def _read_labels_for(args: argparse.Namespace):
+    """(CT image, its voxels, the label map's voxels) of corrections add, checked against each other."""
     import numpy as np
     import SimpleITK as sitk
 
-    from .imageio import read_ct
-    from .orientation import axial_spacing, axial_view
-    from .preprocessing import check_ct_hu
-    from .vocabulary import CHECKABLE, CLASS_NAMES
+    from ..imageio import read_ct
+    from ..orientation import axial_spacing, axial_view
+    from ..preprocessing import check_ct_hu
 
-    known = None
-    if args.known:
-        known = tuple(k.strip() for k in args.known.split(",") if k.strip())
-        bad = sorted(set(known) - set(CHECKABLE))
-        if bad or not known:
-            raise InputError(f"--known: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(CHECKABLE)}")
-        if set(known) >= set(CLASS_NAMES[1:]):
-            known = None  # every segment checked
-    store = corrections_store(args.store, must_exist=False)
-    if store.root.exists() and any(store.root.iterdir()) and not (store.root / store.INDEX).exists() \
-            and not store.ids():
-        raise InputError(f"{store.root} is not a corrections store (it holds other files); give an empty or new folder")
     ct = read_ct(args.ct)
     labels = read_ct(args.labels)
     if labels.GetSize() != ct.GetSize():
@@ -293,11 +286,26 @@ def _corrections_add(args: argparse.Namespace) -> int:
     check_ct_hu(ct_array, args.ct)
     lab_array = sitk.GetArrayViewFromImage(labels)
     if np.issubdtype(lab_array.dtype, np.floating) and not np.array_equal(lab_array, np.round(lab_array)):
-        raise InputError(f"{args.labels} has fractional values; a label map has 0, 1, 2, 3")
+        raise InputError(f"{args.labels} has fractional values; a label map has {', '.join(map(str, range(NUM_CLASSES)))}")
     values = np.unique(lab_array)
-    if values.min() < 0 or values.max() > 3:
-        raise InputError(f"{args.labels} has labels {sorted(int(v) for v in values if not 0 <= v <= 3)}; "
-                         "ours are 0 background, 1 GGO, 2 consolidation, 3 lung")
+    if values.min() < 0 or values.max() >= NUM_CLASSES:
+        raise InputError(f"{args.labels} has labels {sorted(int(v) for v in values if not 0 <= v < NUM_CLASSES)}; "
+                         f"ours are {LABEL_LEGEND}")
+    return ct, ct_array, lab_array
+
+
+def _corrections_add(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..lungs import axial_spacing
+    from ..orientation import axial_view
+
+    known = _known(args.known)
+    store = corrections_store(args.store, must_exist=False)
+    if store.root.exists() and any(store.root.iterdir()) and not (store.root / store.INDEX).exists() \
+            and not store.ids():
+        raise InputError(f"{store.root} is not a corrections store (it holds other files); give an empty or new folder")
+    ct, ct_array, lab_array = _read_labels_for(args)
     ct_view = axial_view(ct_array, ct.GetDirection())[0]
     lab_view = axial_view(lab_array, ct.GetDirection())[0]
     chosen = parse_slices(args.slices, ct_view.shape[0])
@@ -311,7 +319,7 @@ def _corrections_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace, printer) -> int:
+def cmd_models(args: argparse.Namespace) -> int:
     store = model_store(args.store)
     if args.action == "activate":
         try:
@@ -328,3 +336,6 @@ def cmd_models(args: argparse.Namespace, printer) -> int:
             note = "  gate passed" if gate.get("passed") else "  gate refused: " + "; ".join(gate.get("reasons", []))
         print(f"{'*' if v.version == active else ' '} {v.label}  {v.path}{note}")
     return 0
+
+
+COMMANDS = {"finetune": cmd_finetune, "corrections": cmd_corrections, "models": cmd_models}
