@@ -272,6 +272,51 @@ def open_type_loss(new_logits, old_logits, allowed):
     return _pixel_kl(new_logits[:, pair], old_logits[:, pair])[open_type].mean()
 
 
+# --------------------------------------------------------------------------- reference cache
+REFERENCE_CACHE = "reference_scores.json"  # in the model store's folder
+_CACHE_ENTRIES = 64
+
+
+def reference_key(checkpoint_path: str | Path, data_path: str | Path, pixel_mm: Optional[float], device) -> str:
+    """What a model's reference scores depend on: its weights, the reference slices, the
+    working pixel and where it runs (bf16 on some CPUs, float32 elsewhere)."""
+    import torch
+
+    from .atomic import file_sha256
+    from .device import resolve_device
+
+    return "|".join([file_sha256(checkpoint_path), file_sha256(data_path), f"{pixel_mm}",
+                     resolve_device(device).type, torch.__version__])
+
+
+def cached_reference(cache: Path, key: str) -> Optional[dict[str, float]]:
+    """The reference scores stored under ``key`` in ``cache`` (None: not there, or unreadable)."""
+    try:
+        entry = json.loads(Path(cache).read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(entry, dict) or not all(isinstance(v, (int, float)) for v in entry.values()):
+        return None
+    return {k: float(v) for k, v in entry.items()}
+
+
+def remember_reference(cache: Path, key: str, scores: dict[str, float]) -> None:
+    """Store ``scores`` under ``key`` (atomically; the oldest entries go past 64)."""
+    from .atomic import atomic_write_bytes
+
+    try:
+        entries = json.loads(Path(cache).read_text(encoding="utf-8"))
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    entries.pop(key, None)
+    entries[key] = {k: float(v) for k, v in scores.items()}
+    while len(entries) > _CACHE_ENTRIES:
+        entries.pop(next(iter(entries)))
+    atomic_write_bytes(cache, json.dumps(entries, indent=1).encode("utf-8"))
+
+
 def interpolate(start: dict, end: dict, alpha: float) -> dict:
     """Weights ``(1 - alpha) * start + alpha * end`` (BatchNorm counters taken from ``end``)."""
     return {k: (start[k] * (1 - alpha) + end[k] * alpha) if start[k].is_floating_point() else end[k] for k in start}
@@ -356,7 +401,8 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
 def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: FineTuneConfig = FineTuneConfig(),
              data: Optional[AdaptationData] = None, pixel_mm: Optional[float] = InferenceConfig.pixel_mm,
              device: str = "auto", progress: Optional[ProgressCallback] = None,
-             cancel: Optional[CancelCheck] = None, extra: Optional[dict[str, Any]] = None) -> FineTuneOutcome:
+             cancel: Optional[CancelCheck] = None, extra: Optional[dict[str, Any]] = None,
+             reference_before: Optional[dict[str, float]] = None) -> FineTuneOutcome:
     """Fine-tune ``init`` on ``corrections`` and score old and new model (see the module docstring).
 
     ``data``: the model's replay and reference slices (None or empty: no replay, no
@@ -364,6 +410,8 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     corrections (and replay slices with a spacing) are resampled to it. With
     ``config.alphas``, the new weights are interpolated with the starting ones
     (``(1 - a) * start + a * end``) and the largest ``a`` that passes the gate is kept.
+    ``reference_before``: the starting model's reference scores when already known
+    (:func:`cached_reference`); otherwise they are computed here.
     Returns the new checkpoint (float32, not saved) and the gate's verdict.
     """
     import torch
@@ -388,8 +436,11 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     model = init.build_model().to(dev)
     predictor = Predictor(model, init.config, dev, inference, channels_last=False)
     ref_spacing = dict(data.spacing)
-    report(progress, "gate", 0, 1, "scoring the starting model")
-    ref_before = score_samples(predictor, data.reference, ref_spacing)
+    if reference_before is None:
+        report(progress, "gate", 0, 1, "scoring the starting model")
+        ref_before = score_samples(predictor, data.reference, ref_spacing)
+    else:
+        ref_before = dict(reference_before)
     held_before = score_samples(predictor, held_s, held_spacing)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history = _train_steps(model, init, train_s, replay, config, dev, progress, cancel, steps)

@@ -120,3 +120,14 @@ def remove_stale_temporaries(path: str | os.PathLike, max_age_s: float = STALE_A
         except OSError:
             continue
     return removed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -12,9 +12,12 @@ import torch
 
 from conftest import TESTDATA
 
-from DRSegUNetLib.adaptation import (CorrectionSlice, GateResult, adaptation_data_path, finetune,
+from DRSegUNetLib.adaptation import (REFERENCE_CACHE, CorrectionSlice, GateResult, adaptation_data_path,
+                                     cached_reference, finetune, reference_key, remember_reference, score_samples,
                                      load_adaptation_data, preset, split_holdout)
 from DRSegUNetLib.checkpoint import load_checkpoint
+from DRSegUNetLib.config import InferenceConfig
+from DRSegUNetLib.inference import Predictor
 from DRSegUNetLib.cli import main
 from DRSegUNetLib.data import labels_to_allowed, read_npz, read_zenodo_npz, zenodo_allowed
 from DRSegUNetLib.store import CorrectionsStore, ModelStore
@@ -152,7 +155,7 @@ def test_a_harmful_fine_tune_is_saved_but_not_made_active(tmp_path, bundled_mode
         store.add(c.ct_hu, c.labels, c.spacing, c.source, c.slice_index, known=c.known)
     models = tmp_path / "models"
     rc = main(["finetune", "--corrections", str(store.root), "--store", str(models), "--steps", "12",
-               "--lr", "1e-3", "--device", "cpu", "--json", str(tmp_path / "out.json")])
+               "--lr", "1e-3", "--device", "cpu", "--pixel-mm", "1.2", "--json", str(tmp_path / "out.json")])
     assert rc == 0
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["activated"] is False and out["gate"]["reasons"]
@@ -161,6 +164,39 @@ def test_a_harmful_fine_tune_is_saved_but_not_made_active(tmp_path, bundled_mode
     assert "NOT make it active" in capsys.readouterr().err
     assert main(["models", "activate", "2", "--store", str(models)]) == 0  # the user may still override
     assert ModelStore(models, bundled=bundled_model).active().version == 2
+
+    # The reference scores of both versions are kept in the store: a fine-tune from version 2
+    # does not score its starting model again, and the kept scores are those of the saved file.
+    cache = models / REFERENCE_CACHE
+    data_path = adaptation_data_path(bundled_model)
+    v2 = ModelStore(models, bundled=bundled_model).path_of(2)
+    kept = cached_reference(cache, reference_key(v2, data_path, 1.2, "cpu"))
+    assert kept == pytest.approx(out["gate"]["reference"]["after"])
+    assert cached_reference(cache, reference_key(bundled_model, data_path, 1.2, "cpu")) == pytest.approx(
+        out["gate"]["reference"]["before"])
+    ck2 = load_checkpoint(v2)
+    data = load_adaptation_data(data_path, ck2.config.eight_bit)
+    fresh = score_samples(Predictor(ck2.build_model(), ck2.config, "cpu", InferenceConfig(pixel_mm=1.2)), data.reference,
+                          dict(data.spacing))
+    assert fresh == pytest.approx(kept, abs=1e-6)
+    capsys.readouterr()
+    assert main(["finetune", "--corrections", str(store.root), "--store", str(models), "--model", "2", "--steps", "1",
+                 "--no-interpolation", "--device", "cpu", "--pixel-mm", "1.2", "--json-progress", "--activate", "never",
+                 "--json", str(tmp_path / "again.json")]) == 0
+    assert "scoring the starting model" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["gate"]["reference"]["before"] == pytest.approx(kept)
+
+
+def test_reference_cache_round_trip_and_unreadable_files(tmp_path):
+    cache = tmp_path / "reference_scores.json"
+    assert cached_reference(cache, "k") is None
+    remember_reference(cache, "k", {"ggo": 0.5, "lung": 0.9})
+    assert cached_reference(cache, "k") == {"ggo": 0.5, "lung": 0.9} and cached_reference(cache, "other") is None
+    cache.write_text("{not json")
+    assert cached_reference(cache, "k") is None
+    remember_reference(cache, "k2", {"ggo": 0.25})  # a garbled cache is replaced, not fatal
+    assert cached_reference(cache, "k2") == {"ggo": 0.25}
 
 
 @pytest.mark.slow

@@ -132,7 +132,8 @@ def corrections_store(path: Optional[str], must_exist: bool):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..adaptation import CorrectionSlice, adaptation_data_path, finetune, load_adaptation_data, preset
+    from ..adaptation import (REFERENCE_CACHE, CorrectionSlice, cached_reference, finetune, load_adaptation_data,
+                              preset, reference_key, remember_reference)
     from ..checkpoint import load_checkpoint
 
     printer = ProgressPrinter(json_lines=args.json_progress)
@@ -156,16 +157,31 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         c = corrections.load(cid)
         slices.append(CorrectionSlice(c.ct_hu, c.labels, tuple(c.spacing), c.known, cid, c.source, c.slice_index))
     init = load_checkpoint(start)
-    data_path = adaptation_data_path(start)
-    if not data_path.exists():
-        data_path = adaptation_data_path(default_model_path())
+    data_path = _adaptation_data_for(start)
     data = load_adaptation_data(data_path, init.config.eight_bit)
     fingerprint = corrections.fingerprint(ids)
-    outcome = finetune(init, slices, config, data, args.pixel_mm or None, args.device, progress=printer,
-                       extra={"corrections_fingerprint": fingerprint, "n_corrections": len(slices)})
+    # The starting model's reference scores are kept in the store, so that only its first
+    # fine-tune pays for them (and a fine-tune from a fine-tuned version never does).
+    cache, pixel_mm = store.root / REFERENCE_CACHE, args.pixel_mm or None
+    outcome = finetune(init, slices, config, data, pixel_mm, args.device, progress=printer,
+                       extra={"corrections_fingerprint": fingerprint, "n_corrections": len(slices)},
+                       reference_before=cached_reference(cache, reference_key(start, data_path, pixel_mm, args.device)))
+    remember_reference(cache, reference_key(start, data_path, pixel_mm, args.device), outcome.gate.reference_before)
     version = _add_version(args, store, outcome, config, ids, fingerprint, start, parent)
+    new_path = version.path
+    remember_reference(cache, reference_key(new_path, _adaptation_data_for(new_path), pixel_mm, args.device),
+                       outcome.gate.reference_after)
     _announce(args, store, version, outcome, parent, printer)
     return 0
+
+
+def _adaptation_data_for(checkpoint: Path) -> Path:
+    """The replay and reference slices a fine-tune from ``checkpoint`` uses: those beside it,
+    else the bundled model's."""
+    from ..adaptation import adaptation_data_path
+
+    path = adaptation_data_path(checkpoint)
+    return path if path.exists() else adaptation_data_path(default_model_path())
 
 
 def _add_version(args: argparse.Namespace, store, outcome, config, ids, fingerprint, start, parent):

@@ -177,11 +177,4 @@ def expand_inputs(paths: Sequence[str], list_file: Optional[str]) -> list[Path]:
     return out
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+from ..atomic import file_sha256  # noqa: E402,F401  (re-exported for the commands)
