@@ -243,6 +243,7 @@ class FineTuneOutcome:
     n_train: int
     n_replay: int
     steps: int
+    reference_cached: bool = False  # the starting model's reference scores were given, not computed
 
 
 def _pixel_kl(new_logits, old_logits):
@@ -463,4 +464,4 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     with torch.no_grad():
         ckpt = Checkpoint.from_model(model.eval(), init.config, half=False, fingerprint=init.fingerprint,
                                      metrics={"gate": gate.to_dict()}, extra={**(extra or {}), "history": history})
-    return FineTuneOutcome(ckpt, gate, history, len(train_s), len(replay), steps)
+    return FineTuneOutcome(ckpt, gate, history, len(train_s), len(replay), steps, reference_before is not None)

@@ -118,7 +118,18 @@ def correction_labels(sample) -> np.ndarray:
     return labels
 
 
-def run_finetune(model_dir: Path, pool, picked, corr_spacing, known, threads: int, extra: list[str]):
+def run_finetune(model_dir: Path, pool, picked, corr_spacing, known, threads: int, extra: list[str],
+                 reference_scores=None):
+    """One ``finetune`` in its own process; ``reference_scores``: the starting model's, put in the
+    store's cache first (a user's second fine-tune of a model), else the fine-tune computes them."""
+    if reference_scores is not None:
+        from DRSegUNetLib.adaptation import REFERENCE_CACHE, reference_key, remember_reference
+
+        model = model_dir / "model.pt"
+        (model_dir / "store").mkdir(exist_ok=True)
+        remember_reference(model_dir / "store" / REFERENCE_CACHE,
+                           reference_key(model, adaptation_data_path(model), WORKING_MM, "cpu"), reference_scores)
+        extra = [*extra, "--pixel-mm", str(WORKING_MM)]
     corr = CorrectionsStore(model_dir / "corrections")
     for i in picked:
         corr.add(pool[i].hu, correction_labels(pool[i]), corr_spacing, f"bench {pool[i].group}", i, known=known)
@@ -133,6 +144,11 @@ def run_finetune(model_dir: Path, pool, picked, corr_spacing, known, threads: in
     return json.loads((model_dir / "out.json").read_text()), seconds
 
 
+def _gate_scores(base, sub) -> dict:
+    """The starting model's reference scores as finetune's gate computes them."""
+    return score_samples(base, sub.reference, {s.name: sub.spacing.get(s.name) for s in sub.reference})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="adaptation benchmark (issue 18)")
     ap.add_argument("shared_data", type=Path, nargs="?", help="the shared data folder (medseg/, zenodo20/)")
@@ -144,6 +160,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--finetune-args", default="", help="extra finetune options, e.g. '--preset thesis'")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="time a model's later fine-tunes: its reference scores are already in the store's cache "
+                         "(default: its first fine-tune, which scores the reference)")
     args = ap.parse_args()
     if args.table:
         print(table(merge([json.loads(p.read_text()) for p in args.table])))
@@ -161,7 +180,7 @@ def main() -> int:
     audit_regions = ("ggo", "consolidation", "infection")
     audit_before = score_samples(base, audit, {}, audit_regions)
     ks = [int(k) for k in args.k.split(",") if k.strip() and int(k) > 0]
-    results = {"model": str(bundled), "finetune_args": args.finetune_args, "k": ks, "pickers": args.pickers.split(","), "volumes": {},
+    results = {"model": str(bundled), "finetune_args": args.finetune_args, "warm_cache": args.warm_cache, "k": ks, "pickers": args.pickers.split(","), "volumes": {},
                "audit_before": audit_before}
     for name, pool, spacing, corr_spacing, known, regions, drop in volumes(args.shared_data, data, args.volumes.split(",")):
         sub = data.without_groups(drop)
@@ -182,7 +201,10 @@ def main() -> int:
                     shutil.copy(bundled, model_dir / "model.pt")
                     write_adaptation_data(adaptation_data_path(model_dir / "model.pt"), _as_slices(sub))
                     out, seconds = run_finetune(model_dir, pool, picked, corr_spacing, known, args.threads,
-                                                args.finetune_args.split())
+                                                args.finetune_args.split(),
+                                                _gate_scores(base, sub) if args.warm_cache else None)
+                    if args.warm_cache and not out.get("reference_cached"):
+                        raise RuntimeError("--warm-cache: the fine-tune did not find the reference scores put in its cache")
                     new = Predictor.from_checkpoint(out["path"], device="cpu")
                     after_rows, _ = slice_scores(new, [pool[i] for i in rest], spacing, regions)
                     ref_after = score_samples(new, sub.reference, ref_spacing, ref_regions)

@@ -219,7 +219,7 @@ def _announce(args: argparse.Namespace, store, version, outcome, parent, printer
                    f"still v{store.active().version}. Make it active anyway with: python -m DRSegUNetLib models "
                    f"activate {version.version}")
     result = {"version": version.version, "path": str(version.path), "activated": activate, "parent": previous,
-              "gate": gate.to_dict(), "steps": outcome.steps}
+              "gate": gate.to_dict(), "steps": outcome.steps, "reference_cached": outcome.reference_cached}
     if args.json:
         from ..atomic import atomic_write_bytes
 
