@@ -314,6 +314,9 @@ class FineTuneConfig:
     seed: int = 0
 
 
+SELFTRAIN_LOSSES = (Loss.CE.value, Loss.CE_DICE.value)  # SelfTrainConfig.loss
+
+
 @dataclass(frozen=True)
 class SelfTrainConfig:
     """Weakly supervised self-learning (thesis §4.4.2, §5.5; selftrain.py).
@@ -335,7 +338,7 @@ class SelfTrainConfig:
     steps_per_epoch: int = 0
     batch_size: int = 8
     crop: int = 128
-    loss: str = Loss.CE.value  # ce or ce+dice
+    loss: str = Loss.CE.value  # SELFTRAIN_LOSSES: ce or ce+dice
     seed: int = 0
     base_filters: int = 16
     lr_schedule: str = LrSchedule.CONSTANT.value  # every level: constant (thesis) or cosine (decays to 2% of its rate)
