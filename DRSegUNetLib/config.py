@@ -176,7 +176,7 @@ class PseudoLabelConfig:
     # background and the lung is split between the other two. "lung": the lung pixels
     # only, split in three (the brightest third is mostly vessels). Chosen on COVID-19-CT-Seg
     # groups 0-4: pseudo-label infection Dice 0.244 ("image") vs 0.143 ("lung");
-    # docs/weak_supervision.md.
+    # experiments/weak_supervision/JOURNAL.md, "The thesis's k-means".
     cluster_domain: str = ClusterDomain.IMAGE.value
 
     def __post_init__(self) -> None:
