@@ -237,7 +237,8 @@ class TrainConfig:
     # Regions whose mean validation Dice picks best.pt (empty: all regions).
     select_regions: tuple[str, ...] = ()
     # bfloat16 autocast for the forward pass and loss (weights and Adam stay float32):
-    # "auto" = on CUDA and on CPUs with native bf16 (1.7-2x faster steps here: bench/README.md), "on", "off".
+    # "auto" = on CUDA and on CPUs with native bf16 (fine-tuning epochs 2x faster here, 2.96 against 5.79 s:
+    # docs/bench_cpu_bf16_2026-11-27.md), "on", "off".
     bf16: str = Bf16.AUTO.value
     # Processes that draw augmented crops ahead of the training step (0: in this process,
     # the reproducible default; a GPU wants several, its CPU crops are the bottleneck).
