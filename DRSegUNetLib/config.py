@@ -176,7 +176,7 @@ class PseudoLabelConfig:
     # background and the lung is split between the other two. "lung": the lung pixels
     # only, split in three (the brightest third is mostly vessels). Chosen on COVID-19-CT-Seg
     # groups 0-4: pseudo-label infection Dice 0.244 ("image") vs 0.143 ("lung");
-    # docs/weak_supervision.md.
+    # experiments/weak_supervision/JOURNAL.md, "The thesis's k-means".
     cluster_domain: str = ClusterDomain.IMAGE.value
 
     def __post_init__(self) -> None:
@@ -237,7 +237,8 @@ class TrainConfig:
     # Regions whose mean validation Dice picks best.pt (empty: all regions).
     select_regions: tuple[str, ...] = ()
     # bfloat16 autocast for the forward pass and loss (weights and Adam stay float32):
-    # "auto" = on CUDA and on CPUs with native bf16 (1.7-2x faster steps here: bench/README.md), "on", "off".
+    # "auto" = on CUDA and on CPUs with native bf16 (fine-tuning epochs 2x faster here, 2.96 against 5.79 s:
+    # docs/bench_cpu_bf16_2026-11-27.md), "on", "off".
     bf16: str = Bf16.AUTO.value
     # Processes that draw augmented crops ahead of the training step (0: in this process,
     # the reproducible default; a GPU wants several, its CPU crops are the bottleneck).
@@ -314,6 +315,9 @@ class FineTuneConfig:
     seed: int = 0
 
 
+SELFTRAIN_LOSSES = (Loss.CE.value, Loss.CE_DICE.value)  # SelfTrainConfig.loss
+
+
 @dataclass(frozen=True)
 class SelfTrainConfig:
     """Weakly supervised self-learning (thesis §4.4.2, §5.5; selftrain.py).
@@ -335,7 +339,7 @@ class SelfTrainConfig:
     steps_per_epoch: int = 0
     batch_size: int = 8
     crop: int = 128
-    loss: str = Loss.CE.value  # ce or ce+dice
+    loss: str = Loss.CE.value  # SELFTRAIN_LOSSES: ce or ce+dice
     seed: int = 0
     base_filters: int = 16
     lr_schedule: str = LrSchedule.CONSTANT.value  # every level: constant (thesis) or cosine (decays to 2% of its rate)

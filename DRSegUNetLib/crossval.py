@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from .atomic import atomic_write_bytes
-from .config import InferenceConfig, ModelConfig, NetworkConfig, TrainConfig, to_dict
+from .config import Arch, InferenceConfig, ModelConfig, NetworkConfig, ThresholdMethod, TrainConfig, Upsampling, to_dict
 from .data import Sample, fingerprint, read_medseg_folder, read_zenodo_npz
 from .errors import InputError
 from .metrics import MetricAccumulator, ThresholdAveragedAccumulator
@@ -44,8 +44,8 @@ N_FOLDS = 5
 # level has 2.06M parameters, about the thesis's plain U-Net (2.16M).
 MODELS: dict[str, NetworkConfig] = {
     "drsegunet": NetworkConfig(),
-    "drsegunet-upsample": NetworkConfig(upsampling="upsample"),
-    "monai-unet": NetworkConfig(arch="monai_unet", base_filters=18, res_units=2),
+    "drsegunet-upsample": NetworkConfig(upsampling=Upsampling.UPSAMPLE.value),
+    "monai-unet": NetworkConfig(arch=Arch.MONAI_UNET.value, base_filters=18, res_units=2),
 }
 METRICS = ("dice", "iou", "f1")
 SOURCE_LABELS = {"medseg": "MedSeg", "zenodo": "COVID-19-CT-Seg"}
@@ -196,7 +196,7 @@ def _decision() -> dict[str, Any]:
     the slices' own grid (evaluate_fold gets no spacing, so no working pixel size applies), and
     the body of these 8-bit slices at each slice's Otsu level (``restrict_to_body``; a rule
     InferenceConfig does not hold)."""
-    return {**to_dict(InferenceConfig(batch_size=1, pixel_mm=None)), "body_8bit": "otsu"}
+    return {**to_dict(InferenceConfig(batch_size=1, pixel_mm=None)), "body_8bit": ThresholdMethod.OTSU.value}
 
 
 def _protocol(tcfg: TrainConfig, ncfg: NetworkConfig, limit_slices: Optional[int], folds_sha: str,
@@ -325,7 +325,7 @@ def summary_markdown(summary: dict[str, Any], protocol: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|"]
     for name, s in summary.items():
         n = s["network"]
-        net = (f"{n['arch']} base {n['base_filters']}" + (f" {n['upsampling']}" if n["arch"] == "drsegunet"
+        net = (f"{n['arch']} base {n['base_filters']}" + (f" {n['upsampling']}" if n["arch"] == Arch.DRSEGUNET
                                                           else f" res_units {n['res_units']}"))
         ts = s["train_seconds"]
         lines.append(f"| {name} | {net} | {s['parameters']:,} | {s['parameters_keras']:,} | "

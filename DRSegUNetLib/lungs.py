@@ -19,7 +19,8 @@ that keeps the air around the patient, so this module adds (constants in LungCon
    the lungs and joins dark fat to them. Sigma 1 px was chosen on groups 0-4 of
    zenodo20_dev only (mean Dice 0.913 / 0.929 / 0.933 / 0.933 / 0.931 / 0.928 / 0.920
    for 0 / 0.5 / 0.75 / 1 / 1.25 / 1.5 / 2 px); groups 5-8 were held out
-   (docs/weak_supervision.md). "auto" (the default) is "thesis" here: these functions
+   (experiments/weak_supervision/JOURNAL.md, "Lung extraction: Otsu's threshold for 8-bit
+   slices"). "auto" (the default) is "thesis" here: these functions
    take CT in HU; readers of 8-bit slices (``weak.lung_config_for``) resolve
    "auto" to "otsu".
 

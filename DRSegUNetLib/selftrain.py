@@ -53,15 +53,15 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .atomic import atomic_write_bytes
-from .config import (EightBitConfig, InferenceConfig, LungConfig, ModelConfig, NetworkConfig, PseudoLabelConfig,
-                     SelfTrainConfig, TrainConfig, to_dict)
+from .config import (SELFTRAIN_LOSSES, EightBitConfig, InferenceConfig, LrSchedule, LungConfig, ModelConfig,
+                     NetworkConfig, PseudoLabelConfig, SelfTrainConfig, TrainConfig, to_dict)
 from .data import Sample, labels_to_allowed, resample_sample
 from .errors import CheckpointError, InputError
 from .labelmaps import load_label_maps, save_label_maps
 from .metrics import label_agreement
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 from .slices import SliceInput, read_slices
-from .vocabulary import NUM_CLASSES, REGIONS
+from .vocabulary import GGO, INFECTION_NAME, LUNG_NAME, NUM_CLASSES, REGIONS
 from .weak import lung_config_for, lung_masks, pseudo_labels
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,10 @@ def check_config(cfg: SelfTrainConfig) -> None:
         if cfg.frozen_layers >= n_layers:
             problems.append(f"frozen_layers {cfg.frozen_layers} leaves level 2 nothing to train: the network has "
                             f"{n_layers} layers with weights")
-    if cfg.loss not in ("ce", "ce+dice"):
-        problems.append(f"loss must be 'ce' or 'ce+dice' (got {cfg.loss!r})")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        problems.append(f"lr_schedule must be 'constant' or 'cosine' (got {cfg.lr_schedule!r})")
+    if cfg.loss not in SELFTRAIN_LOSSES:
+        problems.append(f"loss must be {' or '.join(map(repr, SELFTRAIN_LOSSES))} (got {cfg.loss!r})")
+    if cfg.lr_schedule not in LrSchedule.values():
+        problems.append(f"lr_schedule must be {' or '.join(map(repr, LrSchedule.values()))} (got {cfg.lr_schedule!r})")
     if problems:
         raise InputError("bad self-training settings: " + "; ".join(problems))
 
@@ -386,11 +386,11 @@ def _make_level0(run: _Run, lung_cfgs: Sequence[dict[str, Any]],
     folder = run.out / "level0"
     save_label_maps(folder / "labels.npz", [d.path for d in main], labels)
     # Per input, then summed: inputs may have slices of different sizes.
-    lung_px = sum(int(np.isin(p, REGIONS["lung"]).sum()) for p in labels)
+    lung_px = sum(int(np.isin(p, REGIONS[LUNG_NAME]).sum()) for p in labels)
     metrics = {"level": 0, "what": "lung extraction + k-means pseudo-labels (thesis §4.4.1)",
                "n_slices": sum(len(p) for p in labels),
                "n_slices_with_lung": sum(int(p.reshape(len(p), -1).any(axis=1).sum()) for p in labels),
-               "ggo_fraction_of_lung": float(sum(int((p == 1).sum()) for p in labels) / max(1, lung_px)),
+               "ggo_fraction_of_lung": float(sum(int((p == GGO).sum()) for p in labels) / max(1, lung_px)),
                "lung_configs": list(lung_cfgs), "pseudolabel_config": to_dict(pseudo),
                "eight_bit": to_dict(run.eight_bit), "seconds": round(time.time() - t0, 1)}
     _write_json(folder / "metrics.json", metrics)
@@ -435,7 +435,7 @@ def _train_level(run: _Run, level: int, key: str, prev: list[np.ndarray], level0
     _write_json(folder / "metrics.json", metrics)
     log.info("level %d: trained on %d slices in %.0f s; labels agree with its training labels: infection Dice %s",
              level, len(samples), t_train,
-             _fmt(metrics["vs_training_labels"]["all"].get("infection", {}).get("mean", {}).get("dice")))
+             _fmt(metrics["vs_training_labels"]["all"].get(INFECTION_NAME, {}).get("mean", {}).get("dice")))
     return labels, metrics
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .config import THRESHOLD_METHODS, LungConfig, PseudoLabelConfig, SelfTrainConfig
+from .config import THRESHOLD_METHODS, LungConfig, PseudoLabelConfig, SelfTrainConfig, ThresholdMethod
 from .errors import InputError
 from .lungs import extract_lungs, extract_lungs_slice
 from .orientation import axial_view
@@ -37,14 +37,14 @@ def lung_config_for(inp: SliceInput, cfg: SelfTrainConfig = SelfTrainConfig(),
     if method not in THRESHOLD_METHODS:
         raise InputError(f"lung threshold must be one of {', '.join(THRESHOLD_METHODS)}, not {method!r}")
     if threshold_hu is not None:
-        if method == "otsu":
+        if method == ThresholdMethod.OTSU:
             raise InputError("a fixed lung threshold (threshold_hu) and the Otsu threshold exclude each other")
-        changes = dict(threshold_method="thesis", threshold_hu=float(threshold_hu))
+        changes = dict(threshold_method=ThresholdMethod.THESIS.value, threshold_hu=float(threshold_hu))
     else:
-        if method == "auto":
-            method = "otsu" if inp.eight_bit else "thesis"
+        if method == ThresholdMethod.AUTO:
+            method = (ThresholdMethod.OTSU if inp.eight_bit else ThresholdMethod.THESIS).value
         changes = dict(threshold_method=method)
-        if method == "thesis" and inp.eight_bit:
+        if method == ThresholdMethod.THESIS and inp.eight_bit:
             changes["threshold_hu"] = cfg.eight_bit_lung_threshold_hu
     try:
         return dataclasses.replace(lung, **changes)

@@ -1,6 +1,7 @@
 """Packaging for the Slicer Extensions Index: the catalog entry DRSegUNet.json, the older description file
 DRSegUNet.s4ext, the extension block of CMakeLists.txt, LICENSE, the screenshot, and the one placeholder for
-the repository URL and contributors (publication.json) that all of them repeat.
+the repository URL and contributors (publication.json) that all of them repeat; and that the documentation's
+links and the repository paths it names lead somewhere.
 
 No network and no third-party package: the schema's rules and the Index's checks are copied below, each with
 the place it was copied from."""
@@ -256,3 +257,66 @@ def test_headless_docs_name_the_installed_script_and_no_splash() -> None:
         assert "--no-splash" in text
         assert "qt-scripted-modules/Scripts/segment.py" in text
         assert "scipy with `slicer.util.pip_install`" not in text
+
+
+# --- Links and paths in the documentation -----------------------------------------------------------------
+DOCS = ("README.md", "docs/*.md", "experiments/README.md", "bench/README.md", "DRSegUNetLib/models/MODEL_CARD.md")
+TOP_FOLDERS = ("DRSegUNet", "DRSegUNetLib", "Testing", "bench", "docs", "experiments", "scripts")
+
+
+def _docs() -> list[Path]:
+    return sorted({p for pattern in DOCS for p in REPO.glob(pattern)})
+
+
+def _strip_fences(text: str) -> str:
+    return re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.M | re.S)
+
+
+def _without_code(text: str) -> str:
+    """Markdown without fenced blocks and code spans (where a [x](y) is an example, not a link)."""
+    return re.sub(r"`[^`\n]*`", "", _strip_fences(text))
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_markdown_links_resolve() -> None:
+    """Every relative link and image of the docs names a file of the repository (relative to the
+    document), and every #anchor a heading of the document it points into."""
+    link = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+    reference = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)>?", re.M)
+    checked, broken = 0, []
+    for doc in _docs():
+        text = _without_code(doc.read_text(encoding="utf-8"))
+        for target in link.findall(text) + reference.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto:
+                continue
+            checked += 1
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(REPO)}: {target} (no {path})")
+            elif anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", _strip_fences(dest.read_text(encoding="utf-8")), re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{doc.relative_to(REPO)}: {target} (no heading #{anchor} in {dest.name})")
+    assert checked >= 4, "the link pattern finds no links any more"
+    assert not broken, "broken links:\n  " + "\n  ".join(broken)
+
+
+def test_repository_paths_named_in_docs_exist() -> None:
+    """A file path of this repository that the docs name (``docs/crossval.md``, ``bench/hu_lungs.py``),
+    from the repository root or from the document's folder, exists: moved files leave no stale
+    pointers. Folders and settings keys (``DRSegUNet/DataFolder``) have no file extension and are not checked."""
+    path = re.compile(r"(?<![\w./~$-])((?:%s)/[\w./-]*\w\.[A-Za-z]{1,5})\b" % "|".join(TOP_FOLDERS))
+    checked, missing = 0, []
+    for doc in _docs():
+        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            for name in path.findall(line):
+                checked += 1
+                if not ((REPO / name).exists() or (doc.parent / name).exists()):
+                    missing.append(f"{doc.relative_to(REPO)}:{number}: {name}")
+    assert checked >= 20, "the path pattern finds no paths any more"
+    assert not missing, "the docs name files that do not exist:\n  " + "\n  ".join(missing)

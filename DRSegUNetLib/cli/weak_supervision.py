@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import ClusterDomain, Loss, LrSchedule, PseudoLabelConfig, SelfTrainConfig, ThresholdMethod
+from ..config import SELFTRAIN_LOSSES, ClusterDomain, LrSchedule, PseudoLabelConfig, SelfTrainConfig, ThresholdMethod
 from ..errors import InputError
 from ..vocabulary import BACKGROUND, GGO, LUNG
 from .common import ProgressPrinter, add_common_options, add_json_progress, add_verbose, log
@@ -66,7 +66,7 @@ def _add_selftrain(sub, st: SelfTrainConfig) -> None:
                    help=f"optimiser steps per epoch (default {st.steps_per_epoch}: one pass over the training slices)")
     p.add_argument("--batch-size", type=int, default=st.batch_size, help=f"crops per step (default {st.batch_size})")
     p.add_argument("--crop", type=int, default=st.crop, help=f"square training crop in pixels (default {st.crop})")
-    p.add_argument("--loss", choices=(Loss.CE.value, Loss.CE_DICE.value), default=st.loss,
+    p.add_argument("--loss", choices=SELFTRAIN_LOSSES, default=st.loss,
                    help=f"ce: marginal cross-entropy, ce+dice adds a soft Dice term (default {st.loss})")
     p.add_argument("--lr-schedule", choices=LrSchedule.values(), default=st.lr_schedule,
                    help="every level: constant (default, thesis) or cosine decay to 2%% of the level's rate")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Self-training seeds and two variants in one call of the lent GPU machine (issue 4, point 5;
-# docs/weak_supervision.md, "Fourteenth run").
+# JOURNAL.md of this folder, "Fourteenth run").
 #   here:  python bench/pack_zenodo.py ../shared/data/zenodo20/zenodo20_dev.npz .device-data/zenodo_every2.npz --every 2
 #   there (carry .device-data/zenodo_every2.npz):  LIMIT_S=475 bash experiments/weak_supervision/gpu_selftrain.sh
 # WORK (default /tmp/stwork) must be a fresh folder: finished stages found there count as done.

@@ -1,4 +1,4 @@
-"""Checks of the weak-supervision experiment scripts of this folder (docs/weak_supervision.md).
+"""Checks of the weak-supervision experiment scripts of this folder (JOURNAL.md; summary in docs/weak_supervision.md).
 
 They test the experiments, not the product, so they are not in Testing/; run them from the
 repository root with ``.venv/bin/python -m pytest experiments/weak_supervision``. pytest puts

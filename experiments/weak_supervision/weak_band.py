@@ -20,8 +20,8 @@ takes level 2's labels from the mean probabilities of LEVEL1 and other level-1 m
     python -m DRSegUNetLib evaluate ../shared/data/zenodo20/zenodo20_dev.npz \\
         --predictions runs/weak6_band/labels.npz --by-group --json runs/weak6_band/eval.json
 
-The defaults are the sixth run's level-2 settings (docs/weak_supervision.md). Expert
-masks in DATA are never read here.
+The defaults are the sixth run's level-2 settings (JOURNAL.md of this folder, "Sixth
+run"). Expert masks in DATA are never read here.
 """
 from __future__ import annotations
 

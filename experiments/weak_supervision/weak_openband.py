@@ -16,8 +16,8 @@ labels with ``evaluate``:
     python -m DRSegUNetLib evaluate ../shared/data/zenodo20/zenodo20_dev.npz \\
         --predictions runs/weak11_open15/labels.npz --by-group --json runs/weak11_open15/eval.json
 
-The defaults are the sixth run's level-1 settings (docs/weak_supervision.md). Expert masks
-in DATA are never read here.
+The defaults are the sixth run's level-1 settings (JOURNAL.md of this folder, "Sixth run").
+Expert masks in DATA are never read here.
 """
 from __future__ import annotations
 
