@@ -73,8 +73,9 @@ def _add_finetune(sub) -> None:
                    help=f"largest reference Dice drop that still activates the new version (default {ft.tolerance:g})")
     p.add_argument("--activate", choices=ActivatePolicy.values(), default=ActivatePolicy.IF_BETTER.value,
                    help="make the new version active: if it passes the gate (default), always, or never")
-    add_pixel_mm(p, "working pixel size in mm the corrections are resampled to, as segment uses "
-                    f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
+    add_pixel_mm(p, "working pixel size in mm the corrections are resampled to, as segment uses, and the new "
+                    "model carries (default: the starting model's, "
+                    f"{InferenceConfig.pixel_mm:g} for models that do not say); 0 = their own grid")
     p.add_argument("--json", default=None, help="write the outcome (version, gate numbers) to this JSON file")
     add_json_progress(p)
     add_common_options(p)
@@ -161,7 +162,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         data_path = adaptation_data_path(default_model_path())
     data = load_adaptation_data(data_path, init.config.eight_bit)
     fingerprint = corrections.fingerprint(ids)
-    outcome = finetune(init, slices, config, data, args.pixel_mm or None, args.device, progress=printer,
+    outcome = finetune(init, slices, config, data, args.pixel_mm, args.device, progress=printer,
                        extra={"corrections_fingerprint": fingerprint, "n_corrections": len(slices)})
     version = _add_version(args, store, outcome, config, ids, fingerprint, start, parent)
     _announce(args, store, version, outcome, parent, printer)
@@ -177,7 +178,7 @@ def _add_version(args: argparse.Namespace, store, outcome, config, ids, fingerpr
         save_checkpoint(outcome.checkpoint, path)
         version = store.add_version(path, card={
             "level": 2, "preset": args.preset, "corrections_fingerprint": fingerprint, "corrections_used": ids,
-            "pixel_mm": args.pixel_mm or None, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "pixel_mm": outcome.checkpoint.config.inference.pixel_mm or None, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "steps": outcome.steps, "replay_slices": outcome.n_replay, "started_from": str(start),
             "gate": outcome.gate.to_dict(), "loss_history": [h["loss"] for h in outcome.history]},
             parent=parent)
