@@ -348,6 +348,11 @@ class SelfTrainConfig:
 
 
 PIXEL_MM_RANGE = (0.2, 5.0)  # working or assumed pixel sizes accepted from users (CLI, Slicer), mm
+# A data set's pixel size in mm when it says nothing (data.dataset_pixel_mm): COVID-19-CT-Seg's
+# .npz slices are 512-px scans of 0.7-0.8 mm halved to 256 px (MODEL_CARD.md, docs/hu_lungs.md);
+# MedSeg's slices are crops on grids of their own, of no known pixel size (None).
+ZENODO_PIXEL_MM = 1.5
+MEDSEG_PIXEL_MM: Optional[float] = None
 
 
 def check_pixel_mm(value: Optional[float], option: str = "--pixel-mm") -> None:

@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .config import EightBitConfig
+from .config import MEDSEG_PIXEL_MM, ZENODO_PIXEL_MM, EightBitConfig
 from .errors import InputError
 from .preprocessing import eight_bit_to_hu, working_size
 from .vocabulary import (BACKGROUND, BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, CONSOLIDATION, GGO, INFECTION_NAME, LUNG,
@@ -142,11 +142,6 @@ def _read_gray(path: Path, indexed: bool = False) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- pixel sizes
-# A data set's pixel size in mm when it says nothing (dataset_pixel_mm): COVID-19-CT-Seg's .npz
-# slices are 512-px scans of 0.7-0.8 mm halved to 256 px (MODEL_CARD.md, docs/hu_lungs.md);
-# MedSeg's slices are crops on grids of their own, of no known pixel size (None).
-ZENODO_PIXEL_MM = 1.5
-MEDSEG_PIXEL_MM: Optional[float] = None
 
 
 def sidecar_path(path: str | Path) -> Path:

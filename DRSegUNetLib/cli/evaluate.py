@@ -5,8 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import InferenceConfig, check_pixel_mm
-from ..data import ZENODO_PIXEL_MM
+from ..config import ZENODO_PIXEL_MM, InferenceConfig, check_pixel_mm
 from ..errors import InputError
 from ..vocabulary import LABEL_LEGEND, REGIONS
 from .common import (DEFAULT_SPLIT, ProgressPrinter, add_common_options, add_decision, add_inference_options,
