@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .config import BatchNormMode, Bf16, EightBitConfig, FineTuneConfig, InferenceConfig, Loss, ReplayLoss, Trainable
+from .config import BatchNormMode, Bf16, EightBitConfig, FineTuneConfig, Loss, ReplayLoss, Trainable
 from .data import Sample, labels_to_allowed, read_npz, resample_sample
 from .errors import InputError
 from .metrics import MetricAccumulator
@@ -400,15 +400,17 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
 
 
 def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: FineTuneConfig = FineTuneConfig(),
-             data: Optional[AdaptationData] = None, pixel_mm: Optional[float] = InferenceConfig.pixel_mm,
+             data: Optional[AdaptationData] = None, pixel_mm: Optional[float] = None,
              device: str = "auto", progress: Optional[ProgressCallback] = None,
              cancel: Optional[CancelCheck] = None, extra: Optional[dict[str, Any]] = None,
              reference_before: Optional[dict[str, float]] = None) -> FineTuneOutcome:
     """Fine-tune ``init`` on ``corrections`` and score old and new model (see the module docstring).
 
     ``data``: the model's replay and reference slices (None or empty: no replay, no
-    reference gate). ``pixel_mm``: the working pixel size the model segments at; the
-    corrections (and replay slices with a spacing) are resampled to it. With
+    reference gate). ``pixel_mm``: the working pixel size in mm to train and score at (None:
+    the model's own, ``ModelConfig.inference.pixel_mm``; 0: the slices' own grid); the
+    corrections (and replay slices with a spacing) are resampled to it, and the new model
+    carries it. With
     ``config.alphas``, the new weights are interpolated with the starting ones
     (``(1 - a) * start + a * end``) and the largest ``a`` that passes the gate is kept.
     ``reference_before``: the starting model's reference scores when already known
@@ -423,6 +425,8 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
         raise InputError("no accepted slices to fine-tune on")
     dev = resolve_device(device)
     data = data or AdaptationData()
+    model_config = init.config if pixel_mm is None else init.config.with_pixel_mm(pixel_mm)
+    pixel_mm = model_config.inference.pixel_mm or None  # None: the own grid from here on
     train_c, held = split_holdout(corrections, config.holdout_every)
     train_s, _ = correction_samples(train_c)
     held_s, held_spacing = correction_samples(held)  # scored as segment sees them: resampled by the predictor
@@ -433,9 +437,8 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
             sp = data.spacing.get(s.name)
             replay.append(replace(resample_sample(s, sp, pixel_mm) if sp else s, group=REPLAY))
     steps = config.steps or max(1, math.ceil(len(train_s) / config.batch_size)) * config.epochs
-    inference = InferenceConfig(pixel_mm=pixel_mm)
     model = init.build_model().to(dev)
-    predictor = Predictor(model, init.config, dev, inference, channels_last=False)
+    predictor = Predictor(model, model_config, dev, channels_last=False)
     ref_spacing = dict(data.spacing)
     if reference_before is None:
         report(progress, "gate", 0, 1, "scoring the starting model")
@@ -462,6 +465,6 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     report(progress, "gate", len(alphas), len(alphas), gate.summary())
     model.to("cpu")
     with torch.no_grad():
-        ckpt = Checkpoint.from_model(model.eval(), init.config, half=False, fingerprint=init.fingerprint,
+        ckpt = Checkpoint.from_model(model.eval(), model_config, half=False, fingerprint=init.fingerprint,
                                      metrics={"gate": gate.to_dict()}, extra={**(extra or {}), "history": history})
     return FineTuneOutcome(ckpt, gate, history, len(train_s), len(replay), steps, reference_before is not None)

@@ -6,7 +6,7 @@ k, learning rates) is written inline elsewhere: it is read from here.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Optional
 
@@ -352,14 +352,22 @@ class SelfTrainConfig:
 
 
 PIXEL_MM_RANGE = (0.2, 5.0)  # working or assumed pixel sizes accepted from users (CLI, Slicer), mm
+# A data set's pixel size in mm when it says nothing (data.dataset_pixel_mm): COVID-19-CT-Seg's
+# .npz slices are 512-px scans of 0.7-0.8 mm halved to 256 px (MODEL_CARD.md, docs/hu_lungs.md);
+# MedSeg's slices are crops on grids of their own, of no known pixel size (None).
+ZENODO_PIXEL_MM = 1.5
+MEDSEG_PIXEL_MM: Optional[float] = None
 
 
-def check_pixel_mm(value: float, option: str = "--pixel-mm") -> None:
-    """InputError unless ``value`` is 0 (the slices' own grid) or within PIXEL_MM_RANGE."""
+def check_pixel_mm(value: Optional[float], option: str = "--pixel-mm") -> None:
+    """InputError unless ``value`` is 0 (the slices' own grid) or within PIXEL_MM_RANGE; None
+    (an option left out: the model's or the data set's value) passes."""
     import math
 
     from .errors import InputError
 
+    if value is None:
+        return
     if not (math.isfinite(value) and (value == 0 or PIXEL_MM_RANGE[0] <= value <= PIXEL_MM_RANGE[1])):
         raise InputError(f"{option} must be a pixel size from {PIXEL_MM_RANGE[0]:g} to {PIXEL_MM_RANGE[1]:g} mm, "
                          f"or 0 for the own grid; got {value}")
@@ -372,16 +380,58 @@ class Decision(Choice):
     THRESHOLD = "threshold"  # thesis §4.5
 
 
+# Working pixel size in mm for CT with a known geometry (segment, Slicer): slices are resampled
+# to it for the network and the probabilities back to the CT's own grid before the decision.
+# On the CT's own 0.6-0.8 mm grid the bundled model takes dark normal lung for outside air on
+# real HU CT: lung Dice against the thesis's lung extraction on clean slices 0.787 native,
+# 0.933 at 1.2 mm (flat from 1.0 to 1.6 mm); 1.2 mm is where COVID-19-CT-Seg validation
+# infection Dice peaks (docs/hu_lungs.md). What a model without its own (ModelInference) has.
+WORKING_PIXEL_MM = 1.2
+
+
 @dataclass(frozen=True)
-class InferenceConfig:
-    batch_size: int = 4
-    decision: str = Decision.ARGMAX.value
-    threshold: float = 0.5
-    # Labels outside the patient's body (largest region at or above this HU, holes
-    # filled) are background: outside air is never lung. 8-bit slices in approximate HU
-    # use each slice's Otsu level instead (inference.restrict_to_body, eight_bit).
+class ModelInference:
+    """How a model is applied, saved in its checkpoint (``ModelConfig.inference``): the working
+    pixel it was trained at and the decision rule and body restriction it was selected with.
+
+    ``InferenceConfig.for_model`` starts from these; ``segment``/``evaluate`` options
+    (``--pixel-mm``, ``--decision``) override them. Checkpoints written before this existed
+    load with these defaults, the rule every model had until then.
+    """
+
+    pixel_mm: float = WORKING_PIXEL_MM  # 0: the slices' own grid (InferenceConfig.pixel_mm None)
+    decision: str = Decision.ARGMAX.value  # Decision
+    threshold: float = 0.5  # decision "threshold" only (thesis §4.5)
+    # Labels outside the patient's body (largest region at or above this HU, holes filled)
+    # are background: outside air is never lung. 8-bit slices in approximate HU use each
+    # slice's Otsu level instead (inference.restrict_to_body, eight_bit).
     restrict_to_body: bool = True
     body_threshold_hu: float = -500.0
+
+    def __post_init__(self) -> None:
+        import math
+
+        if self.decision not in Decision.values():
+            raise ValueError(f"decision must be {' or '.join(map(repr, Decision.values()))}, not {self.decision!r}")
+        if not (math.isfinite(self.pixel_mm)
+                and (self.pixel_mm == 0 or PIXEL_MM_RANGE[0] <= self.pixel_mm <= PIXEL_MM_RANGE[1])):
+            raise ValueError(f"the working pixel must be 0 (own grid) or from {PIXEL_MM_RANGE[0]:g} to "
+                             f"{PIXEL_MM_RANGE[1]:g} mm, not {self.pixel_mm}")
+        if not 0.0 <= self.threshold <= 1.0:  # NaN fails too
+            raise ValueError(f"the decision threshold must lie in [0, 1], not {self.threshold}")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Everything that applies a model to CT: what the model carries (``ModelInference``:
+    working pixel, decision, body restriction; :meth:`for_model`) and how this run computes
+    (batch, flip, precision). The defaults are those of a model without its own."""
+
+    batch_size: int = 4
+    decision: str = ModelInference.decision
+    threshold: float = ModelInference.threshold
+    restrict_to_body: bool = ModelInference.restrict_to_body
+    body_threshold_hu: float = ModelInference.body_threshold_hu
     # Average the class probabilities of the slice and its left-right mirror (2x time).
     flip_tta: bool = False
     # bfloat16 autocast on CPU: "auto" uses it where the CPU has native bf16 arithmetic
@@ -391,16 +441,19 @@ class InferenceConfig:
     # bfloat16 autocast on CUDA: "auto" where the GPU computes bf16 (torch.cuda.is_bf16_supported),
     # "on", or "off". Training's validation passes its TrainConfig.bf16 here and in cpu_bf16.
     cuda_bf16: str = Bf16.AUTO.value
-    # Working pixel size in mm for CT with a known geometry (segment, Slicer): slices are
-    # resampled to it for the network and the probabilities back to the CT's own grid
-    # before the decision. On the CT's own 0.6-0.8 mm grid the bundled model takes dark
-    # normal lung for outside air on real HU CT: lung Dice against the thesis's lung
-    # extraction on clean slices 0.787 native, 0.933 at 1.2 mm (flat from 1.0 to 1.6 mm);
-    # 1.2 mm is where COVID-19-CT-Seg validation infection Dice peaks (docs/hu_lungs.md).
-    # None: native grid.
-    # Slices with no geometry (8-bit .npz / JPEG) run on their own grid unless `evaluate
-    # --slice-pixel-mm` gives them a pixel size.
-    pixel_mm: Optional[float] = 1.2
+    # Working pixel size in mm for CT with a known geometry (WORKING_PIXEL_MM); None: native grid.
+    # Slices with no geometry (8-bit .npz / JPEG) run on their own grid unless they are given a
+    # pixel size (`evaluate` takes the data set's, data.Sample.pixel_mm, or --slice-pixel-mm).
+    pixel_mm: Optional[float] = WORKING_PIXEL_MM
+
+    @classmethod
+    def for_model(cls, model: "ModelConfig", **overrides: Any) -> "InferenceConfig":
+        """The model's own rule (``model.inference``), with ``overrides`` (InferenceConfig fields;
+        ``pixel_mm=None`` is the own grid) on top."""
+        m = model.inference
+        own = {"pixel_mm": m.pixel_mm or None, "decision": m.decision, "threshold": m.threshold,
+               "restrict_to_body": m.restrict_to_body, "body_threshold_hu": m.body_threshold_hu}
+        return cls(**{**own, **overrides})
 
 
 @dataclass(frozen=True)
@@ -410,6 +463,9 @@ class ModelConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     eight_bit: EightBitConfig = field(default_factory=EightBitConfig)
+    # Working pixel, decision rule and body restriction; absent from checkpoints written before
+    # it existed (the bundled model's), which load with the defaults, the rule they were made for.
+    inference: ModelInference = field(default_factory=ModelInference)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -420,7 +476,12 @@ class ModelConfig:
             network=NetworkConfig(**d["network"]),
             preprocess=PreprocessConfig(**d["preprocess"]),
             eight_bit=EightBitConfig(**d.get("eight_bit", {})),
+            inference=ModelInference(**d.get("inference", {})),
         )
+
+    def with_pixel_mm(self, pixel_mm: Optional[float]) -> "ModelConfig":
+        """This config with the working pixel ``pixel_mm`` (None or 0: the slices' own grid)."""
+        return replace(self, inference=replace(self.inference, pixel_mm=float(pixel_mm or 0.0)))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .config import EightBitConfig
+from .config import MEDSEG_PIXEL_MM, ZENODO_PIXEL_MM, EightBitConfig
 from .errors import InputError
 from .preprocessing import eight_bit_to_hu, working_size
 from .vocabulary import (BACKGROUND, BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, CONSOLIDATION, GGO, INFECTION_NAME, LUNG,
@@ -37,13 +37,16 @@ def bit(*classes: int) -> np.uint8:
 class Sample:
     """One annotated axial slice. ``hu`` (H, W) float32; ``allowed`` (H, W) uint8 bitmask;
     ``eight_bit``: an 8-bit image mapped to approximate HU (MedSeg, COVID-19-CT-Seg), not CT
-    in HU (inference.restrict_to_body treats the two differently)."""
+    in HU (inference.restrict_to_body treats the two differently). ``pixel_mm``: the slice's
+    (square) pixel size in mm as its data set gives it (:func:`dataset_pixel_mm`); None: not
+    known, the slice is scored on its own grid."""
 
     hu: np.ndarray
     allowed: np.ndarray
     name: str
     group: str
     eight_bit: bool = False
+    pixel_mm: Optional[float] = None
 
     @property
     def source(self) -> str:
@@ -78,7 +81,8 @@ def resample_sample(sample: Sample, spacing: Sequence[float], pixel_mm: Optional
     hu = resample_bilinear(torch.from_numpy(np.ascontiguousarray(sample.hu, np.float32))[None, None], size)[0, 0]
     zoom = [m / n for m, n in zip(size, sample.hu.shape)]
     allowed = ndimage.zoom(sample.allowed, zoom, order=0, grid_mode=True, mode="nearest")
-    return Sample(hu.numpy().astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group, sample.eight_bit)
+    return Sample(hu.numpy().astype(np.float32), allowed.astype(np.uint8), sample.name, sample.group, sample.eight_bit,
+                  pixel_mm)
 
 
 def labels_to_allowed(labels: np.ndarray, known: Optional[Sequence[str]] = None) -> np.ndarray:
@@ -137,12 +141,63 @@ def _read_gray(path: Path, indexed: bool = False) -> np.ndarray:
         return np.asarray(im.convert("L"))
 
 
+# --------------------------------------------------------------------------- pixel sizes
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON beside a data set that may give its pixel size: ``zenodo20_dev.npz`` →
+    ``zenodo20_dev.json``, the folder ``train50`` → ``train50.json``."""
+    p = Path(path)
+    return p.parent / (p.name + ".json") if p.is_dir() else p.with_suffix(".json")
+
+
+def _pixel_value(value, where: str) -> Optional[float]:
+    """A pixel size in mm read from ``where``: 0 (the own grid) → None; InputError unless it is
+    0 or within config.PIXEL_MM_RANGE."""
+    from .config import check_pixel_mm
+
+    try:
+        mm = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: pixel_mm must be a number of mm, not {value!r}") from None
+    check_pixel_mm(mm, f"{where}: pixel_mm")
+    return mm or None
+
+
+def dataset_pixel_mm(path: str | Path, n: int, arrays: Optional[dict[str, np.ndarray]] = None,
+                     default: Optional[float] = None) -> list[Optional[float]]:
+    """Each of a data set's ``n`` slices' pixel size in mm (None: its own grid, size unknown).
+
+    In this order: a ``pixel_mm`` array of the ``.npz`` (``arrays``; a scalar, or one value
+    per slice), else ``{"pixel_mm": MM}`` in the sidecar JSON beside the data
+    (:func:`sidecar_path`), else ``default``, the format's (ZENODO_PIXEL_MM, MEDSEG_PIXEL_MM).
+    0 means the slices' own grid.
+    """
+    import json
+
+    if arrays is not None and "pixel_mm" in arrays:
+        values = np.asarray(arrays["pixel_mm"], dtype=float).ravel()
+        if values.size not in (1, n):
+            raise InputError(f"{path}: 'pixel_mm' has {values.size} values for {n} slices; give one or {n}")
+        return [_pixel_value(v, str(path)) for v in np.broadcast_to(values, (n,))]
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {side}, the pixel size of {Path(path).name} ({e})") from None
+        if isinstance(meta, dict) and "pixel_mm" in meta:
+            return [_pixel_value(meta["pixel_mm"], str(side))] * n
+    return [default] * n
+
+
 def read_medseg_folder(folder: str | Path, eight_bit: EightBitConfig = EightBitConfig(),
                        names: Iterable[str] | None = None) -> list[Sample]:
     """Read ``images/<id>.jpg`` + ``masks/<id>.png``; images are 8-bit, mapped to approx. HU.
 
     The slices are stored transposed relative to radiological convention; they are
-    transposed back so that they look like axial slices of a CT volume.
+    transposed back so that they look like axial slices of a CT volume. Their pixel size:
+    ``train50.json`` beside the folder ``train50`` if it gives one, else none (own grid).
     """
     folder = Path(folder)
     img_dir, mask_dir = folder / "images", folder / "masks"
@@ -162,6 +217,8 @@ def read_medseg_folder(folder: str | Path, eight_bit: EightBitConfig = EightBitC
         samples.append(Sample(eight_bit_to_hu(img.T, eight_bit), medseg_allowed(mask.T), img_path.stem, "medseg", True))
     if not samples:
         raise InputError(f"no images found in {img_dir}")
+    for s, mm in zip(samples, dataset_pixel_mm(folder, len(samples), default=MEDSEG_PIXEL_MM)):
+        s.pixel_mm = mm
     return samples
 
 
@@ -209,7 +266,9 @@ def check_slices_npz(path: str | Path, d: dict[str, np.ndarray], masks: Sequence
 
 def read_zenodo_npz(path: str | Path, eight_bit: EightBitConfig = EightBitConfig(),
                     groups: Sequence[int] | None = None) -> list[Sample]:
-    """Read a COVID-19-CT-Seg ``.npz`` (ct_uint8, lung_mask, infection_mask, group)."""
+    """Read a COVID-19-CT-Seg ``.npz`` (ct_uint8, lung_mask, infection_mask, group; optional
+    source_index and pixel_mm). The slices' pixel size: :func:`dataset_pixel_mm`, by default
+    ZENODO_PIXEL_MM (1.5 mm)."""
     d = read_npz(path)
     missing = {"ct_uint8", "lung_mask", "infection_mask"} - set(d)
     if missing:
@@ -219,15 +278,17 @@ def read_zenodo_npz(path: str | Path, eight_bit: EightBitConfig = EightBitConfig
     src = d["source_index"] if "source_index" in d else np.arange(len(grp))
     keep = np.arange(len(grp)) if groups is None else np.flatnonzero(np.isin(grp, list(groups)))
     lung, inf = d["lung_mask"], d["infection_mask"]
+    mm = dataset_pixel_mm(path, len(ct), d, default=ZENODO_PIXEL_MM)
     return [
         Sample(eight_bit_to_hu(ct[i], eight_bit), zenodo_allowed(lung[i], inf[i]), f"z{int(src[i])}", f"zenodo{int(grp[i])}",
-               True)
+               True, mm[i])
         for i in keep
     ]
 
 
 def read_dataset(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) -> list[Sample]:
-    """A MedSeg-style folder or a COVID-19-CT-Seg-style ``.npz``."""
+    """A MedSeg-style folder or a COVID-19-CT-Seg-style ``.npz``, each slice with its data set's
+    pixel size (``Sample.pixel_mm``, :func:`dataset_pixel_mm`)."""
     path = Path(path)
     if path.is_dir():
         return read_medseg_folder(path, eight_bit)

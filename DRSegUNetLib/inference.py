@@ -1,9 +1,9 @@
 """Inference: a CT volume in HU → exclusive label map, slice by slice.
 
 Data flow: SimpleITK image (any direction) → axial view → batches of slices →
-window + z-score → (resampled to ``InferenceConfig.pixel_mm``) → network → softmax →
-(resampled back) → decision → yield per slice → labels placed
-back in the input's geometry. Class probabilities exist only for one batch at a
+window + z-score → (resampled to the working pixel ``InferenceConfig.pixel_mm``, by default
+the model's own) → network → softmax → (resampled back) → decision → yield per slice →
+labels placed back in the input's geometry. Class probabilities exist only for one batch at a
 time, so memory does not grow with the number of slices.
 """
 from __future__ import annotations
@@ -91,11 +91,12 @@ class Predictor:
     """Applies a trained DRSegUNet to CT slices and volumes."""
 
     def __init__(self, model: DRSegUNet, config: ModelConfig, device: str | torch.device = "auto",
-                 inference: InferenceConfig = InferenceConfig(), checkpoint: Optional[Checkpoint] = None,
+                 inference: Optional[InferenceConfig] = None, checkpoint: Optional[Checkpoint] = None,
                  channels_last: bool = True) -> None:
+        """``inference``: None applies the model's own rule (``InferenceConfig.for_model(config)``)."""
         self.device = resolve_device(device)
         self.config = config
-        self.inference = inference
+        self.inference = inference if inference is not None else InferenceConfig.for_model(config)
         self.checkpoint = checkpoint
         self.source: Optional[str] = None  # where the weights came from, for reports
         # channels_last is the fast layout for cuDNN and for oneDNN on CPU (12-19% on
@@ -105,8 +106,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **inference_kw) -> "Predictor":
+        """The checkpoint's network applied with its own working pixel, decision rule and body
+        restriction (``ModelConfig.inference``); ``inference_kw`` (InferenceConfig fields)
+        override them, e.g. ``pixel_mm=None`` for the slices' own grid."""
         ckpt = load_checkpoint(path)
-        predictor = cls(ckpt.build_model(), ckpt.config, device, InferenceConfig(**inference_kw), ckpt)
+        predictor = cls(ckpt.build_model(), ckpt.config, device, InferenceConfig.for_model(ckpt.config, **inference_kw),
+                        ckpt)
         predictor.source = str(path)
         return predictor
 

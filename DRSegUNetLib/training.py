@@ -378,34 +378,27 @@ class _WeightAverage:
                 v.copy_(live[k])
 
 
-def train(
-    train_samples: Sequence[Sample],
-    val_samples: Sequence[Sample],
-    out_dir: str | Path,
-    config: TrainConfig = TrainConfig(),
-    model_config: Optional[ModelConfig] = None,
-    init: Optional[Checkpoint] = None,
-    device: str = "auto",
-    fingerprint: Optional[dict[str, Any]] = None,
-    augment: AugmentConfig = AugmentConfig(),
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelCheck] = None,
-    extra: Optional[dict[str, Any]] = None,
-) -> TrainResult:
-    """Train and write ``best.pt`` (best validation Dice) and ``last.pt`` into ``out_dir``.
+@dataclass
+class _Setup:
+    """What a training run steps: the network on its device, the optimiser and its schedule
+    (train's first step, :func:`_setup`)."""
 
-    ``init``: start from this checkpoint (level 2 / fine-tuning); its model config is
-    kept. Otherwise the network is built from ``model_config`` with z-score
-    constants estimated on ``train_samples``. Checkpoints are written atomically:
-    ``last.pt`` after every epoch, ``best.pt`` when validation Dice improves. Without
-    ``val_samples`` the last epoch is the best, and ``best.pt`` is written once when
-    training ends (an older ``best.pt`` in ``out_dir`` is removed at the start, so an
-    interrupted run never leaves one that is not its own).
-    """
-    if not train_samples:
-        raise ValueError("no training samples")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model: torch.nn.Module  # the network
+    net: torch.nn.Module  # what the steps run: the network, or its DDP wrapper
+    config: ModelConfig  # the network's config, saved in every checkpoint
+    opt: torch.optim.Optimizer
+    sched: Optional[torch.optim.lr_scheduler.LRScheduler]
+    device: torch.device
+    world: int  # processes (torchrun), 1 alone
+    rank: int
+    frozen: list[str]  # names of the frozen layers
+    channels_last: bool
+
+
+def _setup(train_samples: Sequence[Sample], config: TrainConfig, model_config: Optional[ModelConfig],
+           init: Optional[Checkpoint], device: str) -> _Setup:
+    """Seed, build the network (``init``'s, or a new one from ``model_config`` with z-score
+    constants of ``train_samples``), join the process group, freeze layers, make the optimiser."""
     torch.manual_seed(config.seed)
     dev = resolve_device(device)
     if init is not None:
@@ -431,18 +424,23 @@ def train(
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; use adam or sgd")
-    total_steps = config.epochs * config.steps_per_epoch
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps, eta_min=config.lr * 0.02)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.epochs * config.steps_per_epoch,
+                                                         eta_min=config.lr * 0.02)
              if config.lr_schedule == LrSchedule.COSINE else None)
     net: torch.nn.Module = model
     if world > 1:
         # Every rank draws different crops; gradients are averaged, so weights stay equal.
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        if rank != 0:
-            progress = None
-    training_autocast(dev, config.bf16)  # check the mode before the first step
-    set_train_mode(model, frozen, config.bn)  # and the BatchNorm mode
-    sample_probabilities(train_samples, dict(config.source_weights))  # and the weights
+    return _Setup(model, net, mcfg, opt, sched, dev, world, rank, frozen, channels_last)
+
+
+def _check_settings(run: _Setup, train_samples: Sequence[Sample], val_samples: Sequence[Sample],
+                    config: TrainConfig) -> None:
+    """Fail before the first step on a precision, BatchNorm mode, source weight or selection
+    region that cannot work."""
+    training_autocast(run.device, config.bf16)
+    set_train_mode(run.model, run.frozen, config.bn)
+    sample_probabilities(train_samples, dict(config.source_weights))
     if config.select_regions and not val_samples:
         log.warning("no validation slices: select_regions %s has nothing to select on", ",".join(config.select_regions))
     elif config.select_regions:
@@ -450,69 +448,155 @@ def train(
         if undecided:
             raise InputError(f"no validation slice is annotated for {', '.join(undecided)}: "
                              "best.pt could never be chosen on it (see --select-regions)")
-    batches = _batch_stream(train_samples, config, augment, rank, mcfg.preprocess, dev)
+
+
+def _train_epoch(run: _Setup, batches, config: TrainConfig, epoch: int, step: int,
+                 averaged: Optional[_WeightAverage], progress: Optional[ProgressCallback],
+                 cancel: Optional[CancelCheck]) -> tuple[list[float], int]:
+    """One epoch of ``config.steps_per_epoch`` steps: (each step's loss, steps taken in all)."""
+    set_train_mode(run.model, run.frozen, config.bn)
+    total_steps = config.epochs * config.steps_per_epoch
+    losses = []
+    for _ in range(config.steps_per_epoch):
+        check_cancel(cancel)
+        x, y = next(batches)
+        x = x.unsqueeze(1).to(run.device, non_blocking=True)
+        y = y.to(run.device, non_blocking=True)
+        with training_autocast(run.device, config.bf16):
+            loss = compute_loss(run.net(x).float(), y, config.loss)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        if run.sched is not None:
+            run.sched.step()
+        if averaged is not None:
+            averaged.update(run.model)
+        step += 1
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise _diverged(epoch, f"the loss became {losses[-1]} at step {step}")
+        report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
+               epoch=epoch, loss=losses[-1])
+    bad = nonfinite_keys(run.model.state_dict())
+    if bad:
+        raise _diverged(epoch, f"weights such as {bad[0]} became NaN or infinite")
+    return losses, step
+
+
+@dataclass
+class _Keeper:
+    """Validation and checkpoints (rank 0): ``last.pt`` after every epoch, ``best.pt`` when
+    the validation score improves; without validation slices, ``best.pt`` is the last epoch,
+    written once by :meth:`finish`."""
+
+    out_dir: Path
+    config: ModelConfig
+    scored: torch.nn.Module  # what is validated and saved: the network or its weight average
+    predictor: SlicePredictor  # segments validation slices with ``scored``
+    val_samples: Sequence[Sample]
+    fingerprint: dict[str, Any]
+    meta: dict[str, Any]
+    best_score: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: Optional[Checkpoint] = None
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def validate(self, entry: dict[str, Any], select_regions: Sequence[str]) -> None:
+        """Add the validation Dice (mean over ``select_regions``, or all) and each region's to ``entry``."""
+        self.scored.eval()
+        summary = evaluate_samples(self.predictor, self.val_samples)
+        entry["val_dice"] = mean_dice(summary, tuple(select_regions) or tuple(summary))
+        entry["val"] = {r: v["mean"]["dice"] for r, v in summary.items()}
+
+    def epoch_done(self, epoch: int, entry: dict[str, Any]) -> None:
+        """Record ``entry`` in the history and write the epoch's checkpoints."""
+        self.history.append(entry)
+        score = entry.get("val_dice", -1.0 if self.val_samples else float(epoch))
+        ckpt = Checkpoint.from_model(self.scored, self.config, half=False, fingerprint=self.fingerprint,
+                                     metrics={"epoch": epoch, **{k: v for k, v in entry.items() if k != "epoch"}},
+                                     extra={**self.meta, "history": self.history})
+        save_checkpoint(ckpt, self.last_path)
+        if not self.val_samples:  # best is the last epoch: best.pt is written once, after the last one
+            self.best_score, self.best_epoch, self.final = score, epoch, ckpt
+        elif "val_dice" in entry and score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch
+            save_checkpoint(ckpt, self.best_path)
+
+    def finish(self) -> None:
+        """Write ``best.pt`` where no epoch did: the last epoch's, or (no epoch ran) the network as it is."""
+        if self.final is not None:
+            save_checkpoint(self.final, self.best_path)
+        if not self.best_path.exists():
+            save_checkpoint(Checkpoint.from_model(self.scored, self.config, fingerprint=self.fingerprint,
+                                                  extra=self.meta), self.best_path)
+
+
+def train(
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    out_dir: str | Path,
+    config: TrainConfig = TrainConfig(),
+    model_config: Optional[ModelConfig] = None,
+    init: Optional[Checkpoint] = None,
+    device: str = "auto",
+    fingerprint: Optional[dict[str, Any]] = None,
+    augment: AugmentConfig = AugmentConfig(),
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCheck] = None,
+    extra: Optional[dict[str, Any]] = None,
+) -> TrainResult:
+    """Train and write ``best.pt`` (best validation Dice) and ``last.pt`` into ``out_dir``.
+
+    ``init``: start from this checkpoint (level 2 / fine-tuning); its model config is
+    kept. Otherwise the network is built from ``model_config`` with z-score
+    constants estimated on ``train_samples``. Checkpoints are written atomically:
+    ``last.pt`` after every epoch, ``best.pt`` when validation Dice improves. Without
+    ``val_samples`` the last epoch is the best, and ``best.pt`` is written once when
+    training ends (an older ``best.pt`` in ``out_dir`` is removed at the start, so an
+    interrupted run never leaves one that is not its own). Validation applies the model's
+    own decision rule and body restriction (``ModelConfig.inference``) on the slices' grid.
+    """
+    if not train_samples:
+        raise ValueError("no training samples")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _setup(train_samples, config, model_config, init, device)
+    if run.rank != 0:
+        progress = None
+    _check_settings(run, train_samples, val_samples, config)
+    batches = _batch_stream(train_samples, config, augment, run.rank, run.config.preprocess, run.device)
     # Validation uses the training run's precision (bf16="off" reproduces float32 runs).
-    val_cfg = InferenceConfig(batch_size=1, cpu_bf16=config.bf16, cuda_bf16=config.bf16)
+    val_cfg = InferenceConfig.for_model(run.config, batch_size=1, cpu_bf16=config.bf16, cuda_bf16=config.bf16)
     from .inference import Predictor  # validation segments as inference does; the one use of inference here
 
-    averaged = _WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
-    scored = averaged.model if averaged is not None else model  # what is validated and saved
-    val_predictor = Predictor(scored, mcfg, dev, val_cfg, channels_last=channels_last)
-    best_score, best_epoch, history = -1.0, -1, []
-    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
-    if not val_samples and rank == 0:
-        best_path.unlink(missing_ok=True)
-    meta = {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),
-            "init": (init.extra.get("name") if init else None), **(extra or {})}
+    averaged = _WeightAverage(run.model, config.ema_decay) if config.ema_decay > 0 else None
+    scored = averaged.model if averaged is not None else run.model  # what is validated and saved
+    keeper = _Keeper(out_dir, run.config, scored,
+                     Predictor(scored, run.config, run.device, val_cfg, channels_last=run.channels_last),
+                     val_samples, fingerprint or {},
+                     {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),
+                      "init": (init.extra.get("name") if init else None), **(extra or {})})
+    if not val_samples and run.rank == 0:
+        keeper.best_path.unlink(missing_ok=True)
     step = 0
-    final: Optional[Checkpoint] = None
     t0 = time.time()
     try:
         for epoch in range(1, config.epochs + 1):
-            set_train_mode(model, frozen, config.bn)
-            losses = []
-            for _ in range(config.steps_per_epoch):
-                check_cancel(cancel)
-                x, y = next(batches)
-                x = x.unsqueeze(1).to(dev, non_blocking=True)
-                y = y.to(dev, non_blocking=True)
-                with training_autocast(dev, config.bf16):
-                    loss = compute_loss(net(x).float(), y, config.loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                if averaged is not None:
-                    averaged.update(model)
-                step += 1
-                losses.append(loss.item())
-                if not math.isfinite(losses[-1]):
-                    raise _diverged(epoch, f"the loss became {losses[-1]} at step {step}")
-                report(progress, "train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {losses[-1]:.4f}",
-                       epoch=epoch, loss=losses[-1])
-            bad = nonfinite_keys(model.state_dict())
-            if bad:
-                raise _diverged(epoch, f"weights such as {bad[0]} became NaN or infinite")
+            losses, step = _train_epoch(run, batches, config, epoch, step, averaged, progress, cancel)
             entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
-            if rank != 0:
+            if run.rank != 0:
                 continue  # rank 0 validates and writes checkpoints
             if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
-                scored.eval()
-                summary = evaluate_samples(val_predictor, val_samples)
-                entry["val_dice"] = mean_dice(summary, config.select_regions or tuple(summary))
-                entry["val"] = {r: v["mean"]["dice"] for r, v in summary.items()}
-            history.append(entry)
-            score = entry.get("val_dice", -1.0 if val_samples else float(epoch))
-            ckpt = Checkpoint.from_model(scored, mcfg, half=False, fingerprint=fingerprint or {},
-                                         metrics={"epoch": epoch, **{k: v for k, v in entry.items() if k != "epoch"}},
-                                         extra={**meta, "history": history})
-            save_checkpoint(ckpt, last_path)
-            if not val_samples:  # best is the last epoch: best.pt is written once, after the last one
-                best_score, best_epoch, final = score, epoch, ckpt
-            elif "val_dice" in entry and score > best_score:
-                best_score, best_epoch = score, epoch
-                save_checkpoint(ckpt, best_path)
+                keeper.validate(entry, config.select_regions)
+            keeper.epoch_done(epoch, entry)
             report(progress, "epoch", epoch, config.epochs,
                    f"epoch {epoch}: loss {entry['loss']:.4f}" + (f" val Dice {entry['val_dice']:.3f}" if "val_dice" in entry else ""),
                    **{k: v for k, v in entry.items() if k in ("loss", "val_dice")})
@@ -520,14 +604,13 @@ def train(
         shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader workers (config.workers > 0)
         if shutdown is not None:
             shutdown()
-    if world > 1:
+    result = TrainResult(keeper.best_path, keeper.last_path, keeper.best_score, keeper.best_epoch, keeper.history,
+                         run.model)
+    if run.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-        if rank != 0:
-            return TrainResult(best_path, last_path, best_score, best_epoch, history, model)
-    if final is not None:
-        save_checkpoint(final, best_path)
-    if not best_path.exists():
-        save_checkpoint(Checkpoint.from_model(scored, mcfg, fingerprint=fingerprint or {}, extra=meta), best_path)
-    return TrainResult(best_path, last_path, best_score, best_epoch, history, model)
+        if run.rank != 0:
+            return result
+    keeper.finish()
+    return result

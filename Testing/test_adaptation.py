@@ -213,6 +213,27 @@ def test_a_short_real_fine_tune_keeps_the_reference(bundled_model):
     assert gate.passed
 
 
+def test_a_fine_tune_trains_at_the_starting_models_working_pixel_and_keeps_it(tiny_checkpoint, monkeypatch):
+    """pixel_mm None: the corrections are resampled to the model's own working pixel (2.4 mm here:
+    1.5 mm slices of 256 px become 160 px) and the new model carries it; 0: the own grid."""
+    from dataclasses import replace
+
+    import DRSegUNetLib.adaptation as adaptation
+    from DRSegUNetLib.config import ModelInference
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt.config = replace(ckpt.config, inference=ModelInference(pixel_mm=2.4))
+    shapes = []
+    monkeypatch.setattr(adaptation, "_train_steps", lambda model, init, train_s, *a: shapes.extend(
+        s.hu.shape for s in train_s) or [])
+    config = preset("default", steps=1, alphas=(1.0,), holdout_every=0)
+    outcome = finetune(ckpt, _zenodo_corrections([2]), config, device="cpu")
+    assert shapes == [(160, 160)] and outcome.checkpoint.config.inference.pixel_mm == 2.4
+    shapes.clear()
+    outcome = finetune(ckpt, _zenodo_corrections([2]), config, pixel_mm=0, device="cpu")
+    assert shapes == [(256, 256)] and outcome.checkpoint.config.inference.pixel_mm == 0.0
+
+
 # ----------------------------------------------------------------- corrections from the command line
 
 

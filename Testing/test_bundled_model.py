@@ -29,9 +29,11 @@ def test_bundled_model_is_small_fp16_and_describes_itself(bundled_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["medseg", "zenodo"])
 def test_held_out_accuracy(tmp_path, shared_data, bundled_model, dataset):
+    """The model card's table: the slices on their own grid (--slice-pixel-mm 0)."""
     data = shared_data / ("medseg/train50" if dataset == "medseg" else "zenodo20/zenodo20_dev.npz")
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(data), "--split-part", "test", "--json", str(out), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(data), "--split-part", "test", "--slice-pixel-mm", "0", "--json", str(out),
+                 "--device", "cpu"]) == 0
     m = json.loads(out.read_text())["metrics"]
     for (ds, region), target in TARGETS.items():
         if ds == dataset:
@@ -40,13 +42,16 @@ def test_held_out_accuracy(tmp_path, shared_data, bundled_model, dataset):
 
 @pytest.mark.slow
 def test_held_out_covid_slices_at_the_working_pixel_size(tmp_path, shared_data, bundled_model):
-    """COVID-19-CT-Seg test slices taken as 1.5 mm pixels, so the network sees them at the
-    1.2 mm working pixel as it sees CT in segment (docs/hu_lungs.md): measured infection
-    0.585 (0.499 on their own grid) and lung 0.982. Floors a little below."""
+    """evaluate's default: COVID-19-CT-Seg test slices taken as the data set's 1.5 mm pixels, so
+    the network sees them at the model's 1.2 mm working pixel as it sees CT in segment
+    (docs/hu_lungs.md): measured infection 0.585 (0.499 on their own grid) and lung 0.982.
+    Floors a little below."""
     out = tmp_path / "z.json"
     assert main(["evaluate", str(shared_data / "zenodo20/zenodo20_dev.npz"), "--split-part", "test",
-                 "--slice-pixel-mm", "1.5", "--json", str(out), "--device", "cpu"]) == 0
-    m = json.loads(out.read_text())["metrics"]
+                 "--json", str(out), "--device", "cpu"]) == 0
+    e = json.loads(out.read_text())
+    assert (e["slice_pixel_mm"], e["slice_pixel_mm_from"], e["pixel_mm"]) == (1.5, "data set", 1.2)
+    m = e["metrics"]
     assert m["infection"]["mean"]["dice"] >= 0.56 and m["lung"]["mean"]["dice"] >= 0.975, m
 
 
@@ -94,3 +99,17 @@ def test_finds_the_lungs_on_real_hu_ct_at_its_working_pixel_size():
     for z in range(2):
         assert _dice(field[z], truth[z]) >= 0.95, z
         assert _dice(native[z], truth[z]) < 0.80, z
+
+
+def test_the_bundled_model_predates_its_own_rule_and_gets_todays(bundled_model):
+    """The bundled checkpoint has no ModelConfig.inference (it is not rewritten): it loads with
+    the 1.2 mm working pixel, argmax and the body restriction, the rule it was chosen with."""
+    import torch
+
+    from DRSegUNetLib.config import InferenceConfig, ModelInference
+    from DRSegUNetLib.inference import Predictor
+
+    assert "inference" not in torch.load(bundled_model, map_location="cpu", weights_only=True)["config"]
+    assert load_checkpoint(bundled_model).config.inference == ModelInference()
+    assert Predictor.from_checkpoint(bundled_model, "cpu").inference == InferenceConfig()
+    assert InferenceConfig().pixel_mm == 1.2 and InferenceConfig().decision == "argmax"

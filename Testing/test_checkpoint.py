@@ -153,3 +153,38 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     text = str(e.value)
     assert "missing stem.conv1.weight" in text and "unexpected extra.weight" in text
     assert "wrong shape stem.bn1.weight (99,)" in text and "\n" not in text
+
+
+def test_the_checkpoint_carries_its_working_pixel_and_decision_rule(tmp_path):
+    """ModelConfig.inference round-trips; a checkpoint written before it existed (no
+    "inference" in its config, as the bundled one) loads with today's rule."""
+    from DRSegUNetLib.config import InferenceConfig, ModelInference
+
+    model, cfg = _model()
+    own = ModelConfig(network=cfg.network, inference=ModelInference(pixel_mm=1.5, decision="threshold", threshold=0.6))
+    save_checkpoint(Checkpoint.from_model(model, own), tmp_path / "own.pt")
+    assert load_checkpoint(tmp_path / "own.pt").config.inference == own.inference
+    d = _saved_dict(tmp_path)
+    assert "inference" in d["config"]
+    del d["config"]["inference"]
+    torch.save(d, tmp_path / "old.pt")
+    old = load_checkpoint(tmp_path / "old.pt").config
+    assert old.inference == ModelInference() and (old.inference.pixel_mm, old.inference.decision) == (1.2, "argmax")
+    assert InferenceConfig.for_model(old) == InferenceConfig()  # the defaults every model had
+    inf = InferenceConfig.for_model(own, batch_size=2)
+    assert (inf.pixel_mm, inf.decision, inf.threshold, inf.batch_size) == (1.5, "threshold", 0.6, 2)
+    assert InferenceConfig.for_model(own.with_pixel_mm(0)).pixel_mm is None  # 0: the own grid
+    assert InferenceConfig.for_model(own, pixel_mm=None).pixel_mm is None
+
+
+@pytest.mark.parametrize("inference,message", [
+    ({"pixel_mm": 0.01}, "working pixel"), ({"pixel_mm": "1.2"}, "invalid config"), ({"restrict_to_body": 1}, "inference.restrict_to_body"),
+    ({"decision": "vote"}, "decision"), ({"threshold": 2.0}, "threshold"), ({"colour": 1}, "invalid config"),
+])
+def test_a_bad_working_pixel_or_decision_rule_is_refused(tmp_path, inference, message):
+    d = _saved_dict(tmp_path)
+    d["config"]["inference"].update(inference)
+    torch.save(d, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "\n" not in str(e.value)

@@ -245,6 +245,114 @@ def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     assert "--pixel-mm must be" in capsys.readouterr().err and not (tmp_path / "l.nii.gz").exists()
 
 
+def _spy_on_the_network_grid(monkeypatch) -> list:
+    """(slice shape, spacing given, working size) of every Predictor.probabilities call."""
+    from DRSegUNetLib.inference import Predictor
+
+    seen = []
+    original = Predictor.probabilities
+
+    def spy(self, hu, spacing=None):
+        seen.append((hu.shape[-2:], spacing, self.working_size(hu.shape, spacing)))
+        return original(self, hu, spacing)
+
+    monkeypatch.setattr(Predictor, "probabilities", spy)
+    return seen
+
+
+def _model_with(tmp_path, checkpoint, **inference):
+    """A copy of ``checkpoint`` whose ModelConfig.inference says ``inference``."""
+    from dataclasses import replace
+
+    from DRSegUNetLib.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt.config = replace(ckpt.config, inference=replace(ckpt.config.inference, **inference))
+    path = tmp_path / "own.pt"
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def test_segment_and_evaluate_apply_the_models_own_working_pixel(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """segment, segment-stream and evaluate run the network at the checkpoint's working pixel and
+    decide with its rule; --pixel-mm and --decision override them; info shows the working pixel."""
+    model = _model_with(tmp_path, tiny_checkpoint, pixel_mm=2.0, decision="threshold")
+    ct = REPO / "DRSegUNetLib" / "data" / "ny_sbu_A002304_135.dcm"
+    assert main(["segment", str(ct), str(tmp_path / "a.nii.gz"), "--model", str(model), "--device", "cpu",
+                 "--report", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["inference"] | {"bf16": None} == \
+        {"decision": "threshold", "flip_tta": False, "pixel_mm": 2.0, "bf16": None}
+    assert main(["segment", str(ct), str(tmp_path / "b.nii.gz"), "--model", str(model), "--device", "cpu",
+                 "--report", str(tmp_path / "b.json"), "--pixel-mm", "0", "--decision", "argmax"]) == 0
+    rep = json.loads((tmp_path / "b.json").read_text())["inference"]
+    assert rep["pixel_mm"] is None and rep["decision"] == "argmax"
+    capsys.readouterr()
+    assert main(["info", str(model)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["working_pixel_mm"] == 2.0 and info["config"]["inference"]["decision"] == "threshold"
+    # evaluate: COVID-19-CT-Seg slices (1.5 mm) at the model's 2.0 mm, then at --pixel-mm 3.0.
+    seen = _spy_on_the_network_grid(monkeypatch)
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(TESTDATA / "zenodo_mini.npz"), "--model", str(model), "--json", str(out),
+                 "--device", "cpu", "--split", ""]) == 0
+    e = json.loads(out.read_text())
+    assert (e["slice_pixel_mm"], e["pixel_mm"], e["decision"]) == (1.5, 2.0, "threshold")
+    assert seen and all(size == (192, 192) for _, _, size in seen)
+    seen.clear()
+    assert main(["evaluate", str(TESTDATA / "zenodo_mini.npz"), "--model", str(model), "--json", str(out),
+                 "--device", "cpu", "--split", "", "--pixel-mm", "3.0"]) == 0
+    assert json.loads(out.read_text())["pixel_mm"] == 3.0 and all(size == (128, 128) for _, _, size in seen)
+
+
+def test_evaluate_takes_the_data_sets_pixel_size_by_default(tmp_path, tiny_checkpoint, capsys, caplog, monkeypatch):
+    """COVID-19-CT-Seg slices are 1.5 mm pixels unless the .npz or a sidecar JSON says otherwise,
+    MedSeg folders are on their own grid; --slice-pixel-mm 0 gives the own grid (the old default)
+    and the JSON and a note on stderr say which."""
+    import shutil
+
+    seen = _spy_on_the_network_grid(monkeypatch)
+    out = tmp_path / "e.json"
+
+    def evaluate(data, *extra):
+        seen.clear()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="DRSegUNetLib"):
+            assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
+                         "--split", "", *extra]) == 0
+        return json.loads(out.read_text()), caplog.text
+
+    e, err = evaluate(TESTDATA / "zenodo_mini.npz")
+    assert (e["slice_pixel_mm"], e["slice_pixel_mm_from"], e["pixel_mm"]) == (1.5, "data set", 1.2)
+    assert seen and all(sp == (1.5, 1.5) and size == (320, 320) for _, sp, size in seen)
+    assert "1.5 mm pixels (the data set's)" in err and "1.2 mm (the model's)" in err
+    e, err = evaluate(TESTDATA / "zenodo_mini.npz", "--slice-pixel-mm", "0")
+    assert (e["slice_pixel_mm"], e["slice_pixel_mm_from"], e["pixel_mm"]) == (None, "option", None)
+    assert seen and all(sp is None and size is None for _, sp, size in seen) and "own grid" in err
+    e, err = evaluate(TESTDATA / "medseg_mini")
+    assert (e["slice_pixel_mm"], e["slice_pixel_mm_from"], e["pixel_mm"]) == (None, "data set", None)
+    assert seen and all(sp is None for _, sp, _ in seen) and "no pixel size" in err
+    # A sidecar JSON beside the data, and a pixel_mm array inside the .npz (which wins).
+    data = tmp_path / "z.npz"
+    shutil.copy(TESTDATA / "zenodo_mini.npz", data)
+    (tmp_path / "z.json").write_text(json.dumps({"pixel_mm": 2.4}))
+    e, _ = evaluate(data)
+    assert e["slice_pixel_mm"] == 2.4 and all(size == (512, 512) for _, _, size in seen)
+    folder = tmp_path / "medseg"
+    shutil.copytree(TESTDATA / "medseg_mini", folder)
+    (tmp_path / "medseg.json").write_text(json.dumps({"pixel_mm": 0.6}))
+    e, _ = evaluate(folder)
+    assert e["slice_pixel_mm"] == 0.6 and all(size == tuple(round(n / 2) for n in shape) for shape, _, size in seen)
+    arrays = dict(np.load(TESTDATA / "zenodo_mini.npz"))
+    np.savez(data, **arrays, pixel_mm=np.array([1.5, 1.5, 2.4, 2.4]))
+    e, err = evaluate(data)
+    assert e["slice_pixel_mm"] == [1.5, 2.4] and {sp for _, sp, _ in seen} == {(1.5, 1.5), (2.4, 2.4)}
+    for bad, message in ((np.array([1.5, 2.4]), "2 values for 4 slices"), (np.array(9.0), "pixel_mm must be")):
+        np.savez(data, **arrays, pixel_mm=bad)
+        assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
+                     "--split", ""]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_train_takes_a_source_at_a_pixel_size(tmp_path, capsys, monkeypatch):
     """train --slice-pixel-mm zenodo=2.4 trains on COVID-19-CT-Seg slices resampled from
     2.4 mm to the 1.2 mm working pixel (256 px -> 512 px); the checkpoint records it."""
@@ -264,8 +372,24 @@ def test_train_takes_a_source_at_a_pixel_size(tmp_path, capsys, monkeypatch):
                  "--steps-per-epoch", "1", "--batch-size", "1", "--crop", "32", "--base-filters", "16",
                  "--slice-pixel-mm", "zenodo=2.4", "--device", "cpu"]) == 0
     assert seen and set(seen) == {(512, 512)}
-    fp = load_checkpoint(out / "last.pt").fingerprint
-    assert fp["slice_pixel_mm"] == {"zenodo": 2.4} and fp["pixel_mm"] == 1.2
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.fingerprint["slice_pixel_mm"] == {"zenodo": 2.4} and ckpt.fingerprint["pixel_mm"] == 1.2
+    assert ckpt.config.inference.pixel_mm == 1.2  # the model's working pixel, which segment applies
+    # --pixel-mm is the model's working pixel; a run from --init keeps the starting model's.
+    seen.clear()
+    assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(tmp_path / "wide"), "--split", "",
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--crop", "32",
+                 "--slice-pixel-mm", "zenodo=1.2", "--pixel-mm", "2.4", "--device", "cpu"]) == 0
+    assert set(seen) == {(128, 128)} and load_checkpoint(tmp_path / "wide" / "last.pt").config.inference.pixel_mm == 2.4
+    seen.clear()
+    assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(tmp_path / "again"), "--split", "",
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--crop", "32",
+                 "--slice-pixel-mm", "zenodo=1.2", "--init", str(tmp_path / "wide" / "last.pt"), "--device", "cpu"]) == 0
+    assert set(seen) == {(128, 128)} and load_checkpoint(tmp_path / "again" / "last.pt").config.inference.pixel_mm == 2.4
+    assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(tmp_path / "own"), "--split", "",
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--crop", "32",
+                 "--init", str(tmp_path / "wide" / "last.pt"), "--pixel-mm", "0", "--device", "cpu"]) == 0
+    assert load_checkpoint(tmp_path / "own" / "last.pt").config.inference.pixel_mm == 0.0  # the own grid
     for bad, message in (("zenodo=9", "SOURCE=MM"), ("medseg=1.5", "names ['medseg']")):
         assert main(["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(tmp_path / "x"), "--split", "",
                      "--slice-pixel-mm", bad]) == 2

@@ -233,3 +233,26 @@ def test_truncated_nifti_is_refused(tmp_path, name):
         (tmp_path / f"cut-{name}").write_bytes(data[:cut])
         with pytest.raises(InputError, match="is truncated"):
             read_ct(tmp_path / f"cut-{name}")
+
+
+def test_a_model_is_applied_with_its_own_working_pixel_and_decision(tmp_path, tiny_checkpoint):
+    """Predictor.from_checkpoint reads ModelConfig.inference; keyword arguments override it."""
+    from dataclasses import replace
+
+    from DRSegUNetLib.checkpoint import load_checkpoint, save_checkpoint
+    from DRSegUNetLib.config import InferenceConfig, ModelInference
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt.config = replace(ckpt.config, inference=ModelInference(pixel_mm=1.4, decision="threshold", threshold=0.7,
+                                                                body_threshold_hu=-400.0))
+    save_checkpoint(ckpt, tmp_path / "own.pt")
+    p = Predictor.from_checkpoint(tmp_path / "own.pt", "cpu")
+    assert (p.inference.pixel_mm, p.inference.decision, p.inference.threshold, p.inference.body_threshold_hu) == \
+        (1.4, "threshold", 0.7, -400.0)
+    assert p.working_size((96, 80), (0.7, 0.7)) == (48, 40) and p.settings()["pixel_mm"] == 1.4
+    q = Predictor.from_checkpoint(tmp_path / "own.pt", "cpu", pixel_mm=None, decision="argmax")
+    assert q.inference.pixel_mm is None and q.inference.decision == "argmax" and q.inference.threshold == 0.7
+    # Built from a network and its config: the config's rule too.
+    assert Predictor(ckpt.build_model(), ckpt.config, "cpu").inference == p.inference
+    # A model with the default rule: InferenceConfig's defaults.
+    assert Predictor.from_checkpoint(tiny_checkpoint, "cpu").inference == InferenceConfig()

@@ -448,8 +448,9 @@ def test_evaluate_by_group_with_a_model_keeps_the_plain_metrics(tmp_path, tiny_c
                  "--by-group"]) == 0
     ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
     assert "by_group" not in ja and ja["metrics"] == jb["metrics"]
-    assert set(ja) == {"data", "model", "model_sha256", "decision", "bf16", "flip_tta", "slice_pixel_mm", "pixel_mm", "n_slices",
-                       "split_part", "split", "n_slices_in_training_part", "metrics"}
+    assert set(ja) == {"data", "model", "model_sha256", "decision", "bf16", "flip_tta", "slice_pixel_mm",
+                       "slice_pixel_mm_from", "pixel_mm", "n_slices", "split_part", "split", "n_slices_in_training_part",
+                       "metrics"}
     assert sum(g["lung"]["n_slices"] for g in jb["by_group"].values()) == 4
 
 

@@ -524,6 +524,27 @@ def test_working_pixel_size_from_the_panel_reaches_the_network(scene, stores, ct
         assert job.report["inference"]["pixel_mm"] == library
 
 
+def test_without_a_pixel_size_the_models_own_working_pixel_applies(scene, tmp_path, tiny_checkpoint, ct_image):
+    """pixelMM None (a script's default): the checkpoint's own working pixel, in this process and
+    in segment-stream's."""
+    from dataclasses import replace
+
+    from DRSegUNetLib.checkpoint import load_checkpoint, save_checkpoint
+    from DRSegUNetLib.config import ModelInference
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt.config = replace(ckpt.config, inference=ModelInference(pixel_mm=2.0))
+    save_checkpoint(ckpt, tmp_path / "own.pt")
+    models = ModelStore(tmp_path / "models", bundled=tmp_path / "own.pt")
+    from DRSegUNetSlicer.logic import libraryPredictor
+
+    for factory in (libraryPredictor, None):  # a worker thread; segment-stream (the default)
+        logic = lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=CorrectionsStore(tmp_path / "c"),
+                                   predictorFactory=factory)
+        job = logic.segment(lib.volumeNodeFromSitkImage(ct_image, f"CT {factory}", scene), device="cpu", timeout=300)
+        assert job.report["inference"]["pixel_mm"] == 2.0
+
+
 def test_bundled_model_segments_the_real_ct(scene, tmp_path, ct_image):
     """With the bundled level-1 model (needs DRSegUNetLib/models/drsegunet_level1.pt)."""
     import DRSegUNetLib

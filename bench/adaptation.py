@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from DRSegUNetLib import default_model_path  # noqa: E402
 from DRSegUNetLib.adaptation import adaptation_data_path, load_adaptation_data, score_samples, write_adaptation_data  # noqa: E402
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
-from DRSegUNetLib.config import InferenceConfig  # noqa: E402
+from DRSegUNetLib.config import ModelInference  # noqa: E402
 from DRSegUNetLib.data import read_medseg_folder, read_zenodo_npz  # noqa: E402
 from DRSegUNetLib.inference import Predictor, slice_uncertainty  # noqa: E402
 from DRSegUNetLib.metrics import counts, region_mask  # noqa: E402
@@ -47,7 +47,7 @@ from DRSegUNetLib.store import CorrectionsStore  # noqa: E402
 ZENODO_MM = 1.5
 # Audit set: MedSeg slices that neither a fine-tune nor its gate sees (the bundled model's test ids).
 AUDIT_MEDSEG = ("1", "2", "26", "30", "41", "42", "46", "47", "49", "57")
-WORKING_MM = InferenceConfig().pixel_mm
+WORKING_MM = ModelInference().pixel_mm  # the bundled model's (it carries no other)
 
 
 def slice_scores(predictor: Predictor, samples, spacing, regions):
@@ -175,7 +175,7 @@ def main() -> int:
     bundled = default_model_path()
     ckpt = load_checkpoint(bundled)
     data = load_adaptation_data(adaptation_data_path(bundled), ckpt.config.eight_bit)
-    base = Predictor(ckpt.build_model(), ckpt.config, "cpu", InferenceConfig())
+    base = Predictor(ckpt.build_model(), ckpt.config, "cpu")  # the model's own working pixel and decision
     audit = [s for s in read_medseg_folder(args.shared_data / "medseg" / "train50") if s.name in AUDIT_MEDSEG]
     audit_regions = ("ggo", "consolidation", "infection")
     audit_before = score_samples(base, audit, {}, audit_regions)

@@ -342,8 +342,8 @@ def make_predictor(which: str, device: str, spec: str, monai_base: int):
 
     opts = parse_variant(spec)
     model, cfg, desc = build_model(which, monai_base)
-    inf = InferenceConfig(**({} if opts["batch"] is None else {"batch_size": opts["batch"]}),
-                          **({"pixel_mm": None} if opts["native"] else {}))
+    inf = InferenceConfig.for_model(cfg, **({} if opts["batch"] is None else {"batch_size": opts["batch"]}),
+                                    **({"pixel_mm": None} if opts["native"] else {}))
     pred = Predictor(model, cfg, device, inf)
     if opts["cb"]:
         torch.backends.cudnn.benchmark = True

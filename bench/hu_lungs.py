@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                     help="only write the extraction overlays (to judge cleanliness before running the model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pixel-mm", type=float, default=None,
-                    help="working pixel size of the network in mm (default: InferenceConfig's; 0 = native grid)")
+                    help="working pixel size of the network in mm (default: the model's own; 0 = native grid)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,7 @@ class SegmentationJob(Job):
         self.image: Optional[sitk.Image] = image  # the CT; released when the job finishes
         self.geometry = (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
         self.modelPath = modelPath
-        self.pixelMM = pixelMM  # working pixel size (mm); 0: the CT's grid; None: the predictor's own
+        self.pixelMM = pixelMM  # working pixel size (mm); 0: the CT's grid; None: the model's own
         self.labels = np.zeros(image.GetSize()[::-1], dtype=np.uint8)  # (z, y, x) like the input
         self.total = axial_view(self.labels, image.GetDirection())[0].shape[0]
         self.done = np.zeros(self.total, dtype=bool)  # per axial slice: written

@@ -288,7 +288,9 @@ class DRSegUNetLogic:
 
     @staticmethod
     def defaultPixelSize() -> float:
-        """The working pixel size (mm) the network sees slices at by default; 0 = the CT's own grid."""
+        """The working pixel size (mm) of models that do not carry their own (the panel's default);
+        0 = the CT's own grid. A checkpoint's own (``ModelConfig.inference``) applies where a run
+        passes ``pixelMM=None``."""
         from DRSegUNetLib.config import InferenceConfig
 
         return float(InferenceConfig().pixel_mm or 0.0)
@@ -309,8 +311,8 @@ class DRSegUNetLogic:
         """Start segmenting ``volumeNode`` into ``segmentationNode`` (new if None); poll the returned job.
 
         ``pixelMM``: the working pixel size in mm the network sees each axial slice at (0: the
-        CT's own grid; None: the library's default, :meth:`defaultPixelSize`). Labels are
-        always written on the volume's own grid.
+        CT's own grid; None: the model's own, saved in its checkpoint; :meth:`defaultPixelSize`
+        for models that do not say). Labels are always written on the volume's own grid.
 
         ``existing``: what to do when ``segmentationNode`` already has segments with our names
         or IDs ("Lung", "Consolidation", "Ground-glass opacity"): "ask" (default) raises
@@ -531,7 +533,8 @@ class DRSegUNetLogic:
         The command makes the new version active only if it passes the gate (reference slices and
         held-out corrections no worse; DRSegUNetLib.adaptation).
 
-        ``pixelMM``: the working pixel size to train at (as :meth:`startSegmentation`; None: the default)."""
+        ``pixelMM``: the working pixel size to train at, which the new model carries (as
+        :meth:`startSegmentation`; None: the active model's own)."""
         command = self.libraryCommand(
             "finetune", "--model", str(self.modelStore.active().path),
             "--corrections", str(self.correctionsStore.root), "--store", str(self.modelStore.root),

@@ -25,8 +25,8 @@ def add_parsers(sub) -> None:
     add_verbose(p)
 
     p = sub.add_parser("info", help="describe a checkpoint or list a model store's versions",
-                       description="Print a checkpoint's config, classes, training data fingerprint and metrics as "
-                                   "JSON; for a model-store folder, list its versions with the active one marked "
+                       description="Print a checkpoint's working pixel size, config, classes, training data "
+                                   "fingerprint and metrics as JSON; for a model-store folder, list its versions with the active one marked "
                                    "(as models list does).")
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint, store version number, or model-store folder (default: the active version of the "
@@ -121,6 +121,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {"path": str(path),
             "store": {"root": str(store.root), "active": store.active().version,
                       "versions": [v.version for v in store.versions()]},
+            # The grid segment runs the network on (None: the CT's own); --pixel-mm overrides it.
+            "working_pixel_mm": ckpt.config.inference.pixel_mm or None,
             "config": ckpt.config.to_dict(), "class_names": list(ckpt.class_names),
             "parameters_keras": keras_parameter_count(ckpt.build_model()), "fingerprint": ckpt.fingerprint,
             "metrics": ckpt.metrics, "code_version": ckpt.code_version,

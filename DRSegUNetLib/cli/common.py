@@ -121,13 +121,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_pixel_mm(p: argparse.ArgumentParser, help_text: str) -> None:
-    """--pixel-mm: the working pixel size the network runs at (InferenceConfig.pixel_mm by default)."""
-    p.add_argument("--pixel-mm", type=float, default=InferenceConfig.pixel_mm, help=help_text)
+    """--pixel-mm: the working pixel size the network runs at; default None, the model's own
+    (``ModelConfig.inference.pixel_mm``); 0 the slices' own grid."""
+    p.add_argument("--pixel-mm", type=float, default=None, help=help_text)
 
 
 def add_decision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decision", choices=Decision.values(), default=Decision.ARGMAX.value,
-                   help="argmax (default) or the thesis's 0.5-threshold refinement (§4.5)")
+    """--decision: default None, the model's own rule (``ModelConfig.inference.decision``)."""
+    p.add_argument("--decision", choices=Decision.values(), default=None,
+                   help="argmax or the thesis's 0.5-threshold refinement (§4.5) (default: the model's rule, "
+                        f"{InferenceConfig.decision} for models that do not say)")
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -189,13 +192,15 @@ def resolve_model(store, model: Optional[str]):
 
 def load_predictor(args: argparse.Namespace, batch_size: int):
     """The model of ``--model`` (a file or a store version; default: the store's active version)
-    with the options of segment/evaluate."""
+    with the options of segment/evaluate; --pixel-mm and --decision override the model's own."""
     from ..inference import Predictor
 
     path, version = resolve_model(model_store(args.store), args.model)
     if version is not None and not version.bundled and args.model is None:
         log.info("using the active model v%d of %s (python -m DRSegUNetLib models list)", version.version,
                  model_store(args.store).root)
-    return Predictor.from_checkpoint(path, args.device, decision=args.decision,
-                                     batch_size=batch_size, cpu_bf16=args.cpu_bf16, flip_tta=args.flip_tta,
-                                     pixel_mm=args.pixel_mm or None)
+    overrides = {} if args.decision is None else {"decision": args.decision}
+    if args.pixel_mm is not None:  # else the model's own working pixel
+        overrides["pixel_mm"] = args.pixel_mm or None
+    return Predictor.from_checkpoint(path, args.device, batch_size=batch_size, cpu_bf16=args.cpu_bf16,
+                                     flip_tta=args.flip_tta, **overrides)

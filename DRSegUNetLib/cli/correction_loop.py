@@ -73,8 +73,9 @@ def _add_finetune(sub) -> None:
                    help=f"largest reference Dice drop that still activates the new version (default {ft.tolerance:g})")
     p.add_argument("--activate", choices=ActivatePolicy.values(), default=ActivatePolicy.IF_BETTER.value,
                    help="make the new version active: if it passes the gate (default), always, or never")
-    add_pixel_mm(p, "working pixel size in mm the corrections are resampled to, as segment uses "
-                    f"(default {InferenceConfig.pixel_mm:g}); 0 = their own grid")
+    add_pixel_mm(p, "working pixel size in mm the corrections are resampled to, as segment uses, and the new "
+                    "model carries (default: the starting model's, "
+                    f"{InferenceConfig.pixel_mm:g} for models that do not say); 0 = their own grid")
     p.add_argument("--json", default=None, help="write the outcome (version, gate numbers) to this JSON file")
     add_json_progress(p)
     add_common_options(p)
@@ -162,11 +163,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     fingerprint = corrections.fingerprint(ids)
     # The starting model's reference scores are kept in the store, so that only its first
     # fine-tune pays for them (and a fine-tune from a fine-tuned version never does).
-    cache, pixel_mm = store.root / REFERENCE_CACHE, args.pixel_mm or None
-    outcome = finetune(init, slices, config, data, pixel_mm, args.device, progress=printer,
+    cache = store.root / REFERENCE_CACHE
+    pixel_mm = init.config.inference.pixel_mm if args.pixel_mm is None else args.pixel_mm  # what it runs at
+    start_key = reference_key(start, data_path, pixel_mm, args.device)
+    outcome = finetune(init, slices, config, data, args.pixel_mm, args.device, progress=printer,
                        extra={"corrections_fingerprint": fingerprint, "n_corrections": len(slices)},
-                       reference_before=cached_reference(cache, reference_key(start, data_path, pixel_mm, args.device)))
-    remember_reference(cache, reference_key(start, data_path, pixel_mm, args.device), outcome.gate.reference_before)
+                       reference_before=cached_reference(cache, start_key))
+    remember_reference(cache, start_key, outcome.gate.reference_before)
     version = _add_version(args, store, outcome, config, ids, fingerprint, start, parent)
     new_path = version.path
     remember_reference(cache, reference_key(new_path, _adaptation_data_for(new_path), pixel_mm, args.device),
@@ -193,7 +196,7 @@ def _add_version(args: argparse.Namespace, store, outcome, config, ids, fingerpr
         save_checkpoint(outcome.checkpoint, path)
         version = store.add_version(path, card={
             "level": 2, "preset": args.preset, "corrections_fingerprint": fingerprint, "corrections_used": ids,
-            "pixel_mm": args.pixel_mm or None, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "pixel_mm": outcome.checkpoint.config.inference.pixel_mm or None, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "steps": outcome.steps, "replay_slices": outcome.n_replay, "started_from": str(start),
             "gate": outcome.gate.to_dict(), "loss_history": [h["loss"] for h in outcome.history]},
             parent=parent)

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import InferenceConfig, check_pixel_mm
+from ..config import ZENODO_PIXEL_MM, InferenceConfig, check_pixel_mm
 from ..errors import InputError
 from ..vocabulary import LABEL_LEGEND, REGIONS
 from .common import (DEFAULT_SPLIT, ProgressPrinter, add_common_options, add_decision, add_inference_options,
@@ -32,10 +32,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--split-part", choices=("all",) + SPLIT_PARTS, default="all",
                    help="score only this part of --split (default all: every slice in DATA; the JSON and a note "
                         "on stderr say how many scored slices are in each part)")
-    p.add_argument("--slice-pixel-mm", type=float, default=0.0,
-                   help="pixel size in mm to assume for DATA's slices, which carry no geometry; the network then runs "
-                        "at --pixel-mm as segment does on CT (default 0: on the slices' own grid)")
-    add_pixel_mm(p, f"working pixel size in mm with --slice-pixel-mm (default {InferenceConfig.pixel_mm:g})")
+    p.add_argument("--slice-pixel-mm", type=float, default=None,
+                   help="pixel size in mm of DATA's slices, which carry no geometry; the network then runs at the "
+                        "working pixel as segment does on CT (default: the data set's: a 'pixel_mm' array in the "
+                        ".npz, else {\"pixel_mm\": MM} in DATA.json beside it, else "
+                        f"{ZENODO_PIXEL_MM:g} for COVID-19-CT-Seg .npz files and none for MedSeg folders; "
+                        "0 = the slices' own grid, this option's default before)")
+    add_pixel_mm(p, "working pixel size in mm for slices with a pixel size (default: the model's own, "
+                    f"{InferenceConfig.pixel_mm:g} for models that do not say; 0 = the slices' own grid)")
     p.add_argument("--threshold-averaged", action="store_true",
                    help="also write the Inf-Net-style Dice averaged over 256 probability thresholds per slice "
                         "(docs/crossval.md; needs --model, not --predictions; doubles the time)")
@@ -83,14 +87,42 @@ def _model_labels(args: argparse.Namespace):
 
     check_pixel_mm(args.pixel_mm)
     check_pixel_mm(args.slice_pixel_mm, "--slice-pixel-mm")
-    spacing = (args.slice_pixel_mm,) * 2 if args.slice_pixel_mm else None
     predictor = load_predictor(args, 1)
     samples = read_dataset(args.data, predictor.config.eight_bit)
 
     def score(s):  # labels and, once, the probabilities behind them
-        labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
+        mm = slice_pixel_mm(args, s)
+        labels, prob = predictor.labels(s.hu[None], (mm, mm) if mm else None, eight_bit=s.eight_bit)
         return labels[0], prob[0]
     return predictor, samples, score
+
+
+def slice_pixel_mm(args: argparse.Namespace, sample) -> float | None:
+    """The pixel size a slice is taken at: --slice-pixel-mm (0: own grid), else its data set's."""
+    if args.slice_pixel_mm is not None:
+        return args.slice_pixel_mm or None
+    return sample.pixel_mm
+
+
+def _pixel_note(args: argparse.Namespace, predictor, samples) -> dict:
+    """Which pixel sizes scored ``samples``: a note on stderr, and the JSON's ``slice_pixel_mm``
+    (one size, a list of several, or None: own grid), ``slice_pixel_mm_from`` and ``pixel_mm``
+    (the working pixel; None where the slices ran on their own grid)."""
+    sizes = sorted({mm for mm in (slice_pixel_mm(args, s) for s in samples) if mm})
+    given = "--slice-pixel-mm" if args.slice_pixel_mm is not None else "the data set's"
+    working = predictor.inference.pixel_mm
+    whose = "--pixel-mm" if args.pixel_mm is not None else "the model's"
+    if sizes and working:
+        log.info("slices taken as %s mm pixels (%s) and resampled to the working pixel %g mm (%s), as segment runs "
+                 "CT; --slice-pixel-mm 0 scores them on their own grid", "/".join(f"{m:g}" for m in sizes), given,
+                 working, whose)
+    elif sizes:
+        log.info("slices scored on their own grid: the working pixel is 0 (%s)", whose)
+    else:
+        log.info("slices scored on their own grid: no pixel size (%s)", given)
+    return {"slice_pixel_mm": (sizes[0] if len(sizes) == 1 else sizes) if sizes else None,
+            "slice_pixel_mm_from": "option" if args.slice_pixel_mm is not None else "data set",
+            "pixel_mm": working if sizes else None}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -115,6 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
              "model_trained_with": ((checkpoint.fingerprint or {}).get("split") if checkpoint is not None else None),
              **{part: sum(id(s) in scored for s in members) for part, members in parts.items()}}
     _split_note(split, len(samples))
+    pixels = (_pixel_note(args, predictor, samples) if predictor is not None
+              else {"slice_pixel_mm": None, "slice_pixel_mm_from": None, "pixel_mm": None})
     gm = GroupedMetrics(regions)
     tad = ThresholdAveragedAccumulator() if args.threshold_averaged else None
     printer = ProgressPrinter()
@@ -126,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             tad.add(s.source, prob.float().cpu().numpy(), truths)
         printer("evaluate", i, len(samples), f"slice {s.name}")
     summary = gm.summary()
-    out = _result(args, predictor, len(samples), split, summary)
+    out = _result(args, predictor, len(samples), split, summary, pixels)
     if args.by_group:
         out["by_group"] = gm.by_group()
     if tad is not None:
@@ -140,16 +174,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _result(args: argparse.Namespace, predictor, n_slices: int, split: dict, summary: dict) -> dict:
-    """The JSON evaluate writes, without --by-group and --threshold-averaged (None: --predictions)."""
+def _result(args: argparse.Namespace, predictor, n_slices: int, split: dict, summary: dict, pixels: dict) -> dict:
+    """The JSON evaluate writes, without --by-group and --threshold-averaged (None: --predictions);
+    ``pixels``: :func:`_pixel_note`'s."""
     model = None if predictor is None else predictor.source
     out = {"data": str(args.data), "model": model, "model_sha256": file_sha256(model) if model else None,
-           "decision": None if predictor is None else args.decision,
+           "decision": None if predictor is None else predictor.inference.decision,
            "bf16": None if predictor is None else predictor.uses_bf16,
            "flip_tta": None if predictor is None else predictor.inference.flip_tta,
-           "slice_pixel_mm": None if predictor is None else (args.slice_pixel_mm or None),
-           "pixel_mm": None if predictor is None or not args.slice_pixel_mm else predictor.inference.pixel_mm,
-           "n_slices": n_slices, "split_part": args.split_part,
+           **pixels, "n_slices": n_slices, "split_part": args.split_part,
            # how many scored slices the split puts in each part: "train" ones taught the model
            "split": split, "n_slices_in_training_part": split["train"], "metrics": summary}
     if args.predictions:

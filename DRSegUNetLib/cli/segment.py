@@ -56,9 +56,9 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     add_decision(p)
     p.add_argument("--batch-size", type=positive_int, default=4, help="slices per forward pass (default 4)")
     add_inference_options(p)
-    add_pixel_mm(p, f"working pixel size of the network in mm (default {InferenceConfig.pixel_mm:g}, about the "
-                    "training slices'): slices are resampled to it and the labels come back on the CT's grid; "
-                    "0 = the CT's own grid")
+    add_pixel_mm(p, "working pixel size of the network in mm (default: the model's own, which info shows; "
+                    f"{InferenceConfig.pixel_mm:g} for models that do not say): slices are resampled to it and the "
+                    "labels come back on the CT's grid; 0 = the CT's own grid")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import PIXEL_MM_RANGE, BatchNormMode, Bf16, InferenceConfig, Upsampling, check_pixel_mm
@@ -50,8 +51,11 @@ def add_parsers(sub) -> None:
                    help=f"regions whose mean validation Dice picks best.pt, e.g. {GGO_NAME},{LUNG_NAME} (default: all)")
     p.add_argument("--slice-pixel-mm", default="", metavar="SRC=MM,...",
                    help="take the training and validation slices of these sources as MM pixels and resample them "
-                        "to --pixel-mm, the grid segment runs the network on for CT, e.g. zenodo=1.5 (default: none)")
-    add_pixel_mm(p, f"working pixel size for --slice-pixel-mm (default {InferenceConfig.pixel_mm:g})")
+                        "to --pixel-mm, the grid segment runs the network on for CT, e.g. zenodo=1.5 (default: none, "
+                        "every slice on its own grid)")
+    add_pixel_mm(p, "the model's working pixel size in mm, saved in its checkpoint: segment and evaluate run the "
+                    "network at it, and --slice-pixel-mm resamples to it (default: that of --init, else "
+                    f"{InferenceConfig.pixel_mm:g}; 0 = the slices' own grid)")
     p.add_argument("--bf16", choices=Bf16.values(), default=Bf16.AUTO.value,
                    help="bfloat16 autocast for training steps; auto (default) = on CUDA and on CPUs with native "
                         "bf16 (off reproduces float32 runs exactly)")
@@ -130,16 +134,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"no training slices: the split ({Path(args.split).name}) puts all {len(samples)} slices of the data "
                          f"in validation ({len(val)}) or test ({len(test)}); train on other data, or pass "
                          f"--split {SPLITS_DIR / 'all.json'} to train on every slice")
+    check_pixel_mm(args.pixel_mm)
+    init = load_checkpoint(args.init) if args.init else None
+    # The model's config, with the working pixel it is trained at and that segment will apply.
+    mcfg = init.config if init else ModelConfig(network=NetworkConfig(base_filters=args.base_filters,
+                                                                      upsampling=args.upsampling))
+    if args.pixel_mm is not None:
+        mcfg = mcfg.with_pixel_mm(args.pixel_mm)
+        if init:
+            init = replace(init, config=mcfg)
+    working = mcfg.inference.pixel_mm or None
     slice_mm = dict(parse_weights(args.slice_pixel_mm, "--slice-pixel-mm", "MM", *PIXEL_MM_RANGE))
     if slice_mm:
         # Slices of the named sources are taken as that pixel size and resampled to the
         # working pixel, the grid segment shows the network CT on (evaluate --slice-pixel-mm).
-        check_pixel_mm(args.pixel_mm)
         strangers = sorted(set(slice_mm) - {s.source for s in samples})
         if strangers:
             raise InputError(f"--slice-pixel-mm names {strangers}, but the slices come from other sources")
         mm = lambda s: slice_mm.get(s.source)  # noqa: E731
-        tr, val = ([resample_sample(s, (mm(s),) * 2, args.pixel_mm or None) if mm(s) else s for s in part]
+        tr, val = ([resample_sample(s, (mm(s),) * 2, working) if mm(s) else s for s in part]
                    for part in (tr, val))
     log.info("training on %d slices, validating on %d, holding out %d", len(tr), len(val), len(test))
     cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
@@ -148,11 +161,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                       source_weights=parse_weights(args.source_weights),
                       select_regions=parse_regions(args.select_regions), bf16=args.bf16,
                       workers=args.workers, bn=args.bn, ema_decay=args.ema)
-    init = load_checkpoint(args.init) if args.init else None
-    mcfg = ModelConfig(network=NetworkConfig(base_filters=args.base_filters, upsampling=args.upsampling))
     result = train(tr, val, args.out, cfg, mcfg, init=init, device=args.device,
                    fingerprint={"data": fingerprint(args.data), "split": Path(args.split).name if args.split else None,
-                                **({"slice_pixel_mm": slice_mm, "pixel_mm": args.pixel_mm or None} if slice_mm else {})},
+                                **({"slice_pixel_mm": slice_mm, "pixel_mm": working} if slice_mm else {})},
                    augment=augment, progress=ProgressPrinter(json_lines=args.json_progress),
                    extra={"command": " ".join(sys.argv), "augment": to_dict(augment)})
     from ..atomic import atomic_write_bytes
