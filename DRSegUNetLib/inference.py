@@ -99,8 +99,8 @@ class Predictor:
         self.inference = inference if inference is not None else InferenceConfig.for_model(config)
         self.checkpoint = checkpoint
         self.source: Optional[str] = None  # where the weights came from, for reports
-        # channels_last is the fast layout for cuDNN and for oneDNN on CPU (12-19% on
-        # CPU here, same labels: bench/README.md, Testing/test_fast_paths.py).
+        # channels_last is the layout cuDNN and oneDNN on CPU prefer; it gives the same labels
+        # (Testing/test_fast_paths.py); bench/bench.py --variants times the layouts (bench/README.md).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device).eval().to(memory_format=self.memory_format)
 
