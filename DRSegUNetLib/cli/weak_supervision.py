@@ -23,12 +23,17 @@ def add_parsers(sub) -> None:
     _add_selftrain(sub, st)
 
 
+def _add_input_output(p) -> None:
+    """INPUT and OUTPUT of lungs and pseudolabel."""
+    p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
+    p.add_argument("output", help="label map (volume format, or .npz)")
+
+
 def _add_lungs(sub, st: SelfTrainConfig) -> None:
     p = sub.add_parser("lungs", help="lung mask of a CT volume (thesis §4.4.1 steps 1-3)",
                        description=f"Extract the lungs of a CT volume in HU (NIfTI, NRRD, MHA, DICOM) and write a label map with the input's geometry (lung = --value, default {LUNG}, the vocabulary's lung label). "
                                    "INPUT may also be an .npz of 8-bit slices (ct_uint8, like zenodo20_dev.npz), mapped to approximate HU; OUTPUT is then an .npz with 'labels' (N, H, W) for evaluate --predictions.")
-    p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
-    p.add_argument("output", help="label map (volume format, or .npz)")
+    _add_input_output(p)
     _add_lung_threshold(p, st)
     p.add_argument("--value", type=int, default=LUNG, help=f"label value of lung pixels (default {LUNG} = lung; 1 for a 0/1 mask)")
     add_verbose(p)
@@ -38,8 +43,7 @@ def _add_pseudolabel(sub, st: SelfTrainConfig) -> None:
     p = sub.add_parser("pseudolabel", help="k-means pseudo-labels of a CT volume (thesis §4.4.1)",
                        description=f"Lung extraction, k-means (K=3) on the lung-extracted image (--cluster-domain) and morphological clean-up: a label map {BACKGROUND} background, {GGO} GGO, {LUNG} lung with the input's geometry. "
                                    "INPUT may also be an .npz of 8-bit slices (ct_uint8); OUTPUT is then an .npz with 'labels' (N, H, W) for evaluate --predictions.")
-    p.add_argument("input", help="CT volume in HU, DICOM series folder, or .npz with ct_uint8")
-    p.add_argument("output", help="label map (volume format, or .npz)")
+    _add_input_output(p)
     p.add_argument("--lung-mask", default=None, help="use this lung mask (nonzero = lung) of a volume instead of extracting one")
     _add_lung_threshold(p, st)
     _add_cluster_domain(p)
