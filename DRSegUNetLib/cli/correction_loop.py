@@ -169,7 +169,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     outcome = finetune(init, slices, config, data, args.pixel_mm, args.device, progress=printer,
                        extra={"corrections_fingerprint": fingerprint, "n_corrections": len(slices)},
                        reference_before=cached_reference(cache, start_key))
-    remember_reference(cache, start_key, outcome.gate.reference_before)
+    if not outcome.reference_cached:
+        remember_reference(cache, start_key, outcome.gate.reference_before)
     version = _add_version(args, store, outcome, config, ids, fingerprint, start, parent)
     new_path = version.path
     remember_reference(cache, reference_key(new_path, _adaptation_data_for(new_path), pixel_mm, args.device),
