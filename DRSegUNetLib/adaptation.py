@@ -34,14 +34,15 @@ from .errors import InputError
 from .metrics import MetricAccumulator
 from .preprocessing import eight_bit_to_hu
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
-from .vocabulary import GGO_NAME, INFECTION_NAME, LUNG_NAME, REGIONS
+from .vocabulary import REGIONS
 
 REPLAY = "replay"
 REFERENCE = "reference"
 CORRECTIONS = "corrections"
-# Regions the gate compares; consolidation is reported, not gated: the reference has few
-# consolidation pixels, so one slice swings its mean by more than any tolerance.
-GATED_REGIONS = (GGO_NAME, INFECTION_NAME, LUNG_NAME)
+# Regions the gate compares by default (FineTuneConfig.gate_regions); consolidation is reported,
+# not gated: the reference has few consolidation pixels, so one slice swings its mean by more
+# than any tolerance.
+GATED_REGIONS = FineTuneConfig.gate_regions
 
 
 PRESETS: dict[str, FineTuneConfig] = {
@@ -148,12 +149,13 @@ class GateResult:
     n_reference: int
     n_holdout: int
     alpha: float = 1.0  # share of the fine-tuned weights in the version scored (adaptation.interpolate)
+    regions: tuple[str, ...] = GATED_REGIONS  # reference regions held within ``tolerance``
 
     @property
     def reasons(self) -> list[str]:
         """Why the new model must not become active (empty: it may)."""
         why = []
-        for r in GATED_REGIONS:
+        for r in self.regions:
             if r in self.reference_before and r in self.reference_after:
                 drop = self.reference_before[r] - self.reference_after[r]
                 if drop > self.tolerance:
@@ -170,6 +172,7 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reasons": self.reasons, "tolerance": self.tolerance, "alpha": self.alpha,
+                "regions": list(self.regions),
                 "reference": {"before": self.reference_before, "after": self.reference_after, "slices": self.n_reference},
                 "holdout": {"before": self.holdout_before, "after": self.holdout_after, "slices": self.n_holdout}}
 
@@ -458,7 +461,7 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
         report(progress, "gate", i + 1, len(alphas), f"scoring the new model (weight {alpha:g})")
         gate = GateResult(ref_before, score_samples(predictor, data.reference, ref_spacing), held_before,
                           score_samples(predictor, held_s, held_spacing), config.tolerance,
-                          len(data.reference), len(held_s), alpha)
+                          len(data.reference), len(held_s), alpha, tuple(config.gate_regions))
         if gate.passed:
             break
     assert gate is not None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Optional
 
-from .vocabulary import NUM_CLASSES
+from .vocabulary import GGO_NAME, INFECTION_NAME, LUNG_NAME, NUM_CLASSES
 
 
 class Choice(str, Enum):
@@ -312,6 +312,8 @@ class FineTuneConfig:
     foreground_fraction: float = 0.5  # crops centred on corrected lesions
     holdout_every: int = 5  # one corrected slice in 5 is held out for the gate (fewer than 5: none)
     tolerance: float = 0.02  # largest Dice drop on the reference set that still activates
+    # Regions whose reference Dice the gate holds within ``tolerance`` (adaptation.GATED_REGIONS).
+    gate_regions: tuple[str, ...] = (GGO_NAME, INFECTION_NAME, LUNG_NAME)
     seed: int = 0
 
 

@@ -104,6 +104,14 @@ def test_gate_refuses_a_reference_drop_beyond_the_tolerance():
     assert "ggo" in bad.reasons[0] and "held-out" in worse_held.reasons[0]
 
 
+def test_the_gate_holds_only_the_regions_it_is_given():
+    before, after = {"ggo": 0.55, "consolidation": 0.35}, {"ggo": 0.55, "consolidation": 0.30}
+    assert GateResult(before, after, {}, {}, 0.02, 14, 0).passed  # consolidation not gated by default
+    held = GateResult(before, after, {}, {}, 0.02, 14, 0, regions=("ggo", "consolidation"))
+    assert not held.passed and "consolidation" in held.reasons[0]
+    assert held.to_dict()["regions"] == ["ggo", "consolidation"]
+
+
 def test_one_corrected_slice_in_five_of_a_volume_is_held_out():
     slices = [CorrectionSlice(np.zeros((2, 2)), np.zeros((2, 2), np.uint8), (1, 1), None, f"c{i}", "ct A", i)
               for i in range(7)]

@@ -16,7 +16,7 @@ from .. import default_model_path
 from ..config import (ActivatePolicy, BatchNormMode, FineTuneConfig, InferenceConfig, Loss, ReplayLoss,
                       check_pixel_mm)
 from ..errors import InputError
-from ..vocabulary import BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, INFECTION_NAME, LABEL_LEGEND, NUM_CLASSES
+from ..vocabulary import BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, INFECTION_NAME, LABEL_LEGEND, NUM_CLASSES, REGIONS
 from .common import (ProgressPrinter, add_common_options, add_json_progress, add_pixel_mm, add_store_option,
                      add_verbose, count, model_store, positive_float, positive_int, resolve_model)
 from .files import check_nifti_signature
@@ -71,6 +71,9 @@ def _add_finetune(sub) -> None:
                    help=f"hold one corrected slice in N out for the gate (default {ft.holdout_every}; 0: none)")
     p.add_argument("--tolerance", type=float, default=None,
                    help=f"largest reference Dice drop that still activates the new version (default {ft.tolerance:g})")
+    p.add_argument("--gate-regions", type=_gate_regions, default=None,
+                   help=f"comma list of the reference regions held within --tolerance "
+                        f"(default {','.join(ft.gate_regions)}; of {', '.join(REGIONS)})")
     p.add_argument("--activate", choices=ActivatePolicy.values(), default=ActivatePolicy.IF_BETTER.value,
                    help="make the new version active: if it passes the gate (default), always, or never")
     add_pixel_mm(p, "working pixel size in mm the corrections are resampled to, as segment uses, and the new "
@@ -132,6 +135,14 @@ def corrections_store(path: Optional[str], must_exist: bool):
     return CorrectionsStore(root)
 
 
+def _gate_regions(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [n for n in names if n not in REGIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"regions must be from {', '.join(REGIONS)}, not {text!r}")
+    return names
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..adaptation import (REFERENCE_CACHE, CorrectionSlice, cached_reference, finetune, load_adaptation_data,
                               preset, reference_key, remember_reference)
@@ -146,7 +157,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = preset(args.preset, steps=args.steps, epochs=args.epochs, lr=args.lr, frozen_layers=args.frozen_layers,
                     bn=args.bn, loss=args.loss, batch_size=args.batch_size, crop=args.crop,
                     replay_fraction=args.replay_fraction, holdout_every=args.holdout_every, tolerance=args.tolerance,
-                    replay_loss=args.replay_loss, alphas=(1.0,) if args.no_interpolation else None)
+                    replay_loss=args.replay_loss, alphas=(1.0,) if args.no_interpolation else None,
+                    gate_regions=args.gate_regions)
     store = model_store(args.store)
     start, parent = resolve_model(store, args.model)
     corrections = corrections_store(args.corrections, must_exist=True)
