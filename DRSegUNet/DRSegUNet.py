@@ -7,6 +7,7 @@ without a GUI (headless script, tests against slicer-core) and everything else i
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import slicer
@@ -15,7 +16,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadab
 from slicer.util import VTKObservationMixin
 
 from DRSegUNetSlicer import (DEVICES, SETTING_DATA_FOLDER, SETTING_DEVICE, SETTING_PIXEL_SIZE, DRSegUNetLogic, _,
-                             translate, volumeNodeFromSitkImage)
+                             pixelSizeText, spinBoxPixelSize, translate, volumeNodeFromSitkImage)
 
 
 class DRSegUNet(ScriptedLoadableModule):
@@ -88,9 +89,13 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         defaults = self.logic.fineTuneDefaults()
         self.ui.stepsSpinBox.value = defaults["steps"]
         self.ui.learningRateSpinBox.value = defaults["lr"]
-        low, high = self.logic.pixelSizeRange()  # the spin box offers only valid sizes; 0 is the check box
-        self.ui.pixelSizeSpinBox.minimum, self.ui.pixelSizeSpinBox.maximum = low, high
-        self.ui.pixelSizeSpinBox.value = self.logic.defaultPixelSize() or low
+        # The spin box offers only valid sizes and, one step below them, "model's own" (None: the size the
+        # model's checkpoint carries; spinBoxPixelSize); 0 (the CT's own grid) is the check box.
+        low, high = self.logic.pixelSizeRange()
+        box = self.ui.pixelSizeSpinBox
+        box.minimum, box.maximum = low - box.singleStep, high
+        box.specialValueText = _("model's own")
+        box.value = box.minimum
         self.ui.dataFolderPathLineEdit.currentPath = str(self.logic.dataFolder)
         if os.environ.get("DRSEGUNET_HOME"):
             self.ui.dataFolderPathLineEdit.enabled = False
@@ -167,9 +172,10 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if index >= 0:
                 self.ui.modelComboBox.setCurrentIndex(index)
             self.ui.deviceComboBox.setCurrentIndex(max(0, self.ui.deviceComboBox.findText(p.device)))
-            self.ui.ownGridCheckBox.checked = p.pixelMM == 0
-            if p.pixelMM:
-                self.ui.pixelSizeSpinBox.value = p.pixelMM
+            pixelMM = p.pixelMM  # None: the model's own, the spin box's minimum ("model's own")
+            self.ui.ownGridCheckBox.checked = pixelMM == 0
+            if pixelMM != 0:
+                self.ui.pixelSizeSpinBox.value = self.ui.pixelSizeSpinBox.minimum if pixelMM is None else pixelMM
         finally:
             self._updatingGUI = False
         self.updateButtons()
@@ -190,11 +196,12 @@ class DRSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.node.EndModify(wasModifying)
         settings = slicer.app.userSettings()
         settings.setValue(SETTING_DEVICE, p.device)
-        settings.setValue(SETTING_PIXEL_SIZE, repr(p.pixelMM))
+        settings.setValue(SETTING_PIXEL_SIZE, pixelSizeText(p.pixelMM))
         self.updateButtons()
 
-    def selectedPixelSize(self) -> float:
-        return 0.0 if self.ui.ownGridCheckBox.checked else float(self.ui.pixelSizeSpinBox.value)
+    def selectedPixelSize(self) -> Optional[float]:
+        """The working pixel size in mm; 0: the CT's own grid; None: the model's own (the logic's ``pixelMM=None``)."""
+        return spinBoxPixelSize(self.ui.pixelSizeSpinBox.value, self.ui.ownGridCheckBox.checked)
 
     def onDataFolderChanged(self, path):
         # Emitted on every keystroke: switch only to a folder that exists (the browse dialog can make one).

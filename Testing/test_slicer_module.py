@@ -629,7 +629,8 @@ def test_the_panel_choices_survive_saving_and_loading_the_scene(logic, scene, ct
     output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Output")
     p = logic.parameters()
     assert p.node is logic.getParameterNode() and p.node.GetAttribute("ModuleName") == "DRSegUNet"
-    assert (p.inputVolume, p.outputSegmentation, p.model, p.device, p.pixelMM) == (None, None, None, "auto", 1.2)
+    # the working pixel size: the model's own (None) by default
+    assert (p.inputVolume, p.outputSegmentation, p.model, p.device, p.pixelMM) == (None, None, None, "auto", None)
     p.inputVolume, p.outputSegmentation, p.model, p.device, p.pixelMM = volume, output, 2, "cuda", 0.8
     scene.SetSaveToXMLString(1)
     scene.Commit()
@@ -649,6 +650,27 @@ def test_the_panel_choices_survive_saving_and_loading_the_scene(logic, scene, ct
     q.model, q.pixelMM = "/models/mine.pt", 0.0  # a checkpoint file; the CT's own grid
     assert (q.model, q.pixelMM) == ("/models/mine.pt", 0.0)
 
+    q.pixelMM = None  # the model's own: saved as such, not as a default filled in again
+    assert q.pixelMM is None and q.isSet("PixelSize")
+    loaded.SetSaveToXMLString(1)
+    loaded.Commit()
+    third = slicer_stubs.new_scene()
+    third.SetLoadFromXMLString(1)
+    third.SetSceneXMLString(loaded.GetSceneXMLString())
+    assert third.Import()
+    r = lib.DRSegUNetLogic(scene=third, modelStore=logic.modelStore, correctionsStore=logic.correctionsStore).parameters()
+    r.setDefaults(device="cpu", pixelMM="2.0")  # the scene holds both: the settings change neither
+    assert (r.model, r.device, r.pixelMM) == ("/models/mine.pt", "cuda", None)
+
+
+def test_a_scene_of_an_older_version_keeps_its_working_pixel_size(logic, scene):
+    """Older versions stored a number (their default 1.2 included); it loads as that number."""
+    p = logic.parameters()
+    for stored, expected in (("1.2", 1.2), ("0.0", 0.0), ("2.5", 2.5)):
+        p.node.SetParameter("PixelSize", stored)
+        p.setDefaults(pixelMM="model")
+        assert p.pixelMM == expected
+
 
 def test_parameter_values_are_checked_and_defaults_come_from_the_settings(logic):
     p = logic.parameters()
@@ -661,13 +683,51 @@ def test_parameter_values_are_checked_and_defaults_come_from_the_settings(logic)
             p.pixelMM = bad
     with pytest.raises(ValueError, match="device"):
         p.device = "tpu"
-    p.node.SetParameter("PixelSize", "0.05")  # an edited scene file
+    p.node.SetParameter("PixelSize", "0.05")  # an edited scene file: the default, the model's own
     p.node.SetParameter("Device", "tpu")
-    assert (p.pixelMM, p.device) == (1.2, "auto")
+    assert (p.pixelMM, p.device) == (None, "auto")
+    for stored in ("x", "nan", "None", "model"):
+        p.node.SetParameter("PixelSize", stored)
+        assert p.pixelMM is None
     fresh = lib.DRSegUNetParameters(slicer.vtkMRMLScriptedModuleNode())
     fresh.setDefaults(device="gpu", pixelMM="10")  # settings from elsewhere: ignored
-    assert (fresh.device, fresh.pixelMM) == ("auto", 1.2)
+    assert (fresh.device, fresh.pixelMM) == ("auto", None)
     assert logic.pixelSizeRange() == (0.2, 5.0)
+
+
+def test_the_working_pixel_size_setting_remembers_the_models_own(logic):
+    """The widget writes pixelSizeText(pixelMM) to the settings and gives it to setDefaults in a new scene."""
+    assert lib.pixelSizeText(None) == lib.MODEL_PIXEL_SIZE == "model"
+    for choice in (None, 0.0, 0.9, 1.2, 5.0):
+        node = lib.DRSegUNetParameters(slicer.vtkMRMLScriptedModuleNode())
+        node.pixelMM = choice
+        remembered = lib.pixelSizeText(node.pixelMM)
+        fresh = lib.DRSegUNetParameters(slicer.vtkMRMLScriptedModuleNode())
+        fresh.setDefaults(pixelMM=remembered)
+        assert fresh.pixelMM == choice and fresh.node.GetParameter("PixelSize") == remembered
+    for missing in (None, ""):  # no setting yet (QSettings.value of a missing key)
+        fresh = lib.DRSegUNetParameters(slicer.vtkMRMLScriptedModuleNode())
+        fresh.setDefaults(pixelMM=missing)
+        assert fresh.pixelMM is None and fresh.isSet("PixelSize")
+    fresh = lib.DRSegUNetParameters(slicer.vtkMRMLScriptedModuleNode())
+    fresh.setDefaults(pixelMM="1.2")  # a setting an older version wrote
+    assert fresh.pixelMM == 1.2
+
+
+def test_the_panel_spin_box_selects_the_models_own_below_the_valid_sizes(logic):
+    """The spin box's minimum, one step below PIXEL_MM_RANGE, shows "model's own": None to the logic;
+    the check box is 0, the CT's own grid."""
+    low, high = logic.pixelSizeRange()
+    step = 0.1  # the .ui's singleStep
+    assert lib.spinBoxPixelSize(low - step) is None
+    assert lib.spinBoxPixelSize(0.15) is None  # typed between the special value and the lowest size
+    assert lib.spinBoxPixelSize(low) == low and lib.spinBoxPixelSize(high) == high
+    assert lib.spinBoxPixelSize(1.2) == 1.2
+    assert lib.spinBoxPixelSize(low - step, ownGrid=True) == lib.spinBoxPixelSize(2.0, ownGrid=True) == 0.0
+    p = logic.parameters()
+    for value, ownGrid in ((low - step, False), (low, False), (3.0, False), (1.0, True)):
+        p.pixelMM = lib.spinBoxPixelSize(value, ownGrid)  # every state of the controls is a valid choice
+        assert p.pixelMM == lib.spinBoxPixelSize(value, ownGrid)
 
 
 # ----------------------------------------------------------------- data and temporary folders

@@ -79,7 +79,9 @@ def test_the_shipped_terminology_is_the_vocabulary() -> None:
 
 
 def test_the_pixel_size_spin_box_offers_only_valid_sizes() -> None:
-    """0 (the CT's own grid) is a check box; the spin box spans PIXEL_MM_RANGE and nothing else."""
+    """0 (the CT's own grid) is a check box; in the .ui the spin box spans PIXEL_MM_RANGE and nothing
+    else. The widget adds "model's own" (None) one singleStep below, with a translated
+    specialValueText (DRSegUNetSlicer.spinBoxPixelSize reads it), so the .ui has none."""
     from DRSegUNetLib.config import PIXEL_MM_RANGE
 
     root = ET.parse(MODULE_DIR / "Resources" / "UI" / "DRSegUNet.ui").getroot()
@@ -89,6 +91,9 @@ def test_the_pixel_size_spin_box_offers_only_valid_sizes() -> None:
     assert "specialValueText" not in props
     assert PIXEL_MM_RANGE[0] <= float(props["value"]) <= PIXEL_MM_RANGE[1]
     assert "ownGridCheckBox" in _ui_names()
+    # the special value, one step below, is still a value the box shows with its decimals, and not 0
+    step, decimals = float(props["singleStep"]), int(props["decimals"])
+    assert 0 < round(PIXEL_MM_RANGE[0] - step, decimals) < PIXEL_MM_RANGE[0]
 
 
 # ----------------------------------------------------------------- what runs inside Slicer's Python

@@ -33,20 +33,20 @@ _ensureLibraryImportable()  # before the modules below import DRSegUNetLib
 
 from .constants import (ATTR_ACCEPTED, ATTR_MODEL, ATTR_REPORT, ATTR_SEGMENT_IDS, ATTR_SLICE_HASHES,  # noqa: E402
                         ATTR_SOURCE, ATTR_UNCERTAINTY, BINARY_LABELMAP, CLOSED_SURFACE, DEVICES, EXISTING_SEGMENTS,
-                        SETTING_DATA_FOLDER, SETTING_DEVICE, SETTING_PIXEL_SIZE)
+                        MODEL_PIXEL_SIZE, SETTING_DATA_FOLDER, SETTING_DEVICE, SETTING_PIXEL_SIZE)
 from .conversions import ijkToRasArray, sitkImageFromVolumeNode, volumeNodeFromSitkImage  # noqa: E402
 from .i18n import _, translate  # noqa: E402
 from .jobs import FineTuneJob, SegmentationJob  # noqa: E402
 from .logic import DRSegUNetLogic, ExistingSegmentsError, reportRows  # noqa: E402
-from .parameters import DRSegUNetParameters  # noqa: E402
+from .parameters import DRSegUNetParameters, pixelSizeText, spinBoxPixelSize  # noqa: E402
 from .processes import ProcessRunner, RunningProcess, SubprocessRunner  # noqa: E402
 from .segments import SegmentWriter, setSegmentTerminology  # noqa: E402
 
 __all__ = [
     "ATTR_ACCEPTED", "ATTR_MODEL", "ATTR_REPORT", "ATTR_SEGMENT_IDS", "ATTR_UNCERTAINTY", "ATTR_SLICE_HASHES",
     "ATTR_SOURCE", "BINARY_LABELMAP", "CLOSED_SURFACE", "DEVICES", "DRSegUNetLogic", "DRSegUNetParameters",
-    "EXISTING_SEGMENTS", "ExistingSegmentsError", "FineTuneJob", "ProcessRunner", "RunningProcess",
+    "EXISTING_SEGMENTS", "ExistingSegmentsError", "FineTuneJob", "MODEL_PIXEL_SIZE", "ProcessRunner", "RunningProcess",
     "SETTING_DATA_FOLDER", "SETTING_DEVICE", "SETTING_PIXEL_SIZE", "SegmentWriter", "SegmentationJob",
-    "SubprocessRunner", "_", "ijkToRasArray", "reportRows", "setSegmentTerminology", "sitkImageFromVolumeNode",
-    "translate", "volumeNodeFromSitkImage",
+    "SubprocessRunner", "_", "ijkToRasArray", "pixelSizeText", "reportRows", "setSegmentTerminology",
+    "sitkImageFromVolumeNode", "spinBoxPixelSize", "translate", "volumeNodeFromSitkImage",
 ]

@@ -16,4 +16,6 @@ EXISTING_SEGMENTS = ("ask", "replace", "keep")
 # Application settings (written by the widget; the data folder is also read by the logic, for the headless script).
 SETTING_DATA_FOLDER = "DRSegUNet/DataFolder"
 SETTING_DEVICE = "DRSegUNet/Device"
-SETTING_PIXEL_SIZE = "DRSegUNet/PixelSize"
+SETTING_PIXEL_SIZE = "DRSegUNet/PixelSize"  # as DRSegUNetSlicer.parameters.pixelSizeText writes it
+# The stored working pixel size (parameter node, settings) meaning the model's own (pixelMM None).
+MODEL_PIXEL_SIZE = "model"

@@ -288,9 +288,9 @@ class DRSegUNetLogic:
 
     @staticmethod
     def defaultPixelSize() -> float:
-        """The working pixel size (mm) of models that do not carry their own (the panel's default);
-        0 = the CT's own grid. A checkpoint's own (``ModelConfig.inference``) applies where a run
-        passes ``pixelMM=None``."""
+        """The working pixel size (mm) of models that do not carry their own; 0 = the CT's own grid.
+        A checkpoint's own (``ModelConfig.inference``) applies where a run passes ``pixelMM=None``,
+        the panel's default ("model's own")."""
         from DRSegUNetLib.config import InferenceConfig
 
         return float(InferenceConfig().pixel_mm or 0.0)
@@ -510,11 +510,11 @@ class DRSegUNetLogic:
 
     def parameters(self) -> DRSegUNetParameters:
         """Input, output, model, device and working pixel size, read from and written to :meth:`getParameterNode`."""
-        return DRSegUNetParameters(self.getParameterNode(), defaultPixelMM=self.defaultPixelSize())
+        return DRSegUNetParameters(self.getParameterNode())
 
     @staticmethod
     def pixelSizeRange() -> Tuple[float, float]:
-        """The working pixel sizes (mm) accepted besides 0 (the CT's own grid)."""
+        """The working pixel sizes (mm) accepted besides 0 (the CT's own grid) and None (the model's own)."""
         from DRSegUNetLib.config import PIXEL_MM_RANGE
 
         return float(PIXEL_MM_RANGE[0]), float(PIXEL_MM_RANGE[1])
