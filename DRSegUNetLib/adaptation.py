@@ -327,10 +327,13 @@ def interpolate(start: dict, end: dict, alpha: float) -> dict:
 
 
 def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sample], config: FineTuneConfig,
-                 device, progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], steps: int) -> list[dict]:
+                 device, progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], steps: int,
+                 channels_last: bool = False) -> list[dict]:
     """The fine-tuning loop: each step draws crops of the corrections and of the replay slices;
     the corrections train with ``config.loss``, the replay crops keep the starting model's
-    predictions (``config.replay_loss``: "distill", or "labels" = their annotations)."""
+    predictions (``config.replay_loss``: "distill", or "labels" = their annotations).
+    ``channels_last``: the model is in that layout (training.training_channels_last), and so
+    are the crops and the starting model that the replay crops are held to."""
     import torch
 
     from .preprocessing import normalize
@@ -338,6 +341,7 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
                            training_autocast)
 
     torch.manual_seed(config.seed)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     augment = AugmentConfig(rotate_deg=config.rotate_deg, scale=config.scale, foreground_fraction=config.foreground_fraction)
     n_replay = 0
     if replay and config.replay_fraction > 0:
@@ -355,7 +359,7 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
         raise InputError(f"unknown trainable {config.trainable!r}; use all or batchnorm")
     old = None
     if (n_replay and config.replay_loss == ReplayLoss.DISTILL) or config.keep_open_type:
-        old = init.build_model().to(device).eval()
+        old = init.build_model().to(device, memory_format=layout).eval()
         for p in old.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -369,7 +373,7 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
         if replay_sampler is not None:
             rhu, rallowed = replay_sampler.batch(n_replay)
             hu, allowed = np.concatenate([hu, rhu]), np.concatenate([allowed, rallowed])
-        x = torch.from_numpy(normalize(hu, pre)).unsqueeze(1).to(device)
+        x = torch.from_numpy(normalize(hu, pre)).unsqueeze(1).to(device).contiguous(memory_format=layout)
         y = torch.from_numpy(allowed).to(device)
         with training_autocast(device, Bf16.AUTO.value):
             logits = model(x).float()
@@ -423,6 +427,7 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     import torch
 
     from .inference import Predictor, resolve_device
+    from .training import training_channels_last
 
     if not corrections:
         raise InputError("no accepted slices to fine-tune on")
@@ -440,8 +445,9 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
             sp = data.spacing.get(s.name)
             replay.append(replace(resample_sample(s, sp, pixel_mm) if sp else s, group=REPLAY))
     steps = config.steps or max(1, math.ceil(len(train_s) / config.batch_size)) * config.epochs
+    channels_last = training_channels_last(dev, init.config.network)
     model = init.build_model().to(dev)
-    predictor = Predictor(model, model_config, dev, channels_last=False)
+    predictor = Predictor(model, model_config, dev, channels_last=channels_last)  # the layout it trains in
     ref_spacing = dict(data.spacing)
     if reference_before is None:
         report(progress, "gate", 0, 1, "scoring the starting model")
@@ -450,7 +456,7 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
         ref_before = dict(reference_before)
     held_before = score_samples(predictor, held_s, held_spacing)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history = _train_steps(model, init, train_s, replay, config, dev, progress, cancel, steps)
+    history = _train_steps(model, init, train_s, replay, config, dev, progress, cancel, steps, channels_last)
     end = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gate = None
     alphas = sorted(set(config.alphas or (1.0,)), reverse=True)
@@ -466,7 +472,7 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
             break
     assert gate is not None
     report(progress, "gate", len(alphas), len(alphas), gate.summary())
-    model.to("cpu")
+    model.to("cpu", memory_format=torch.contiguous_format)
     with torch.no_grad():
         ckpt = Checkpoint.from_model(model.eval(), model_config, half=False, fingerprint=init.fingerprint,
                                      metrics={"gate": gate.to_dict()}, extra={**(extra or {}), "history": history})
