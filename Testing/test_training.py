@@ -184,3 +184,15 @@ def test_weight_average_is_what_validation_scores_and_the_checkpoint_holds(tmp_p
     with pytest.raises(ValueError, match="decay"):
         train(ms[:1], [], tmp_path / "bad", TrainConfig(epochs=1, steps_per_epoch=1, batch_size=1, crop=32,
                                                         ema_decay=1.0), net, device="cpu")
+
+
+def test_cpu_training_takes_channels_last_only_where_onednn_trains_it_safely():
+    from DRSegUNetLib.config import NetworkConfig
+    from DRSegUNetLib.training import training_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_channels_last(cpu, NetworkConfig(base_filters=16))
+    assert not training_channels_last(cpu, NetworkConfig(base_filters=8))  # heap corruption in oneDNN's backward
+    assert not training_channels_last(cpu, NetworkConfig(base_filters=16), world=2)  # gloo DDP
+    assert not training_channels_last(cpu, NetworkConfig(base_filters=16, arch="monai_unet"))
+    assert training_channels_last(cuda, NetworkConfig(base_filters=4))
