@@ -541,7 +541,7 @@ def test_atomic_write_names_the_callers_file_when_it_cannot_write(tmp_path, monk
 @pytest.mark.parametrize("argv", [["finetune", "--epochs", "0"], ["finetune", "--batch-size", "0"],
                                   ["finetune", "--crop", "0"], ["finetune", "--lr", "-1"], ["finetune", "--lr", "nan"],
                                   ["finetune", "--frozen-layers", "-1"], ["finetune", "--gate-regions", "ggo,lesion"],
-                                  ["finetune", "--gate-regions", ","], ["train", "x", "--out", "o", "--epochs", "0"],
+                                  ["finetune", "--gate-regions", ","], ["finetune", "--seed", "-1"], ["train", "x", "--out", "o", "--epochs", "0"],
                                   ["segment", "a", "b", "--threads", "-2"]])
 def test_numeric_options_out_of_range_are_argument_errors(argv, capsys):
     if argv[0] == "finetune":
