@@ -50,7 +50,7 @@ PRESETS: dict[str, FineTuneConfig] = {
     # Thesis §4.4.2 / §5.5: first two layers frozen, 9.8e-6, BatchNorm statistics
     # re-estimated from each batch (Keras' training mode), no replay.
     "thesis": FineTuneConfig(steps=0, epochs=10, lr=9.8e-6, frozen_layers=2, bn=BatchNormMode.TRAIN.value,
-                             loss=Loss.CE.value, replay_fraction=0.0, alphas=(1.0,), batch_size=4),
+                             loss=Loss.CE.value, replay_fraction=0.0, alphas=(1.0,)),
 }
 
 

@@ -285,10 +285,9 @@ class FineTuneConfig:
     own training slices. ``adaptation.PRESETS["thesis"]`` is the thesis's level 2 (§4.4.2,
     §5.5: first two layers frozen, learning rate 9.8e-6, epochs over the slices)."""
 
-    # Optimisation steps; 0 = ``epochs`` passes over the accepted slices. 24 steps of 6 crops: on the
-    # adaptation benchmark +0.023 / +0.032 / +0.019 at K = 2 / 5 / 10 (no volume below -0.009)
-    # against +0.016 / +0.020 / +0.020 with 40 steps of 4 (README, "Fine-tuning on your corrections").
-    steps: int = 24
+    # Optimisation steps; 0 = ``epochs`` passes over the accepted slices. 24 steps (of 4 or 6 crops)
+    # were measured too and are riskier at K = 10 (README, "Fine-tuning on your corrections").
+    steps: int = 40
     epochs: int = 10  # used only when steps = 0 (one crop per slice and pass)
     lr: float = 1e-4
     lr_schedule: str = LrSchedule.CONSTANT.value
@@ -297,7 +296,7 @@ class FineTuneConfig:
     # Which weights train: "all" (past the frozen layers) or "batchnorm" (only BatchNorm scales
     # and shifts: a few thousand parameters, which adapts the features' calibration to a scan).
     trainable: str = Trainable.ALL.value
-    batch_size: int = 6  # crops per step, ``replay_fraction`` of them from the replay slices
+    batch_size: int = 4
     crop: int = 256
     loss: str = Loss.CE_REGIONDICE.value
     replay_fraction: float = 0.5  # share of crops drawn from the model's replay slices

@@ -45,8 +45,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--model", default=None, help="checkpoint file or store version number to start from "
                                                   "(default: the store's active version)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="default: BatchNorm statistics kept, Adam 1e-4 for 24 steps of 6 crops, region Dice on the "
-                        "corrections, half of each batch from the model's replay slices held to its own predictions, and the "
+                   help="default: BatchNorm statistics kept, Adam 1e-4 for 40 steps, region Dice on the corrections, "
+                        "half of each batch from the model's replay slices held to its own predictions, and the "
                         "largest share of the new weights that passes the gate (README, Fine-tuning); "
                         "thesis: the thesis's level 2 (first two layers frozen, lr 9.8e-6, 10 epochs, BatchNorm "
                         "re-estimated, no replay). The options below override the preset")
