@@ -456,8 +456,14 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
         ref_before = dict(reference_before)
     held_before = score_samples(predictor, held_s, held_spacing)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history = _train_steps(model, init, train_s, replay, config, dev, progress, cancel, steps, channels_last)
-    end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history, ends = [], []
+    for member in range(max(1, config.soup)):
+        model.load_state_dict(start)
+        member_config = replace(config, seed=config.seed + member)
+        history += [{**h, "member": member} for h in _train_steps(model, init, train_s, replay, member_config, dev,
+                                                                   progress, cancel, steps, channels_last)]
+        ends.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    end = {k: (sum(e[k] for e in ends) / len(ends)) if start[k].is_floating_point() else ends[-1][k] for k in start}
     gate = None
     alphas = sorted(set(config.alphas or (1.0,)), reverse=True)
     for i, alpha in enumerate(alphas):

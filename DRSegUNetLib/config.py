@@ -313,6 +313,9 @@ class FineTuneConfig:
     scale: tuple[float, float] = (0.8, 1.25)
     foreground_fraction: float = 0.5  # crops centred on corrected lesions
     holdout_every: int = 5  # one corrected slice in 5 is held out for the gate (fewer than 5: none)
+    # Fine-tunes from the same start with seeds seed, seed + 1, ...; their weights are averaged
+    # (1: one fine-tune). Each takes ``steps`` steps.
+    soup: int = 1
     tolerance: float = 0.02  # largest Dice drop on the reference set that still activates
     # Regions whose reference Dice the gate holds within ``tolerance`` (adaptation.GATED_REGIONS).
     gate_regions: tuple[str, ...] = (GGO_NAME, INFECTION_NAME, LUNG_NAME)

@@ -412,3 +412,26 @@ def test_info_describes_the_stores_active_version_and_takes_version_numbers(tmp_
     assert out["path"] == str(ms.path_of(2)) and out["store"]["active"] == 2 and out["store"]["versions"] == [1, 2]
     assert main(["info", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["path"] == str(bundled_model)
+
+
+def test_a_soup_averages_the_weights_of_fine_tunes_with_consecutive_seeds(tiny_checkpoint):
+    """soup = 2: the new weights are the mean of the fine-tunes with seeds s and s + 1, each
+    trained from the start as if alone (before the gate's interpolation, here none)."""
+    import torch
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    corrections = _zenodo_corrections([2])
+
+    def weights(**kw):
+        config = preset("default", steps=2, alphas=(1.0,), holdout_every=0, crop=64, **kw)
+        outcome = finetune(ckpt, corrections, config, pixel_mm=0, device="cpu")
+        return outcome, outcome.checkpoint.state_dict
+
+    _, a = weights(seed=0)
+    _, b = weights(seed=1)
+    outcome, soup = weights(seed=0, soup=2)
+    changed = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert changed, "the two seeds must train differently for this test to mean anything"
+    for k in changed:
+        torch.testing.assert_close(soup[k], (a[k] + b[k]) / 2, rtol=1e-4, atol=1e-6)
+    assert [h["member"] for h in outcome.history] == [0, 0, 1, 1]

@@ -71,6 +71,8 @@ def _add_finetune(sub) -> None:
                    help=f"hold one corrected slice in N out for the gate (default {ft.holdout_every}; 0: none)")
     p.add_argument("--tolerance", type=float, default=None,
                    help=f"largest reference Dice drop that still activates the new version (default {ft.tolerance:g})")
+    p.add_argument("--soup", type=positive_int, default=None,
+                   help=f"fine-tune this many times with consecutive seeds and average the weights (default {ft.soup})")
     p.add_argument("--seed", type=count, default=None,
                    help=f"seed of the crops drawn and their augmentation (default {ft.seed})")
     p.add_argument("--gate-regions", type=_gate_regions, default=None,
@@ -160,7 +162,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                     bn=args.bn, loss=args.loss, batch_size=args.batch_size, crop=args.crop,
                     replay_fraction=args.replay_fraction, holdout_every=args.holdout_every, tolerance=args.tolerance,
                     replay_loss=args.replay_loss, alphas=(1.0,) if args.no_interpolation else None,
-                    gate_regions=args.gate_regions, seed=args.seed)
+                    gate_regions=args.gate_regions, seed=args.seed, soup=args.soup)
     store = model_store(args.store)
     start, parent = resolve_model(store, args.model)
     corrections = corrections_store(args.corrections, must_exist=True)
