@@ -328,12 +328,13 @@ def interpolate(start: dict, end: dict, alpha: float) -> dict:
 
 def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sample], config: FineTuneConfig,
                  device, progress: Optional[ProgressCallback], cancel: Optional[CancelCheck], steps: int,
-                 channels_last: bool = False) -> list[dict]:
+                 channels_last: bool = False, done: int = 0, total: int = 0) -> list[dict]:
     """The fine-tuning loop: each step draws crops of the corrections and of the replay slices;
     the corrections train with ``config.loss``, the replay crops keep the starting model's
     predictions (``config.replay_loss``: "distill", or "labels" = their annotations).
     ``channels_last``: the model is in that layout (training.training_channels_last), and so
-    are the crops and the starting model that the replay crops are held to."""
+    are the crops and the starting model that the replay crops are held to. ``done`` of ``total``
+    steps (all members of a soup) were taken before this call, for the progress report."""
     import torch
 
     from .preprocessing import normalize
@@ -396,7 +397,8 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
         if not math.isfinite(value):
             raise InputError(f"fine-tuning diverged at step {step} (loss {value}); lower the learning rate")
         history.append({"step": step, "loss": value})
-        report(progress, "train", step, steps, f"step {step}/{steps} loss {value:.4f}", loss=value)
+        total = max(total, done + steps)
+        report(progress, "train", done + step, total, f"step {done + step}/{total} loss {value:.4f}", loss=value)
     from .checkpoint import nonfinite_keys
 
     bad = nonfinite_keys(model.state_dict())
@@ -460,8 +462,9 @@ def finetune(init: Checkpoint, corrections: Sequence[CorrectionSlice], config: F
     for member in range(max(1, config.soup)):
         model.load_state_dict(start)
         member_config = replace(config, seed=config.seed + member)
-        history += [{**h, "member": member} for h in _train_steps(model, init, train_s, replay, member_config, dev,
-                                                                   progress, cancel, steps, channels_last)]
+        history += [{**h, "member": member} for h in _train_steps(
+            model, init, train_s, replay, member_config, dev, progress, cancel, steps, channels_last,
+            done=member * steps, total=max(1, config.soup) * steps)]
         ends.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     end = {k: (sum(e[k] for e in ends) / len(ends)) if start[k].is_floating_point() else ends[-1][k] for k in start}
     gate = None
