@@ -210,16 +210,7 @@ def test_segment_many_checks_a_read_only_out_dir_only_when_there_is_work(tmp_pat
 def test_pixel_size_options(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     """evaluate --slice-pixel-mm gives geometry-less slices a pixel size, so the network runs
     at --pixel-mm as segment does on CT; sizes out of range are one-line errors."""
-    from DRSegUNetLib.inference import Predictor
-
-    seen = []
-    original = Predictor.probabilities
-
-    def spy(self, hu, spacing=None):
-        seen.append((hu.shape[-2:], spacing, self.working_size(hu.shape, spacing)))
-        return original(self, hu, spacing)
-
-    monkeypatch.setattr(Predictor, "probabilities", spy)
+    seen = _spy_on_the_network_grid(monkeypatch)
     data = TESTDATA / "medseg_mini"
     out = tmp_path / "p.json"
     assert main(["evaluate", str(data), "--model", str(tiny_checkpoint), "--json", str(out), "--device", "cpu",
