@@ -533,8 +533,10 @@ def test_atomic_write_names_the_callers_file_when_it_cannot_write(tmp_path, monk
                                   ["finetune", "--crop", "0"], ["finetune", "--lr", "-1"], ["finetune", "--lr", "nan"],
                                   ["finetune", "--frozen-layers", "-1"], ["finetune", "--gate-regions", "ggo,lesion"],
                                   ["finetune", "--gate-regions", ","], ["finetune", "--seed", "-1"], ["train", "x", "--out", "o", "--epochs", "0"],
+                                  ["train", "x", "--out", "o", "--select-regions", "ggo,lesion"],
+                                  ["evaluate", "x", "--model", "m", "--regions", "lungs"],
                                   ["segment", "a", "b", "--threads", "-2"]])
-def test_numeric_options_out_of_range_are_argument_errors(argv, capsys):
+def test_option_values_out_of_range_are_argument_errors(argv, capsys):
     if argv[0] == "finetune":
         argv = [*argv, "--corrections", "c", "--store", "s"]
     with pytest.raises(SystemExit) as e:

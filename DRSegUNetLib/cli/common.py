@@ -90,6 +90,17 @@ def number_type(kind: type, low: float, open_low: bool = True):
 positive_int, positive_float, count = number_type(int, 0), number_type(float, 0.0), number_type(int, 0, open_low=False)
 
 
+def region_list(text: str) -> tuple[str, ...]:
+    """An argparse type: a comma list of region names (vocabulary.REGIONS), in order, once each."""
+    from ..vocabulary import REGIONS
+
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [n for n in names if n not in REGIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"want a comma list of {', '.join(REGIONS)}, not {text!r}")
+    return names
+
+
 # ---------------------------------------------------------------- options of several commands
 def add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

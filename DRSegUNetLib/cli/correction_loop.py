@@ -18,7 +18,7 @@ from ..config import (ActivatePolicy, BatchNormMode, FineTuneConfig, InferenceCo
 from ..errors import InputError
 from ..vocabulary import BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, INFECTION_NAME, LABEL_LEGEND, NUM_CLASSES, REGIONS
 from .common import (ProgressPrinter, add_common_options, add_json_progress, add_pixel_mm, add_store_option,
-                     add_verbose, count, model_store, positive_float, positive_int, resolve_model)
+                     add_verbose, count, model_store, positive_float, positive_int, region_list, resolve_model)
 from .files import check_nifti_signature
 
 
@@ -75,7 +75,7 @@ def _add_finetune(sub) -> None:
                    help=f"fine-tune this many times with consecutive seeds and average the weights (default {ft.soup})")
     p.add_argument("--seed", type=count, default=None,
                    help=f"seed of the crops drawn and their augmentation (default {ft.seed})")
-    p.add_argument("--gate-regions", type=_gate_regions, default=None,
+    p.add_argument("--gate-regions", type=region_list, default=None,
                    help=f"comma list of the reference regions held within --tolerance "
                         f"(default {','.join(ft.gate_regions)}; of {', '.join(REGIONS)})")
     p.add_argument("--activate", choices=ActivatePolicy.values(), default=ActivatePolicy.IF_BETTER.value,
@@ -137,14 +137,6 @@ def corrections_store(path: Optional[str], must_exist: bool):
     if root.exists() and not root.is_dir():
         raise InputError(f"corrections store {root} is not a folder")
     return CorrectionsStore(root)
-
-
-def _gate_regions(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    bad = [n for n in names if n not in REGIONS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"regions must be from {', '.join(REGIONS)}, not {text!r}")
-    return names
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from ..config import ZENODO_PIXEL_MM, InferenceConfig, check_pixel_mm
 from ..errors import InputError
 from ..vocabulary import LABEL_LEGEND, REGIONS
 from .common import (DEFAULT_SPLIT, ProgressPrinter, add_common_options, add_decision, add_inference_options,
-                     add_model_options, add_pixel_mm, load_predictor, log)
+                     add_model_options, add_pixel_mm, load_predictor, log, region_list)
 from .files import check_outputs, file_sha256
 
 SPLIT_PARTS = ("train", "val", "test")  # data.apply_split's parts, in its order
@@ -24,7 +24,7 @@ def add_parsers(sub) -> None:
     add_model_options(p)
     p.add_argument("--predictions", default=None, help="score the label maps in this .npz instead of a model")
     p.add_argument("--by-group", action="store_true", help="also summarise per case group (the 'group' of the .npz)")
-    p.add_argument("--regions", default=None,
+    p.add_argument("--regions", type=region_list, default=None,
                    help=f"comma list of regions to score ({', '.join(REGIONS)}; default: all the data decides)")
     p.add_argument("--json", required=True, help="where to write the metrics JSON")
     add_decision(p)
@@ -47,17 +47,6 @@ def add_parsers(sub) -> None:
                    help="split file that says which slices trained the model (train), validated it (val) or were "
                         "held out (test) (default: the bundled model's splits/default.json)")
     add_common_options(p)
-
-
-def _regions(text: str | None) -> tuple[str, ...]:
-    """The regions of --regions (default: all of vocabulary.REGIONS)."""
-    if not text:
-        return tuple(REGIONS)
-    regions = tuple(r.strip() for r in text.split(",") if r.strip())
-    unknown = sorted(set(regions) - set(REGIONS))
-    if unknown or not regions:
-        raise InputError(f"unknown --regions {unknown}; choose from {', '.join(REGIONS)}")
-    return regions
 
 
 def _saved_labels(args: argparse.Namespace):
@@ -132,7 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..metrics import GroupedMetrics
 
     check_outputs([args.data, args.predictions, args.model, args.split], [args.json])
-    regions = _regions(args.regions)
+    regions = args.regions or tuple(REGIONS)
     predictor = None
     if args.predictions:
         samples, score = _saved_labels(args)

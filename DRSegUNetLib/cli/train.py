@@ -10,9 +10,9 @@ from pathlib import Path
 
 from ..config import PIXEL_MM_RANGE, BatchNormMode, Bf16, InferenceConfig, Upsampling, check_pixel_mm
 from ..errors import InputError
-from ..vocabulary import GGO_NAME, LUNG_NAME, REGIONS
+from ..vocabulary import GGO_NAME, LUNG_NAME
 from .common import (DEFAULT_SPLIT, SPLITS_DIR, ProgressPrinter, add_common_options, add_json_progress, add_pixel_mm,
-                     add_training_budget, add_workers, count, log)
+                     add_training_budget, add_workers, count, log, region_list)
 
 
 def add_parsers(sub) -> None:
@@ -47,7 +47,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
     p.add_argument("--source-weights", default="", metavar="SRC=W,...",
                    help="relative frequency of crops per source, e.g. medseg=3,zenodo=1 (default: equal)")
-    p.add_argument("--select-regions", default="", metavar="R,...",
+    p.add_argument("--select-regions", type=region_list, default=(), metavar="R,...",
                    help=f"regions whose mean validation Dice picks best.pt, e.g. {GGO_NAME},{LUNG_NAME} (default: all)")
     p.add_argument("--slice-pixel-mm", default="", metavar="SRC=MM,...",
                    help="take the training and validation slices of these sources as MM pixels and resample them "
@@ -79,14 +79,6 @@ def parse_weights(text: str, option: str = "--source-weights", what: str = "WEIG
             raise InputError(f"{option} wants SOURCE={what} pairs with {low:g} <= {what} <= {high:g}, got {item!r}")
         out.append((name, w))
     return tuple(out)
-
-
-def parse_regions(text: str) -> tuple[str, ...]:
-    names = tuple(filter(None, (t.strip() for t in text.split(","))))
-    bad = [n for n in names if n not in REGIONS]
-    if bad:
-        raise InputError(f"--select-regions: unknown region(s) {', '.join(bad)}; known: {', '.join(REGIONS)}")
-    return names
 
 
 def _pair(text: str, option: str, low: float, high: float) -> tuple[float, float]:
@@ -159,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       crop=args.crop, lr=args.lr, lr_schedule=args.lr_schedule, loss=args.loss, seed=args.seed,
                       frozen_layers=args.frozen_layers, val_every=args.val_every,
                       source_weights=parse_weights(args.source_weights),
-                      select_regions=parse_regions(args.select_regions), bf16=args.bf16,
+                      select_regions=args.select_regions, bf16=args.bf16,
                       workers=args.workers, bn=args.bn, ema_decay=args.ema)
     result = train(tr, val, args.out, cfg, mcfg, init=init, device=args.device,
                    fingerprint={"data": fingerprint(args.data), "split": Path(args.split).name if args.split else None,
