@@ -39,9 +39,7 @@ from .vocabulary import REGIONS
 REPLAY = "replay"
 REFERENCE = "reference"
 CORRECTIONS = "corrections"
-# Regions the gate compares by default (FineTuneConfig.gate_regions); consolidation is reported,
-# not gated: the reference has few consolidation pixels, so one slice swings its mean by more
-# than any tolerance.
+# Regions the gate compares by default (FineTuneConfig.gate_regions).
 GATED_REGIONS = FineTuneConfig.gate_regions
 
 
@@ -50,7 +48,7 @@ PRESETS: dict[str, FineTuneConfig] = {
     # Thesis §4.4.2 / §5.5: first two layers frozen, 9.8e-6, BatchNorm statistics
     # re-estimated from each batch (Keras' training mode), no replay.
     "thesis": FineTuneConfig(steps=0, epochs=10, lr=9.8e-6, frozen_layers=2, bn=BatchNormMode.TRAIN.value,
-                             loss=Loss.CE.value, replay_fraction=0.0, alphas=(1.0,)),
+                             loss=Loss.CE.value, replay_fraction=0.0, alphas=(1.0,), soup=1),
 }
 
 

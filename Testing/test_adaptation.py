@@ -106,10 +106,11 @@ def test_gate_refuses_a_reference_drop_beyond_the_tolerance():
 
 def test_the_gate_holds_only_the_regions_it_is_given():
     before, after = {"ggo": 0.55, "consolidation": 0.35}, {"ggo": 0.55, "consolidation": 0.30}
-    assert GateResult(before, after, {}, {}, 0.02, 14, 0).passed  # consolidation not gated by default
+    assert GateResult(before, after, {}, {}, 0.02, 14, 0, regions=("ggo", "infection", "lung")).passed
     held = GateResult(before, after, {}, {}, 0.02, 14, 0, regions=("ggo", "consolidation"))
     assert not held.passed and "consolidation" in held.reasons[0]
     assert held.to_dict()["regions"] == ["ggo", "consolidation"]
+    assert not GateResult(before, after, {}, {}, 0.02, 14, 0).passed  # the default holds consolidation too
 
 
 def test_one_corrected_slice_in_five_of_a_volume_is_held_out():
@@ -123,7 +124,7 @@ def test_one_corrected_slice_in_five_of_a_volume_is_held_out():
 
 def test_presets_keep_the_thesis_level_2_one_option_away():
     thesis = preset("thesis")
-    assert (thesis.lr, thesis.frozen_layers, thesis.bn, thesis.replay_fraction) == (9.8e-6, 2, "train", 0.0)
+    assert (thesis.lr, thesis.frozen_layers, thesis.bn, thesis.replay_fraction, thesis.soup) == (9.8e-6, 2, "train", 0.0, 1)
     assert preset("default", lr=3e-4).lr == 3e-4
     with pytest.raises(Exception, match="preset"):
         preset("fast")
@@ -427,8 +428,8 @@ def test_a_soup_averages_the_weights_of_fine_tunes_with_consecutive_seeds(tiny_c
         outcome = finetune(ckpt, corrections, config, pixel_mm=0, device="cpu")
         return outcome, outcome.checkpoint.state_dict
 
-    _, a = weights(seed=0)
-    _, b = weights(seed=1)
+    _, a = weights(seed=0, soup=1)
+    _, b = weights(seed=1, soup=1)
     outcome, soup = weights(seed=0, soup=2)
     changed = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
     assert changed, "the two seeds must train differently for this test to mean anything"
