@@ -235,7 +235,7 @@ def test_a_fine_tune_trains_at_the_starting_models_working_pixel_and_keeps_it(ti
     shapes = []
     monkeypatch.setattr(adaptation, "_train_steps", lambda model, init, train_s, *a, **kw: shapes.extend(
         s.hu.shape for s in train_s) or [])
-    config = preset("default", steps=1, alphas=(1.0,), holdout_every=0)
+    config = preset("default", steps=1, alphas=(1.0,), holdout_every=0, soup=1)
     outcome = finetune(ckpt, _zenodo_corrections([2]), config, device="cpu")
     assert shapes == [(160, 160)] and outcome.checkpoint.config.inference.pixel_mm == 2.4
     shapes.clear()
