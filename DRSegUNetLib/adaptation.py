@@ -340,6 +340,7 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
                            training_autocast)
 
     torch.manual_seed(config.seed)
+    total = max(total, done + steps)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     augment = AugmentConfig(rotate_deg=config.rotate_deg, scale=config.scale, foreground_fraction=config.foreground_fraction)
     n_replay = 0
@@ -395,7 +396,6 @@ def _train_steps(model, init: Checkpoint, train_s: list[Sample], replay: list[Sa
         if not math.isfinite(value):
             raise InputError(f"fine-tuning diverged at step {step} (loss {value}); lower the learning rate")
         history.append({"step": step, "loss": value})
-        total = max(total, done + steps)
         report(progress, "train", done + step, total, f"step {done + step}/{total} loss {value:.4f}", loss=value)
     from .checkpoint import nonfinite_keys
 
