@@ -196,6 +196,7 @@ def test_a_harmful_fine_tune_is_saved_but_not_made_active(tmp_path, bundled_mode
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["gate"]["reference"]["before"] == pytest.approx(kept)
     assert again["reference_cached"] is True and out["reference_cached"] is False
+    assert (out["steps"], out["soup"]) == (12, 2) and (again["steps"], again["soup"]) == (1, 2)  # steps of each member
 
 
 def test_reference_cache_round_trip_and_unreadable_files(tmp_path):

@@ -185,7 +185,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     new_path = version.path
     remember_reference(cache, reference_key(new_path, _adaptation_data_for(new_path), pixel_mm, args.device),
                        outcome.gate.reference_after)
-    _announce(args, store, version, outcome, parent, printer)
+    _announce(args, store, version, outcome, parent, printer, config.soup)
     return 0
 
 
@@ -208,7 +208,7 @@ def _add_version(args: argparse.Namespace, store, outcome, config, ids, fingerpr
         version = store.add_version(path, card={
             "level": 2, "preset": args.preset, "corrections_fingerprint": fingerprint, "corrections_used": ids,
             "pixel_mm": outcome.checkpoint.config.inference.pixel_mm or None, "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-            "steps": outcome.steps, "replay_slices": outcome.n_replay, "started_from": str(start),
+            "steps": outcome.steps, "soup": config.soup, "replay_slices": outcome.n_replay, "started_from": str(start),
             "gate": outcome.gate.to_dict(), "loss_history": [h["loss"] for h in outcome.history]},
             parent=parent)
     if _activates(args, outcome.gate):
@@ -220,8 +220,9 @@ def _activates(args: argparse.Namespace, gate) -> bool:
     return args.activate == ActivatePolicy.ALWAYS or (args.activate == ActivatePolicy.IF_BETTER and gate.passed)
 
 
-def _announce(args: argparse.Namespace, store, version, outcome, parent, printer) -> None:
-    """The outcome of finetune: a progress line ("done"), --json, and a message on stderr."""
+def _announce(args: argparse.Namespace, store, version, outcome, parent, printer, soup: int) -> None:
+    """The outcome of finetune: a progress line ("done"), --json, and a message on stderr.
+    steps counts the steps of each fine-tune of the soup; soup says how many were averaged."""
     gate = outcome.gate
     activate = _activates(args, gate)
     previous = parent.version if parent is not None else None
@@ -233,7 +234,7 @@ def _announce(args: argparse.Namespace, store, version, outcome, parent, printer
                    f"still v{store.active().version}. Make it active anyway with: python -m DRSegUNetLib models "
                    f"activate {version.version}")
     result = {"version": version.version, "path": str(version.path), "activated": activate, "parent": previous,
-              "gate": gate.to_dict(), "steps": outcome.steps, "reference_cached": outcome.reference_cached}
+              "gate": gate.to_dict(), "steps": outcome.steps, "soup": soup, "reference_cached": outcome.reference_cached}
     if args.json:
         from ..atomic import atomic_write_bytes
 
