@@ -13,7 +13,7 @@ from scipy import ndimage
 from conftest import TESTDATA
 
 from DRSegUNetLib.orientation import axial_view
-from DRSegUNetLib.report import MIN_LUNG_FRACTION, compute_report
+from DRSegUNetLib.report import MIN_LUNG_FRACTION, compute_report, next_slice_to_check, slices_to_check
 from DRSegUNetLib.vocabulary import REGIONS
 
 
@@ -126,3 +126,22 @@ def test_report_holds_a_few_bytes_per_voxel_and_reports_progress(real_segmentati
     assert rep["per_lung"] is not None
     assert steps and {s[0] for s in steps} == {"report"} and steps[-1][1] == steps[-1][2]
     assert [s[1] for s in steps] == list(range(1, steps[-1][2] + 1))
+
+
+def test_slices_to_check_spread_over_the_lung_when_the_model_is_equally_unsure():
+    u = [0.0] * 5 + [0.2] * 100 + [0.0] * 5  # lung on slices 5..104
+    picks = slices_to_check(u, 5)
+    assert len(set(picks)) == 5 and all(5 <= i <= 104 for i in picks)
+    ordered = sorted(picks)
+    assert min(np.diff(ordered)) >= 12  # evenly spaced would be 20 apart
+    assert ordered[0] - 5 <= 20 and 104 - ordered[-1] <= 20
+
+
+def test_next_slice_to_check_takes_the_most_uncertain_slice_away_from_those_accepted():
+    u = [0.0, 0.1, 0.1, 0.3, 0.9, 0.8, 0.1, 0.1, 0.5, 0.1, 0.1, 0.0]  # lung on 1..10
+    assert next_slice_to_check(u) == 4
+    assert next_slice_to_check(u, [4]) == 8  # 5 is more uncertain, but next to 4
+    # Once every slice lies within two of an accepted one, spreading stops mattering: the most uncertain.
+    assert next_slice_to_check(u, [4, 8]) == 5
+    assert slices_to_check(u, 20) and sorted(slices_to_check(u, 20)) == list(range(1, 11))  # every lung slice, once
+    assert next_slice_to_check(u, range(12)) is None and next_slice_to_check([0.0] * 4) is None

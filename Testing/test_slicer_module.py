@@ -1075,13 +1075,13 @@ def test_fine_tune_reports_the_gate_numbers_when_it_activates(scene, stores, ct_
     assert job.activated is True and "ggo 0.550->0.560" in job.message
 
 
-def test_next_slice_to_check_is_the_most_uncertain_one_not_yet_accepted(scene, stores, ct_image):
+def test_next_slice_to_check_is_the_most_uncertain_one_away_from_those_accepted(scene, stores, ct_image):
     models, corrections = stores
 
     class UncertainPredictor(ThresholdPredictor):
         def iter_slices(self, image, progress=None, cancel=None):
             for r in super().iter_slices(image, progress, cancel):
-                r.uncertainty = 0.9 if r.index == 30 else (0.5 if r.index == 12 else 0.1)
+                r.uncertainty = {30: 0.9, 31: 0.7, 12: 0.5}.get(r.index, 0.1)
                 yield r
 
     logic = lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections,
@@ -1089,9 +1089,13 @@ def test_next_slice_to_check_is_the_most_uncertain_one_not_yet_accepted(scene, s
     volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=120)
     assert logic.nextSliceToCheck(job.segmentationNode) == 30
-    assert job.report["most_uncertain_slices"][:2] == [30, 12]
+    assert job.report["most_uncertain_slices"][:3] == [30, 31, 12]
+    assert job.report["slices_to_check"][:2] == [30, 12]
     logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(30, 30))
+    # 31 is more uncertain than 12, but next to an accepted slice it would teach the same thing.
     assert logic.nextSliceToCheck(job.segmentationNode) == 12
+    logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(12, 12))
+    assert logic.nextSliceToCheck(job.segmentationNode) > 45  # the longest stretch left: above 30
     # Jumping puts the slice views on that axial slice of the volume.
     red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
     red.SetLayoutName("Red")

@@ -2,8 +2,8 @@
 of the volume better, and the reference no worse?
 
 For each COVID-19-CT-Seg volume of ``zenodo20_dev.npz`` (its ``group``) and for MedSeg:
-K slices (evenly spaced, or the most uncertain ones by ``inference.slice_uncertainty``)
-are accepted as corrections with the experts' masks (COVID-19-CT-Seg: lung and the lesion
+K slices (evenly spaced; the most uncertain ones by ``inference.slice_uncertainty``; or
+those the panel's *Next slice to check* visits, ``report.slices_to_check``) are accepted as corrections with the experts' masks (COVID-19-CT-Seg: lung and the lesion
 outline, type left open -- ``known=lung,infection``; MedSeg: ``known=ggo,consolidation``);
 ``python -m DRSegUNetLib finetune`` runs as a user runs it (its own process, defaults,
 gate, saving; the wall time includes all of it), and the volume's other slices are scored
@@ -42,6 +42,7 @@ from DRSegUNetLib.config import ModelInference  # noqa: E402
 from DRSegUNetLib.data import read_medseg_folder, read_zenodo_npz  # noqa: E402
 from DRSegUNetLib.inference import Predictor, slice_uncertainty  # noqa: E402
 from DRSegUNetLib.metrics import counts, region_mask  # noqa: E402
+from DRSegUNetLib.report import slices_to_check  # noqa: E402
 from DRSegUNetLib.store import CorrectionsStore  # noqa: E402
 
 ZENODO_MM = 1.5
@@ -85,6 +86,19 @@ def most_uncertain(unc: list[float], k: int) -> list[int]:
         if len(picked) == k:
             break
     return sorted(picked)
+
+
+PICKERS = ("even", "uncertain", "next")
+
+
+def pick(picker: str, unc: list[float], k: int) -> list[int]:
+    """even: evenly spaced; uncertain: the most uncertain, apart; next: what the panel's
+    *Next slice to check* visits when each slice it shows is accepted (report.slices_to_check)."""
+    if picker == "even":
+        return evenly(len(unc), k)
+    if picker == "uncertain":
+        return most_uncertain(unc, k)
+    return sorted(slices_to_check(unc, k))
 
 
 def volumes(shared: Path, data, names):
@@ -156,7 +170,7 @@ def main() -> int:
                     help="print the table of earlier --json outputs (merged) instead of running")
     ap.add_argument("--volumes", default="0,1,2,3,4,5,6,7,8,medseg")
     ap.add_argument("--k", default="2,5,10", help="corrected slices per volume (0 is always scored)")
-    ap.add_argument("--pickers", default="even,uncertain")
+    ap.add_argument("--pickers", default="even,uncertain", help=f"comma list of {', '.join(PICKERS)} (pick's doc)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--finetune-args", default="", help="extra finetune options, e.g. '--preset thesis'")
@@ -164,6 +178,9 @@ def main() -> int:
                     help="time a model's later fine-tunes: its reference scores are already in the store's cache "
                          "(default: its first fine-tune, which scores the reference)")
     args = ap.parse_args()
+    unknown = set(args.pickers.split(",")) - set(PICKERS)
+    if unknown:
+        ap.error(f"--pickers: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PICKERS)}")
     if args.table:
         print(table(merge([json.loads(p.read_text()) for p in args.table])))
         return 0
@@ -194,7 +211,7 @@ def main() -> int:
               flush=True)
         for k in ks:
             for picker in results["pickers"]:
-                picked = evenly(len(pool), k) if picker == "even" else most_uncertain(unc, k)
+                picked = pick(picker, unc, k)
                 rest = [i for i in range(len(pool)) if i not in set(picked)]
                 with tempfile.TemporaryDirectory(prefix="drsegunet-adapt-") as tmp:
                     model_dir = Path(tmp)

@@ -12,6 +12,7 @@ import vtk
 
 import DRSegUNetLib
 from DRSegUNetLib.orientation import axial_view
+from DRSegUNetLib.report import next_slice_to_check
 from DRSegUNetLib.store import HOME_ENV, CorrectionsStore, ModelStore, default_home
 from DRSegUNetLib.vocabulary import CONSOLIDATION_NAME, GGO_NAME, INFECTION_NAME, LUNG, LUNG_NAME, SEGMENTS
 
@@ -452,11 +453,11 @@ class DRSegUNetLogic:
         return [float(u) for u in json.loads(text)] if text else []
 
     def nextSliceToCheck(self, segmentationNode) -> Optional[int]:
-        """The most uncertain axial slice not yet accepted as a correction, or None."""
+        """The axial slice to correct next (``DRSegUNetLib.report.next_slice_to_check``): the most
+        uncertain of the lung slices far from those already accepted; None when all are accepted."""
         uncertainty = self.sliceUncertainty(segmentationNode)
-        accepted = set(json.loads(segmentationNode.GetAttribute(ATTR_ACCEPTED) or "[]"))
-        candidates = [i for i, u in enumerate(uncertainty) if i not in accepted and u > 0]
-        return max(candidates, key=lambda i: uncertainty[i]) if candidates else None
+        accepted = json.loads(segmentationNode.GetAttribute(ATTR_ACCEPTED) or "[]")
+        return next_slice_to_check(uncertainty, accepted)
 
     @staticmethod
     def axialSliceCenterRAS(volumeNode, index: int) -> Tuple[float, float, float]:
