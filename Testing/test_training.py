@@ -186,6 +186,25 @@ def test_weight_average_is_what_validation_scores_and_the_checkpoint_holds(tmp_p
                                                         ema_decay=1.0), net, device="cpu")
 
 
+def test_weight_average_forgets_the_initial_weights_early_and_keeps_its_decay_later():
+    from DRSegUNetLib.training import _WeightAverage
+
+    start, live = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    for m, value in ((start, 0.0), (live, 1.0)):
+        for p in m.parameters():
+            torch.nn.init.constant_(p, value)
+    avg = _WeightAverage(start, 0.998)
+    avg.update(live)  # first update: decay 1/10, not 0.998
+    assert avg.model.weight.detach() == pytest.approx(torch.full((1, 2), 0.9))
+    for _ in range(399):
+        avg.update(live)
+    assert float(avg.model.bias) > 0.99  # 0.998 from the start would still hold 45 % of the zeros
+    avg.model.bias.fill_(0.0)
+    avg.updates = 10_000  # long past the warm-up: the configured decay
+    avg.update(live)
+    assert float(avg.model.bias) == pytest.approx(0.002)
+
+
 def test_cpu_training_takes_channels_last_only_where_onednn_trains_it_safely():
     from DRSegUNetLib.config import NetworkConfig
     from DRSegUNetLib.training import training_channels_last

@@ -31,7 +31,7 @@ def add_parsers(sub) -> None:
                         "shifts")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights with this decay, e.g. "
-                        "0.998 (about the last 500 steps; default 0: the live weights)")
+                        "0.998 (about the last 500 steps, fewer in the first ones; default 0: the live weights)")
     p.add_argument("--hard-negatives", type=float, default=0.0, metavar="FRACTION",
                    help="share of the crops not centred on a lesion that are centred on dense pixels labelled lung "
                         "and not lesion (vessels, bronchial walls; default 0)")
