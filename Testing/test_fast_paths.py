@@ -4,7 +4,8 @@
 normalisation, softmax, decision. The faster paths (channels_last weights, batches)
 change where and in which memory order the arithmetic happens, not the arithmetic, so
 the labels must agree wherever the plain path's decision is not a float-rounding tie.
-(bench/test_bench.py checks the benchmark's candidate pipeline, ``fast_iter_slices``, so.)
+The plain path's fixtures and the label check are in fast_path_helpers.py, shared with
+bench/test_bench.py (which checks the benchmark's candidate pipeline, ``fast_iter_slices``, so).
 """
 from __future__ import annotations
 
@@ -15,63 +16,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DRSegUNetLib import default_model_path, sample_ct_path
-from DRSegUNetLib.config import InferenceConfig, ModelConfig
+import fast_path_helpers
+from fast_path_helpers import _assert_same_labels, _volume
+
+from DRSegUNetLib.config import InferenceConfig
 from DRSegUNetLib.inference import Predictor, decide, restrict_to_body
-from DRSegUNetLib.network import DRSegUNet
 from DRSegUNetLib.preprocessing import normalize
 
-TIE = 1e-4  # top-2 probability gap under which either class is a correct decision
-SHIFT = (3, -2)  # second slice of the test volume: the real slice, shifted
-
-
-@pytest.fixture(scope="module")
-def model_and_config() -> tuple[DRSegUNet, ModelConfig]:
-    path = default_model_path()
-    if path.exists():
-        from DRSegUNetLib.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path)
-        return ckpt.build_model(), ckpt.config
-    torch.manual_seed(0)
-    return DRSegUNet().eval(), ModelConfig()
-
-
-@pytest.fixture(scope="module")
-def real_slices() -> np.ndarray:
-    """(2, 512, 512) int16 HU: the bundled real CT slice and a shifted copy."""
-    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_ct_path())))[0].astype(np.int16)
-    return np.stack([hu, np.roll(hu, SHIFT, axis=(0, 1))])
-
-
-@pytest.fixture(scope="module")
-def plain_probabilities(model_and_config, real_slices) -> torch.Tensor:
-    """(2, C, H, W) softmax of the plain path, one slice at a time."""
-    model, cfg = model_and_config
-    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    out = []
-    with torch.inference_mode():
-        for hu in real_slices:
-            x = torch.from_numpy(normalize(hu[None], cfg.preprocess)).unsqueeze(1)
-            out.append(torch.softmax(model(x).float(), dim=1))
-    return torch.cat(out)
-
-
-def _volume(real_slices: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(real_slices)
-    image.SetSpacing((0.64, 0.64, 1.25))
-    return image
-
-
-def _assert_same_labels(labels: np.ndarray, prob: torch.Tensor, hu: np.ndarray) -> None:
-    cfg = InferenceConfig()
-    ref = restrict_to_body(decide(prob, cfg).numpy(), hu, cfg.body_threshold_hu)
-    top2 = prob.topk(2, dim=1).values
-    decided = (top2[:, 0] - top2[:, 1]).numpy() > TIE
-    assert labels.shape == ref.shape
-    differ = labels != ref
-    assert not (differ & decided).any(), f"{int((differ & decided).sum())} decided pixels changed label"
-    assert differ.mean() < 1e-4
+# The plain path's fixtures: pytest finds them under these names (assigned, not imported, so that a test's
+# argument of the same name does not read to flake8 as a redefinition of an unused import).
+model_and_config = fast_path_helpers.model_and_config
+real_slices = fast_path_helpers.real_slices
+plain_probabilities = fast_path_helpers.plain_probabilities
 
 
 def test_device_normalisation_is_bitwise_the_numpy_one(model_and_config, real_slices):

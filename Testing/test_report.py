@@ -1,59 +1,27 @@
 """The segment report (report.compute_report) on real segmentations: the same numbers as the whole-volume
-computation it replaced (below, and in bench/report_memory.py, which measures both), a fraction of its
-memory, and progress."""
+computation it replaced (bench/report_memory.py's compute_report_before, loaded below; that script measures
+both), a fraction of its memory, and progress."""
 from __future__ import annotations
 
+import importlib.util
 import tracemalloc
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage
 
-from conftest import TESTDATA
+from conftest import REPO, TESTDATA
 
-from DRSegUNetLib.orientation import axial_view
-from DRSegUNetLib.report import MIN_LUNG_FRACTION, compute_report, next_slice_to_check, slices_to_check
-from DRSegUNetLib.vocabulary import REGIONS
+from DRSegUNetLib.report import compute_report, next_slice_to_check, slices_to_check
 
 
-def whole_volume_report(labels: sitk.Image) -> dict:
-    """The report as compute_report made it before it worked a block of slices at a time (commit
-    d803814): np.isin over the whole volume per region, ndimage.label and centres of mass on the
-    whole lung field. Plain and memory-hungry, so a reference for the numbers."""
-    def stats(labels, voxel_ml):
-        vol = {r: float(np.isin(labels, v).sum() * voxel_ml) for r, v in REGIONS.items()}
-        lung = vol["lung"]
-        pct = {r: (100.0 * vol[r] / lung if lung > 0 else None) for r in ("ggo", "consolidation", "infection")}
-        return {
-            "volume_ml": {r: round(v, 3) for r, v in vol.items()},
-            "percent_of_lung": {r: (round(p, 2) if p is not None else None) for r, p in pct.items()},
-        }
-
-    arr = sitk.GetArrayViewFromImage(labels)
-    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    rep = {"voxel_ml": voxel_ml, "shape_zyx": list(arr.shape), **stats(arr, voxel_ml)}
-    view, _ = axial_view(np.asarray(arr), labels.GetDirection())
-    field = np.isin(view, REGIONS["lung"])
-    comp, n = ndimage.label(field)
-    rep["per_lung"] = None
-    if n < 2:
-        rep["per_lung_note"] = "lung field does not separate into two lungs" if n else "no lung found"
-        return rep
-    sizes = ndimage.sum_labels(field, comp, index=np.arange(1, n + 1))
-    order = np.argsort(-sizes)[:2]
-    if sizes[order[1]] < MIN_LUNG_FRACTION * field.sum():
-        rep["per_lung_note"] = "second lung component too small to report separately"
-        return rep
-    centres = ndimage.center_of_mass(field, comp, [int(o) + 1 for o in order])
-    a, b = (int(o) + 1 for o in order)
-    right, left = (a, b) if centres[0][2] < centres[1][2] else (b, a)
-    rep["per_lung"] = {}
-    for side, c in (("right", right), ("left", left)):
-        sel = np.where(comp == c, view, 0)
-        rep["per_lung"][side] = stats(sel, voxel_ml)
-    rep["per_lung_note"] = "two largest lung-field components; smaller pieces are in the totals only"
-    return rep
+# The report as compute_report made it before it worked a block of slices at a time (commit d803814): np.isin
+# over the whole volume per region, ndimage.label and centres of mass on the whole lung field. Plain and
+# memory-hungry, so a reference for the numbers; bench/report_memory.py keeps it verbatim and measures both.
+_spec = importlib.util.spec_from_file_location("report_memory", REPO / "bench" / "report_memory.py")
+_report_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_report_memory)
+whole_volume_report = _report_memory.compute_report_before
 
 
 @pytest.fixture(scope="module")

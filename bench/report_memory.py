@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -131,6 +130,8 @@ def child(variant: str, slice_npy: str, spacing: list[float], n_slices: int, tra
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return {"variant": variant, "traced_peak_gb": peak / 2**30, "report": rep}
+    import resource  # Unix only; here, so that Testing/test_report.py can load compute_report_before anywhere
+
     reset = _reset_peak()
     base = _status_gb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t0 = time.perf_counter()

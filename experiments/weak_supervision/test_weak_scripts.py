@@ -3,7 +3,7 @@
 They test the experiments, not the product, so they are not in Testing/; run them from the
 repository root with ``.venv/bin/python -m pytest experiments/weak_supervision``. pytest puts
 this folder on sys.path, so the scripts are imported as modules. Tiny networks on the real
-slices of Testing/data, seconds each.
+slices of Testing/data (the settings of Testing/selftrain_helpers.py, as Testing/test_selftrain.py's), seconds each.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "Testing"))  # for selftrain_helpers (experiments may use Testing's helpers, not the reverse)
 # The user's model store must not leak into these checks (as Testing/conftest.py does).
 os.environ["DRSEGUNET_HOME"] = tempfile.mkdtemp(prefix="drsegunet-experiments-home-")
 
@@ -34,24 +35,12 @@ import weak_lungfield as wl  # noqa: E402
 import weak_openband as wo  # noqa: E402
 import weak_seeds as ws  # noqa: E402
 import weak_zsmooth as wz  # noqa: E402
+from selftrain_helpers import FROZEN, tiny, weights  # noqa: E402
 
-from DRSegUNetLib.config import SelfTrainConfig  # noqa: E402
 from DRSegUNetLib.labelmaps import labels_for_dataset, load_label_maps  # noqa: E402
 from DRSegUNetLib.selftrain import run_selftrain  # noqa: E402
 
 MINI = REPO / "Testing" / "data" / "zenodo_mini.npz"  # 4 COVID-19-CT-Seg slices with expert masks
-FROZEN = ("stem.conv1.", "stem.bn1.")
-
-
-def tiny(**kw) -> SelfTrainConfig:
-    # As Testing/test_selftrain.py's: 16 filters (fewer crash torch 2.13+cpu's channels_last backward).
-    base = dict(levels=2, level1_epochs=1, level2_epochs=1, steps_per_epoch=2, batch_size=2, crop=32,
-                base_filters=16, level2_lr=1e-3)
-    return SelfTrainConfig(**{**base, **kw})
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["state_dict"]
 
 
 @pytest.fixture(scope="session")
