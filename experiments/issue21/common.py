@@ -45,8 +45,9 @@ def ny_slices():
     return out
 
 
-def predictor(pixel_mm=1.2, **kw):
-    return Predictor.from_checkpoint(default_model_path(), device="cpu", pixel_mm=pixel_mm, cpu_bf16="off", **kw)
+def predictor(pixel_mm=1.2, model=None, **kw):
+    return Predictor.from_checkpoint(model or default_model_path(), device="cpu", pixel_mm=pixel_mm, cpu_bf16="off",
+                                     **kw)
 
 
 def segment(pred, hu, spacing, eight_bit=False, pixel_size=True):

@@ -3,6 +3,7 @@ HU slices, under intensity styles (hypothesis a), working pixels (b) and a lung-
 restriction (d). Inference only, 1 torch thread, ~1-2 min on a shared 2-core CPU.
 
     python experiments/issue21/hilar_styles.py [--variants hu,medseg_fit,...] [--overlays hu,medseg_fit,px1.5]
+    python experiments/issue21/hilar_styles.py --variants hu --candidate runs/X/best.pt --json OUT.json
 
 Rule ("hilar lesion area"): the reference lung field F is the bundled model's own lung
 field (GGO ∪ consolidation ∪ lung) on the HU slice at its 1.2 mm working pixel; the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -59,6 +61,8 @@ def run_variant(v: str, preds: dict, hu: np.ndarray, sp) -> np.ndarray:
         z = zenodo_style(hu, 256)
         lab = segment(preds[1.2], z, (sp[0] * hu.shape[0] / 256, sp[1] * hu.shape[1] / 256), eight_bit=True)[0]
         return ndimage.zoom(lab, hu.shape[0] / 256, order=0, grid_mode=True, mode="nearest")
+    if v == "candidate":  # another checkpoint (--candidate), HU at 1.2 mm; band and field stay the bundled model's
+        return segment(preds["candidate"], hu, sp)[0]
     if v.startswith("px"):
         return segment(preds[float(v[2:])], hu, sp)[0]
     if v == "native":
@@ -89,9 +93,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(ALL))
     ap.add_argument("--overlays", default="", help="comma list of 3 variants for the PNG panels, e.g. hu,zenodo,px1.5")
+    ap.add_argument("--candidate", default=None, help="checkpoint scored as the variant 'candidate' (HU, 1.2 mm)")
+    ap.add_argument("--json", default=str(OUT / "hilar_styles.json"))
+    ap.add_argument("--overlay-dir", default=str(OUT / "overlays"))
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
+    if args.candidate and "candidate" not in variants:
+        variants.append("candidate")
     preds = {p: predictor(p) for p in PIXELS}
+    if args.candidate:
+        preds["candidate"] = predictor(1.2, model=args.candidate)
     rows, vhu = [], {}
     for name, hu, sp in ny_slices():
         base = run_variant("hu", preds, hu, sp)
@@ -106,10 +117,10 @@ def main(argv=None) -> int:
             rows.append({"slice": name, "variant": v, "clear": name not in NOT_CLEAR, **m})
         if args.overlays:
             ov = args.overlays.split(",")
-            common.overlay_png(OUT / "overlays" / f"{name}.png", hu, [labs[v] for v in ov],
+            common.overlay_png(Path(args.overlay_dir) / f"{name}.png", hu, [labs[v] for v in ov],
                                [TITLES.get(v, v) for v in ov], band=band,
                                suptitle=f"{name} ({'hila clear' if name not in NOT_CLEAR else 'diseased'})")
-    (OUT / "hilar_styles.json").write_text(json.dumps({"rows": rows, "vessel_hu": vhu}, indent=1))
+    Path(args.json).write_text(json.dumps({"rows": rows, "vessel_hu": vhu}, indent=1))
 
     print("| variant | hilar lesion = false positive, 5 clear slices (mm², sum) | of which consolidation | dense band px called lesion (clear) "
           "| A048383 -30 / -30 (mm²) | lesion area, 7 slices with real lesions near the band (mm²) |")
