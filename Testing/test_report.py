@@ -107,9 +107,10 @@ def test_slices_to_check_spread_over_the_lung_when_the_model_is_equally_unsure()
 
 def test_next_slice_to_check_takes_the_most_uncertain_slice_away_from_those_accepted():
     u = [0.0, 0.1, 0.1, 0.3, 0.9, 0.8, 0.1, 0.1, 0.5, 0.1, 0.1, 0.0]  # lung on 1..10
-    assert next_slice_to_check(u) == 4
-    assert next_slice_to_check(u, [4]) == 8  # 5 is more uncertain, but next to 4
-    # Once every slice lies within two of an accepted one, spreading stops mattering: the most uncertain.
-    assert next_slice_to_check(u, [4, 8]) == 5
-    assert slices_to_check(u, 20) and sorted(slices_to_check(u, 20)) == list(range(1, 11))  # every lung slice, once
+    assert next_slice_to_check(u) == 5  # 4 is more uncertain, but off the middle of the lungs
+    assert next_slice_to_check(u, [5]) == 8  # 4 and 6 are more uncertain, but next to 5
+    assert next_slice_to_check(u, [5, 8]) == 2  # the longest stretch left
+    # Once every slice lies next to an accepted one, spreading stops mattering: the most uncertain.
+    assert next_slice_to_check(u, [5, 8, 2]) == 4
+    assert sorted(slices_to_check(u, 20)) == list(range(1, 11))  # every lung slice, once
     assert next_slice_to_check(u, range(12)) is None and next_slice_to_check([0.0] * 4) is None

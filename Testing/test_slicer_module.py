@@ -1081,29 +1081,29 @@ def test_next_slice_to_check_is_the_most_uncertain_one_away_from_those_accepted(
     class UncertainPredictor(ThresholdPredictor):
         def iter_slices(self, image, progress=None, cancel=None):
             for r in super().iter_slices(image, progress, cancel):
-                r.uncertainty = {30: 0.9, 31: 0.7, 12: 0.5}.get(r.index, 0.1)
+                r.uncertainty = {40: 0.9, 41: 0.7, 15: 0.5}.get(r.index, 0.1)
                 yield r
 
     logic = lib.DRSegUNetLogic(scene=scene, modelStore=models, correctionsStore=corrections,
                                predictorFactory=lambda path, device: UncertainPredictor())
     volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
     job = logic.segment(volume, device="cpu", timeout=120)
-    assert logic.nextSliceToCheck(job.segmentationNode) == 30
-    assert job.report["most_uncertain_slices"][:3] == [30, 31, 12]
-    assert job.report["slices_to_check"][:2] == [30, 12]
-    logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(30, 30))
-    # 31 is more uncertain than 12, but next to an accepted slice it would teach the same thing.
-    assert logic.nextSliceToCheck(job.segmentationNode) == 12
-    logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(12, 12))
-    assert logic.nextSliceToCheck(job.segmentationNode) > 45  # the longest stretch left: above 30
+    assert logic.nextSliceToCheck(job.segmentationNode) == 40
+    assert job.report["most_uncertain_slices"][:3] == [40, 41, 15]
+    assert job.report["slices_to_check"][:2] == [40, 15]
+    logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(40, 40))
+    # 41 is more uncertain than 15, but next to an accepted slice it would teach the same thing.
+    assert logic.nextSliceToCheck(job.segmentationNode) == 15
+    logic.acceptCorrections(volume, job.segmentationNode, sliceRange=(15, 15))
+    assert logic.nextSliceToCheck(job.segmentationNode) > 55  # the longest stretch left: above 40
     # Jumping puts the slice views on that axial slice of the volume.
     red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
     red.SetLayoutName("Red")
     red.SetOrientationToAxial()
-    r, a, s = logic.jumpToSlice(volume, 12)
+    r, a, s = logic.jumpToSlice(volume, 15)
     view = axial_view(np.arange(ct_image.GetSize()[2])[:, None, None] * np.ones(ct_image.GetSize()[::-1], int),
                       ct_image.GetDirection())[0]
-    k = int(view[12].flat[0])
+    k = int(view[15].flat[0])
     lps = ct_image.TransformIndexToPhysicalPoint((0, 0, k))
     assert s == pytest.approx(lps[2], abs=1e-3)
     assert red.GetSliceToRAS().GetElement(2, 3) == pytest.approx(s, abs=1e-3)
