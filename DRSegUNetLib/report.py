@@ -154,11 +154,9 @@ def next_slice_to_check(uncertainty: Sequence[float], accepted: Iterable[int] = 
     if not candidates:
         return None
     lo, hi = lung[0], lung[-1]
-    anchors = sorted(taken)
 
     def room(i: int) -> float:
-        d = min(2 * (i - lo) + 1, 2 * (hi - i) + 1)
-        return min([d] + [abs(i - a) for a in anchors])
+        return min([2 * (i - lo) + 1, 2 * (hi - i) + 1] + [abs(i - a) for a in taken])
 
     rooms = {i: room(i) for i in candidates}
     far = max(rooms.values())
