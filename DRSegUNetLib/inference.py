@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,6 +28,9 @@ from .preprocessing import check_ct_geometry, check_ct_hu, normalize, working_si
 from .progress import CancelCheck, ProgressCallback, check_cancel, report
 from .resample import resample_bilinear
 from .vocabulary import BACKGROUND
+
+if TYPE_CHECKING:
+    from .guidance import CorrectionGuide
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +195,10 @@ class Predictor:
         return out
 
     def iter_slices(self, image: sitk.Image, progress: Optional[ProgressCallback] = None,
-                    cancel: Optional[CancelCheck] = None, with_probabilities: bool = False) -> Iterator[SliceResult]:
-        """Yield one :class:`SliceResult` per axial slice, inferior to superior."""
+                    cancel: Optional[CancelCheck] = None, with_probabilities: bool = False,
+                    guide: Optional["CorrectionGuide"] = None) -> Iterator[SliceResult]:
+        """Yield one :class:`SliceResult` per axial slice, inferior to superior. ``guide``: the
+        volume's accepted corrections, which pull their neighbours' probabilities (guidance.py)."""
         array = validate_ct_image(image)
         view, _ = axial_view(array, image.GetDirection())
         spacing = axial_spacing(image.GetSpacing(), image.GetDirection())
@@ -203,7 +208,10 @@ class Predictor:
         for start in range(0, n, bs):
             check_cancel(cancel)
             batch = np.ascontiguousarray(view[start:start + bs], dtype=np.float32)
-            labels, prob = self.labels(batch, spacing)
+            prob = self.probabilities(batch, spacing)
+            if guide is not None and len(guide):
+                prob = guide.apply(prob, start)
+            labels = self.decide_labels(prob, batch)
             probs = prob.half().cpu().numpy() if with_probabilities else None
             uncertain = slice_uncertainty(prob, labels)
             for k in range(labels.shape[0]):
@@ -212,11 +220,13 @@ class Predictor:
             report(progress, "segment", min(start + bs, n), n, f"slice {min(start + bs, n)}/{n}")
 
     def predict(self, image: sitk.Image, progress: Optional[ProgressCallback] = None,
-                cancel: Optional[CancelCheck] = None, uncertainty: Optional[list] = None) -> sitk.Image:
+                cancel: Optional[CancelCheck] = None, uncertainty: Optional[list] = None,
+                guide: Optional["CorrectionGuide"] = None) -> sitk.Image:
         """Label map (uint8, values 0-3) with the input's size, spacing, origin and direction.
-        ``uncertainty``: a list that receives each axial slice's :func:`slice_uncertainty`, in slice order."""
+        ``uncertainty``: a list that receives each axial slice's :func:`slice_uncertainty`, in slice order;
+        ``guide``: as for :meth:`iter_slices`."""
         out = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
-        for r in self.iter_slices(image, progress, cancel):
+        for r in self.iter_slices(image, progress, cancel, guide=guide):
             r.place(out)
             if uncertainty is not None:
                 uncertainty.append(r.uncertainty)

@@ -1345,3 +1345,20 @@ def test_a_checkpoint_the_process_cannot_load_fails_with_its_one_line_message(sc
     assert isinstance(job.error, ValueError) and "bad.pt" in str(job.error) and "\n" not in str(job.error)
     with pytest.raises(ValueError):
         job.raiseIfFailed()
+
+
+def test_segmenting_again_keeps_the_accepted_slice_and_pulls_its_neighbours(scene, stores, ct_image):
+    """After Accept, Segment on the same volume gives back the accepted slice as corrected and
+    pulls the slices beside it toward it (DRSegUNetLib.guidance), through the separate process."""
+    logic = _process_logic(scene, stores)
+    volume = lib.volumeNodeFromSitkImage(ct_image, "CT", scene)
+    first = logic.segment(volume, device="cpu", timeout=300)
+    edited = _edit_axial_slice(logic, first, volume, ct_image, 40, CONSOLIDATION)
+    assert len(logic.acceptCorrections(volume, first.segmentationNode)) == 1
+
+    again = logic.segment(volume, device="cpu", timeout=300)
+    view = lambda a: axial_view(a, ct_image.GetDirection())[0]  # noqa: E731
+    np.testing.assert_array_equal(view(again.labels)[40], view(edited)[40])
+    before = (view(first.labels)[41] == CONSOLIDATION).sum()
+    assert (view(again.labels)[41] == CONSOLIDATION).sum() > before + 50
+    np.testing.assert_array_equal(view(again.labels)[5], view(first.labels)[5])  # out of reach: as before

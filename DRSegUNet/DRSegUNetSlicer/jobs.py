@@ -117,10 +117,13 @@ class SegmentationJob(Job):
     def __init__(self, volumeNode, segmentationNode, image: sitk.Image, modelPath: str, device: str,
                  pixelMM: Optional[float] = None, existing: str = "keep", *, segments: SegmentWriter,
                  reportTable: Callable[[Dict[str, Any]], Any], predictorFactory: Optional[PredictorFactory] = None,
-                 startLibrary: Optional[LibraryStarter] = None, temporaryFolder: Optional[str] = None):
+                 startLibrary: Optional[LibraryStarter] = None, temporaryFolder: Optional[str] = None,
+                 corrections: Optional[str] = None):
         """
         Args:
             segments: plans, makes and writes the segments (the logic's :class:`SegmentWriter`).
+            corrections: corrections store folder whose accepted slices of this volume guide
+                their neighbours (``DRSegUNetLib.guidance``); None: no guidance.
             reportTable: ``report -> table node`` for the finished report.
             predictorFactory: ``(modelPath, device) -> Predictor``, run in a worker thread; None:
                 ``startLibrary("segment-stream", ...)`` runs the network in a separate process,
@@ -154,9 +157,9 @@ class SegmentationJob(Job):
             if startLibrary is None:
                 raise ValueError("a segmentation needs a predictorFactory or a startLibrary")
             self._source: Any = _SliceProcess(startLibrary, temporaryFolder, image, modelPath, device, pixelMM,
-                                              self.total)
+                                              self.total, corrections)
         else:
-            self._source = _SliceThread(predictorFactory, image, modelPath, device, pixelMM, self._cancel)
+            self._source = _SliceThread(predictorFactory, image, modelPath, device, pixelMM, self._cancel, corrections)
 
     @property
     def settings(self) -> Optional[Dict[str, Any]]:
@@ -336,8 +339,9 @@ class _SliceThread:
     """The predictor of a ``predictorFactory`` in a worker thread; events through a queue."""
 
     def __init__(self, predictorFactory: PredictorFactory, image: sitk.Image, modelPath: str, device: str,
-                 pixelMM: Optional[float], cancelled: threading.Event):
+                 pixelMM: Optional[float], cancelled: threading.Event, corrections: Optional[str] = None):
         self.predictorFactory, self.image, self.modelPath, self.pixelMM = predictorFactory, image, modelPath, pixelMM
+        self.corrections = corrections  # corrections store folder that guides (None: no guidance)
         self.settings: Optional[Dict[str, Any]] = None
         self._cancel = cancelled
         self._queue: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=16)
@@ -362,7 +366,14 @@ class _SliceThread:
                 predictor.inference = dataclasses.replace(predictor.inference, pixel_mm=float(self.pixelMM) or None)
             settings = getattr(predictor, "settings", None)
             self.settings = settings() if callable(settings) else None
-            for result in predictor.iter_slices(self.image, cancel=self._cancel.is_set):
+            guide = None
+            if self.corrections:
+                from DRSegUNetLib.guidance import guide_for_image
+                from DRSegUNetLib.store import CorrectionsStore
+
+                guide = guide_for_image(CorrectionsStore(self.corrections), self.image)
+            extra = {"guide": guide} if guide is not None and len(guide) else {}
+            for result in predictor.iter_slices(self.image, cancel=self._cancel.is_set, **extra):
                 if not self._put(("slice", result)):
                     raise Cancelled("cancelled")
             self._put(("done", None))
@@ -394,7 +405,7 @@ class _SliceProcess:
     """
 
     def __init__(self, startLibrary: LibraryStarter, temporaryFolder: Optional[str], image: sitk.Image,
-                 modelPath: str, device: str, pixelMM: Optional[float], total: int):
+                 modelPath: str, device: str, pixelMM: Optional[float], total: int, corrections: Optional[str] = None):
         self.settings: Optional[Dict[str, Any]] = None
         self.direction = image.GetDirection()
         self.total = total  # axial slices (the job's count)
@@ -413,6 +424,7 @@ class _SliceProcess:
             args = ["segment-stream", str(ct), str(labels), "--model", str(modelPath), "--device", device]
             if pixelMM is not None:
                 args += ["--pixel-mm", repr(float(pixelMM))]
+            args += ["--corrections", str(corrections) if corrections else "none"]
             self.process = startLibrary(*args)
         except BaseException:
             self.close()

@@ -322,6 +322,9 @@ class DRSegUNetLogic:
         first slice has arrived, so a run that fails to start loses nothing. Nothing is
         written into the segmentation before that first slice.
 
+        Slices of this volume accepted as corrections come back as accepted, and pull the
+        slices near them toward what they say (``DRSegUNetLib.guidance``).
+
         A segmentation whose source representation is not a binary labelmap (closed
         surfaces) is switched to binary labelmap when that remakes none of the user's segments
         (it has none that stay), else refused with a ValueError.
@@ -338,10 +341,13 @@ class DRSegUNetLogic:
         image = sitkImageFromVolumeNode(volumeNode)
         if segmentationNode is None:
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} DRSegUNet")
+        # Slices accepted from this volume guide their neighbours (DRSegUNetLib.guidance).
+        corrections = self.correctionsStore.root if self.correctionsStore.root.is_dir() else None
         return SegmentationJob(volumeNode, segmentationNode, image, modelPath, device, pixelMM,
                                existing="replace" if existing == "replace" else "keep", segments=self.segments,
                                reportTable=self.reportTable, predictorFactory=self.predictorFactory,
-                               startLibrary=self.startLibrary, temporaryFolder=self.temporaryFolder())
+                               startLibrary=self.startLibrary, temporaryFolder=self.temporaryFolder(),
+                               corrections=str(corrections) if corrections else None)
 
     def segment(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
                 progress: Optional[Callable[..., None]] = None, cancel: Optional[Callable[[], bool]] = None,

@@ -59,6 +59,24 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
     add_pixel_mm(p, "working pixel size of the network in mm (default: the model's own, which info shows; "
                     f"{InferenceConfig.pixel_mm:g} for models that do not say): slices are resampled to it and the "
                     "labels come back on the CT's grid; 0 = the CT's own grid")
+    p.add_argument("--corrections", default=None,
+                   help="corrections store whose accepted slices of this CT guide their neighbouring slices "
+                        "(default: the user's, as finetune uses; 'none' = no guidance); a correction belongs to "
+                        "the CT when its stored slice is the CT's slice at its index")
+
+
+def corrections_for(path: Optional[str]):
+    """The corrections store that guides segment (None with 'none'); see --corrections."""
+    from ..store import CorrectionsStore, default_home
+
+    if path is not None and path.lower() == "none":
+        return None
+    root = Path(path) if path else default_home() / "corrections"
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--corrections {root} is not a folder")
+    if path and not root.exists():
+        raise InputError(f"--corrections {root} does not exist (give 'none' for no guidance)")
+    return CorrectionsStore(root)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -71,9 +89,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("give INPUT OUTPUT, or inputs with --out-dir DIR for many volumes")
     check_volume_output(args.paths[1])
     check_outputs(args.paths[:1], [args.paths[1], args.seg_nrrd, args.report, args.overlay])
+    corrections = corrections_for(args.corrections)
     predictor = load_predictor(args, args.batch_size)
     written = segment_one(predictor, args.paths[0], Path(args.paths[1]), args.seg_nrrd, args.report,
-                          args.overlay, progress=ProgressPrinter())
+                          args.overlay, progress=ProgressPrinter(), corrections=corrections)
     log.info("wrote %s", ", ".join(written))
     return 0
 
@@ -126,13 +145,14 @@ def _segment_many(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     check_writable_folder(targets(todo[0][1])["labels"])  # only when there is something to write
+    corrections = corrections_for(args.corrections)
     predictor = load_predictor(args, args.batch_size)
     failed = []
     printer = ProgressPrinter()
     for i, (path, name) in enumerate(todo, 1):
         t = targets(name)
         try:
-            segment_one(predictor, str(path), t["labels"], t["seg"], t["report"], t["overlay"])
+            segment_one(predictor, str(path), t["labels"], t["seg"], t["report"], t["overlay"], corrections=corrections)
         except (InputError, CheckpointError) as e:
             failed.append(f"{path}: {e}")
             log.error("%s: %s", path, e)
@@ -144,13 +164,15 @@ def _segment_many(args: argparse.Namespace) -> int:
 
 
 def segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, report=None, overlay=None,
-                progress=None) -> list[str]:
-    """Segment one CT and write its outputs all-or-nothing (a failure leaves every old file as it was)."""
+                progress=None, corrections=None) -> list[str]:
+    """Segment one CT and write its outputs all-or-nothing (a failure leaves every old file as it was).
+    ``corrections``: a store whose accepted slices of this CT guide their neighbours (guidance.py)."""
     from ..imageio import output_set, write_image
 
     image = read_ct_checked(input_path)
+    guide = _guide(corrections, image)
     uncertainty: list = []
-    labels = predictor.predict(image, progress=progress, uncertainty=uncertainty)
+    labels = predictor.predict(image, progress=progress, uncertainty=uncertainty, guide=guide)
     outputs = []
     with output_set() as stage:
         if seg_nrrd:
@@ -165,6 +187,7 @@ def segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, re
             rep = compute_report(labels, progress=progress)
             rep.update(input=str(input_path), model=str(predictor.source), inference=predictor.settings())
             add_uncertainty(rep, uncertainty)
+            rep["guided_by_accepted_slices"] = list(guide.slices)
             with writing(report, stage(report)) as tmp:
                 write_report(rep, tmp)
             outputs.append(str(report))
@@ -185,6 +208,16 @@ def segment_one(predictor, input_path: str, labels_path: Path, seg_nrrd=None, re
     return outputs
 
 
+def _guide(corrections, image):
+    from ..guidance import guide_for_image
+
+    guide = guide_for_image(corrections, image)
+    if len(guide):
+        log.info("%d accepted slice(s) of this CT (%s) guide their neighbours", len(guide),
+                 ", ".join(map(str, guide.slices[:10])) + (", ..." if len(guide) > 10 else ""))
+    return guide
+
+
 def _axial_slices(image) -> int:
     from ..orientation import axial_shape
 
@@ -203,11 +236,13 @@ def cmd_segment_stream(args: argparse.Namespace) -> int:
         raise InputError(f"cannot open {args.labels} as a .npy array ({e})") from None
     if labels.dtype != np.uint8 or labels.shape != shape:
         raise InputError(f"{args.labels} is {labels.dtype} {labels.shape}; the CT needs uint8 {shape}")
+    corrections = corrections_for(args.corrections)
     predictor = load_predictor(args, args.batch_size)
+    guide = _guide(corrections, image)
     printer = ProgressPrinter(json_lines=True)
-    printer("loaded", 0, 0, "model loaded", settings=predictor.settings())
+    printer("loaded", 0, 0, "model loaded", settings=predictor.settings(), guided_by=list(guide.slices))
     done = 0
-    for result in predictor.iter_slices(image):
+    for result in predictor.iter_slices(image, guide=guide):
         result.place(labels)
         labels.flush()  # on disk (the shared page cache) before the line that announces it
         done += 1
