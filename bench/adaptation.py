@@ -7,8 +7,10 @@ those the panel's *Next slice to check* visits, ``report.slices_to_check``) are 
 outline, type left open -- ``known=lung,infection``; MedSeg: ``known=ggo,consolidation``);
 ``python -m DRSegUNetLib finetune`` runs as a user runs it (its own process, defaults,
 gate, saving; the wall time includes all of it), and the volume's other slices are scored
-with the model the user then has: the new version if the gate made it active, else the
-one before. The raw fine-tuned version's scores are reported too, and so is the shipped
+as ``segment`` gives them to the user: the new version if the gate made it active, else the
+one before, guided by the K accepted slices (``guidance.py``; COVID-19-CT-Seg volumes only,
+MedSeg's slices being of different patients). The fine-tune alone and the guidance alone
+are reported beside it. The raw fine-tuned version's scores are reported too, and so is the shipped
 reference set (never trained on; slices of the volume being adapted are taken out of the
 replay and reference sets first, as they would be for a new patient).
 
@@ -39,7 +41,8 @@ from DRSegUNetLib import default_model_path  # noqa: E402
 from DRSegUNetLib.adaptation import adaptation_data_path, load_adaptation_data, score_samples, write_adaptation_data  # noqa: E402
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelInference  # noqa: E402
-from DRSegUNetLib.data import read_medseg_folder, read_zenodo_npz  # noqa: E402
+from DRSegUNetLib.data import labels_to_allowed, read_medseg_folder, read_zenodo_npz  # noqa: E402
+from DRSegUNetLib.guidance import CorrectionGuide  # noqa: E402
 from DRSegUNetLib.inference import Predictor, slice_uncertainty  # noqa: E402
 from DRSegUNetLib.metrics import counts, region_mask  # noqa: E402
 from DRSegUNetLib.report import slices_to_check  # noqa: E402
@@ -51,20 +54,29 @@ AUDIT_MEDSEG = ("1", "2", "26", "30", "41", "42", "46", "47", "49", "57")
 WORKING_MM = ModelInference().pixel_mm  # the bundled model's (it carries no other)
 
 
-def slice_scores(predictor: Predictor, samples, spacing, regions):
-    """Per slice: {region: Dice or None (empty in both)} and the slice's uncertainty."""
-    out, unc = [], []
-    for s in samples:
-        labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
-        unc.append(float(slice_uncertainty(prob, labels)[0]))
+def slice_scores(predictor: Predictor, samples, spacing, regions, guide=None, index=None):
+    """Per slice: {region: Dice or None (empty in both)} and the slice's uncertainty. With a
+    ``guide`` (guidance.CorrectionGuide, by pool index; ``index``: each sample's), also the rows
+    of the guided labels, as ``segment`` makes them for the volume: (rows, unc, guided rows)."""
+    out, unc, guided = [], [], []
+
+    def row_of(labels, s):
         row = {}
         for r in regions:
             t = s.region_truth(r)
             if t is not None:
-                sc = counts(region_mask(labels[0], r), t).scores()
+                sc = counts(region_mask(labels, r), t).scores()
                 row[r] = None if sc is None else sc["dice"]
-        out.append(row)
-    return out, unc
+        return row
+
+    for n, s in enumerate(samples):
+        labels, prob = predictor.labels(s.hu[None], spacing, eight_bit=s.eight_bit)
+        unc.append(float(slice_uncertainty(prob, labels)[0]))
+        out.append(row_of(labels[0], s))
+        if guide is not None:
+            g = predictor.decide_labels(guide.apply(prob, index[n]), s.hu[None], eight_bit=s.eight_bit)
+            guided.append(row_of(g[0], s))
+    return (out, unc, guided) if guide is not None else (out, unc)
 
 
 def mean_over(rows, idx, region):
@@ -213,6 +225,12 @@ def main() -> int:
             for picker in results["pickers"]:
                 picked = pick(picker, unc, k)
                 rest = [i for i in range(len(pool)) if i not in set(picked)]
+                # What segment does with the accepted slices of the volume it segments again
+                # (guidance.py). MedSeg's slices are of different patients: nothing to guide.
+                guide = None if name == "medseg" else CorrectionGuide(
+                    {i: labels_to_allowed(correction_labels(pool[i]), known) for i in picked})
+                if guide is not None:
+                    _, _, base_guided = slice_scores(base, [pool[i] for i in rest], spacing, regions, guide, rest)
                 with tempfile.TemporaryDirectory(prefix="drsegunet-adapt-") as tmp:
                     model_dir = Path(tmp)
                     shutil.copy(bundled, model_dir / "model.pt")
@@ -223,7 +241,8 @@ def main() -> int:
                     if args.warm_cache and not out.get("reference_cached"):
                         raise RuntimeError("--warm-cache: the fine-tune did not find the reference scores put in its cache")
                     new = Predictor.from_checkpoint(out["path"], device="cpu")
-                    after_rows, _ = slice_scores(new, [pool[i] for i in rest], spacing, regions)
+                    scored = slice_scores(new, [pool[i] for i in rest], spacing, regions, guide, rest)
+                    after_rows, after_guided = scored[0], (scored[2] if guide is not None else None)
                     ref_after = score_samples(new, sub.reference, ref_spacing, ref_regions)
                     audit_after = score_samples(new, audit, {}, audit_regions)
                 run = {"k": k, "picker": picker, "picked": picked, "activated": out["activated"], "seconds": round(seconds, 1),
@@ -231,11 +250,22 @@ def main() -> int:
                 for r in regions:
                     b = mean_over(before_rows, rest, r)
                     a = mean_over(after_rows, range(len(rest)), r)
-                    run[r] = {"before": b, "raw": a, "user": a if out["activated"] else b}
+                    # user: what segment gives after the fine-tune (guided where there is a guide);
+                    # finetune_only: without the guidance; guide_only: the model before, guided.
+                    finetuned = a if out["activated"] else b
+                    if guide is None:
+                        run[r] = {"before": b, "raw": a, "user": finetuned, "finetune_only": finetuned, "guide_only": b}
+                    else:
+                        ga = mean_over(after_guided, range(len(rest)), r)
+                        gb = mean_over(base_guided, range(len(rest)), r)
+                        run[r] = {"before": b, "raw": a, "user": ga if out["activated"] else gb,
+                                  "finetune_only": finetuned, "guide_only": gb}
                 vol["runs"].append(run)
                 key = "infection"
                 print(f"  K={k:2d} {picker:9s} {key} {run[key]['before']:.3f} -> raw {run[key]['raw']:.3f} "
-                      f"user {run[key]['user']:.3f} ({run[key]['user'] - run[key]['before']:+.3f}) "
+                      f"user {run[key]['user']:.3f} ({run[key]['user'] - run[key]['before']:+.3f}; fine-tune only "
+                      f"{run[key]['finetune_only'] - run[key]['before']:+.3f}, guidance only "
+                      f"{run[key]['guide_only'] - run[key]['before']:+.3f}) "
                       f"{'active' if out['activated'] else 'gated'}  ref ggo "
                       f"{ref_before.get('ggo', float('nan')):.3f}->{ref_after.get('ggo', float('nan')):.3f} audit ggo "
                       f"{audit_before['ggo']:.3f}->{audit_after['ggo']:.3f} alpha {out['gate'].get('alpha')}  {seconds:.0f}s",
@@ -276,9 +306,10 @@ def merge(parts: list) -> dict:
 def table(results) -> str:
     """Markdown: per K and picker, mean and worst gain on the rest of the volume (infection Dice,
     the model the user gets), volumes activated, reference GGO drop, seconds."""
-    lines = ["| K | picker | mean infection gain (user) | worst volume | mean gain of the saved version | activated | "
+    lines = ["| K | picker | mean infection gain (user) | worst volume | fine-tune only | guidance only | "
+             "mean gain of the saved version | activated | "
              "largest reference GGO drop (activated versions) | mean audit GGO change (user) | median s per fine-tune |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in results["k"]:
         for picker in results["pickers"]:
             runs = [(n, r) for n, v in results["volumes"].items() for r in v["runs"] if r["k"] == k and r["picker"] == picker]
@@ -290,7 +321,11 @@ def table(results) -> str:
             drops = [results["volumes"][n]["reference_before"].get("ggo", 0) - r["reference_after"].get("ggo", 0)
                      for n, r in runs if "ggo" in r["reference_after"] and r["activated"]]
             audit = [(r["audit_after"]["ggo"] - results["audit_before"]["ggo"]) if r["activated"] else 0.0 for _, r in runs]
-            lines.append(f"| {k} | {picker} | {np.mean(gains):+.3f} | {worst[0]:+.3f} ({worst[1]}) | {np.mean(raw):+.3f} | "
+            # Runs from before segment's guidance (guidance.py) have neither: "—".
+            only = {w: (f"{np.mean([r['infection'][w] - r['infection']['before'] for _, r in runs]):+.3f}"
+                        if all(w in r["infection"] for _, r in runs) else "—") for w in ("finetune_only", "guide_only")}
+            lines.append(f"| {k} | {picker} | {np.mean(gains):+.3f} | {worst[0]:+.3f} ({worst[1]}) | "
+                         f"{only['finetune_only']} | {only['guide_only']} | {np.mean(raw):+.3f} | "
                          f"{sum(r['activated'] for _, r in runs)}/{len(runs)} | {max(drops) if drops else float('nan'):+.3f} | "
                          f"{np.mean(audit):+.3f} | {np.median([r['seconds'] for _, r in runs]):.0f} |")
     columns = [(k, p) for k in results["k"] for p in results["pickers"]

@@ -526,7 +526,8 @@ class FineTuneJob(Job):
                         why="; ".join((self.gate or {}).get("reasons", [])) or _("see the log"))
                 else:
                     self.modelStore.set_active(self.version)  # what the command did (older commands: always)
-                    self.message = _("New model v{version} is active (previous: v{parent}). {gate}").format(
+                    self.message = _("New model v{version} is active (previous: v{parent}). {gate} Segment again to "
+                                     "use it; the slices you accepted guide their neighbours.").format(
                         version=self.version, parent=self.parent.version, gate=self.gateSummary())
             elif self._cancelSent:
                 self.state = "cancelled"
