@@ -43,6 +43,14 @@ LESION = np.arange(-2.0, 2.01, 0.25)
 LUNG = np.arange(-1.0, 1.01, 0.5)
 
 
+def bundled_predictor():
+    """(the bundled model's Predictor on the CPU, its shipped adaptation data)."""
+    bundled = default_model_path()
+    ckpt = load_checkpoint(bundled)
+    data = load_adaptation_data(adaptation_data_path(bundled), ckpt.config.eight_bit)
+    return Predictor(ckpt.build_model(), ckpt.config, "cpu"), data
+
+
 def probs(pred, samples, spacing_of, tag):
     path = CACHE / f"{tag}.npz"
     if path.exists():
@@ -86,10 +94,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--volumes", default="0,1,2,3,4,5,6,7,8,medseg")
     args = ap.parse_args()
-    bundled = default_model_path()
-    ckpt = load_checkpoint(bundled)
-    data = load_adaptation_data(adaptation_data_path(bundled), ckpt.config.eight_bit)
-    pred = Predictor(ckpt.build_model(), ckpt.config, "cpu")
+    pred, data = bundled_predictor()
     audit = [s for s in read_medseg_folder(args.shared_data / "medseg" / "train50") if s.name in AUDIT_MEDSEG]
     ref = list(data.reference)
     ref_p = probs(pred, ref, lambda s: data.spacing.get(s.name), "reference")

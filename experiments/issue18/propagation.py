@@ -22,12 +22,8 @@ sys.path.insert(0, str(ROOT / "experiments" / "issue18"))
 torch.set_num_threads(1)
 
 from adaptation import correction_labels, evenly, volumes  # noqa: E402
-from bias_adapter import probs  # noqa: E402
+from bias_adapter import bundled_predictor, probs  # noqa: E402
 
-from DRSegUNetLib import default_model_path  # noqa: E402
-from DRSegUNetLib.adaptation import adaptation_data_path, load_adaptation_data  # noqa: E402
-from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
-from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.metrics import counts, region_mask  # noqa: E402
 
 
@@ -51,10 +47,7 @@ def main() -> int:
     ap.add_argument("--volumes", default="0,1,2,3,4,5,6,7,8")
     ap.add_argument("--settings", default="0.5:2,0.5:4,0.7:3,0.9:2,0.9:5")
     args = ap.parse_args()
-    bundled = default_model_path()
-    ckpt = load_checkpoint(bundled)
-    data = load_adaptation_data(adaptation_data_path(bundled), ckpt.config.eight_bit)
-    pred = Predictor(ckpt.build_model(), ckpt.config, "cpu")
+    pred, data = bundled_predictor()
     settings = [tuple(float(v) for v in (s + ":1").split(":")[:3]) for s in args.settings.split(",")]
     print("| volume | K=0 | nearest mask copied | " + " | ".join(f"w0 {a} tau {b:g}{' both' if c == 2 else ''}" for a, b, c in settings) + " |")
     print("|---" * (3 + len(settings)) + "|")
