@@ -122,12 +122,12 @@ class SegmentationJob(Job):
         """
         Args:
             segments: plans, makes and writes the segments (the logic's :class:`SegmentWriter`).
-            corrections: corrections store folder whose accepted slices of this volume guide
-                their neighbours (``DRSegUNetLib.guidance``); None: no guidance.
             reportTable: ``report -> table node`` for the finished report.
             predictorFactory: ``(modelPath, device) -> Predictor``, run in a worker thread; None:
                 ``startLibrary("segment-stream", ...)`` runs the network in a separate process,
                 with its files in ``temporaryFolder`` (None: the system's).
+            corrections: corrections store folder whose accepted slices of this volume guide
+                their neighbours (``DRSegUNetLib.guidance``); None: no guidance.
         """
         super().__init__()
         self.segments = segments
