@@ -89,7 +89,7 @@ class CorrectionGuide:
             allowed = self.allowed[near]
             if allowed.shape != tuple(prob.shape[-2:]):
                 raise ValueError(f"accepted slice {near} is {allowed.shape}, the probabilities {tuple(prob.shape[-2:])}")
-            out[k] = pull(prob[k], allowed, min(w, 1.0))
+            out[k] = pull(prob[k], allowed, w)
         return prob if out is None else out
 
     @classmethod
@@ -107,11 +107,9 @@ class CorrectionGuide:
                 continue
             c = store.load(info.id)
             same = np.allclose(c.ct_hu, ct_view[info.slice_index], rtol=0, atol=HU_TOLERANCE)
-            if same and (info.slice_index not in found or found[info.slice_index][0] <= c.time):
-                found[info.slice_index] = (c.time, labels_to_allowed(c.labels, c.known))
+            if same and (info.slice_index not in found or found[info.slice_index][0] <= info.time):
+                found[info.slice_index] = (info.time, labels_to_allowed(c.labels, c.known))
         return cls({i: a for i, (_, a) in found.items()})
-
-
 
 
 def guide_for_image(store, image) -> CorrectionGuide:

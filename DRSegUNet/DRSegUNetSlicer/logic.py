@@ -342,12 +342,12 @@ class DRSegUNetLogic:
         if segmentationNode is None:
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} DRSegUNet")
         # Slices accepted from this volume guide their neighbours (DRSegUNetLib.guidance).
-        corrections = self.correctionsStore.root if self.correctionsStore.root.is_dir() else None
+        corrections = str(self.correctionsStore.root) if self.correctionsStore.root.is_dir() else None
         return SegmentationJob(volumeNode, segmentationNode, image, modelPath, device, pixelMM,
                                existing="replace" if existing == "replace" else "keep", segments=self.segments,
                                reportTable=self.reportTable, predictorFactory=self.predictorFactory,
                                startLibrary=self.startLibrary, temporaryFolder=self.temporaryFolder(),
-                               corrections=str(corrections) if corrections else None)
+                               corrections=corrections)
 
     def segment(self, volumeNode, segmentationNode=None, model: Any = None, device: str = "auto",
                 progress: Optional[Callable[..., None]] = None, cancel: Optional[Callable[[], bool]] = None,

@@ -66,17 +66,13 @@ def _add_segment_options(p: argparse.ArgumentParser) -> None:
 
 
 def corrections_for(path: Optional[str]):
-    """The corrections store that guides segment (None with 'none'); see --corrections."""
-    from ..store import CorrectionsStore, default_home
+    """The corrections store that guides segment (None with 'none'); see --corrections. One
+    named on the command line must exist; the user's default may not yet."""
+    from .correction_loop import corrections_store
 
     if path is not None and path.lower() == "none":
         return None
-    root = Path(path) if path else default_home() / "corrections"
-    if root.exists() and not root.is_dir():
-        raise InputError(f"--corrections {root} is not a folder")
-    if path and not root.exists():
-        raise InputError(f"--corrections {root} does not exist (give 'none' for no guidance)")
-    return CorrectionsStore(root)
+    return corrections_store(path, must_exist=bool(path))
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
