@@ -4,8 +4,11 @@
 # 1. 5-fold cross-validation (docs/crossval.md) of DRSegUNet (transposed-conv and up-sampling
 #    decoders) and the MONAI U-Net at a GPU budget: STEPS steps of BATCH crops of CROP px each,
 #    bf16, WORKERS crop processes; OUTDIR/crossval/summary.md is the table.
-# 2. The final model: the same recipe on all the data (splits/all.json), OUTDIR/final/last.pt,
-#    exported as OUTDIR/final/drsegunet_level1.pt (fp16); OUTDIR/settings.json records the run.
+# 2. The final model: the bundled model's recipe (scripts/train_bundled.sh, issue 21) on all the
+#    data, with FINAL_BATCH (16) crops a step instead of the CPU's 8 and FINAL_STEPS1 /
+#    FINAL_STEPS2 (5000 / 2800) steps, exported as OUTDIR/final/drsegunet_level1.pt (fp16);
+#    OUTDIR/settings.json records the run. CV=0 skips the cross-validation and gives the
+#    final model the whole limit.
 # Everything stops at LIMIT_S seconds (default 560, under a 10-minute device call); the
 # cross-validation resumes where it stopped when run again with the same OUTDIR.
 #
@@ -13,7 +16,8 @@
 #      MEDSEG (default ../shared/data/medseg/train50), ZENODO (default
 #      ../shared/data/zenodo20/zenodo20_dev.npz), STEPS (800), BATCH (16), CROP (256),
 #      WORKERS (8), MODELS (drsegunet,monai-unet,drsegunet-upsample), LIMIT_S (560),
-#      DEVICE (cuda; "cpu" with tiny STEPS is a smoke test of this script).
+#      DEVICE (cuda; "cpu" with tiny STEPS is a smoke test of this script), CV (1),
+#      FINAL_BATCH, FINAL_STEPS1, FINAL_STEPS2.
 # Measured on an NVIDIA H200 (docs/crossval.md, "First GPU run"): 21 s per DRSegUNet fold at 800
 # steps, 55 s at 2,000. On the lent machine, see bench/device_pack.sh and bench/device_run.sh.
 set -u -o pipefail
@@ -31,6 +35,7 @@ BATCH=${BATCH:-16}
 CROP=${CROP:-256}
 WORKERS=${WORKERS:-8}
 MODELS=${MODELS:-drsegunet,monai-unet,drsegunet-upsample}
+CV=${CV:-1}
 LOG="$OUT/run.log"
 START=$(date +%s)
 say() { echo "[gpu_crossval] $*" | tee -a "$LOG" >&2; }
@@ -56,30 +61,31 @@ COMMON=(--epochs "$EPOCHS" --steps-per-epoch "$SPE" --batch-size "$BATCH" --crop
         --lr 1e-3 --lr-schedule cosine --workers "$WORKERS" --device "$DEVICE")
 export PYTHONUNBUFFERED=1
 
-# Leave time for the final model: the cross-validation gets 70 % of what is left.
-CV_LIMIT=$(( $(left) * 70 / 100 ))
-say "cross-validation, at most ${CV_LIMIT}s"
-timeout -k 10 "$CV_LIMIT" "$PY" -m DRSegUNetLib crossval "$MEDSEG" "$ZENODO" --out "$OUT/crossval" \
-    --models "$MODELS" "${COMMON[@]}" >>"$LOG" 2>&1
-rc=$?
-if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    say "cross-validation stopped at its limit; finished folds are in $OUT/crossval (rerun to resume)"
+rc=0
+if [ "$CV" != 0 ]; then
+    # Leave time for the final model: the cross-validation gets 70 % of what is left.
+    CV_LIMIT=$(( $(left) * 70 / 100 ))
+    say "cross-validation, at most ${CV_LIMIT}s"
+    timeout -k 10 "$CV_LIMIT" "$PY" -m DRSegUNetLib crossval "$MEDSEG" "$ZENODO" --out "$OUT/crossval" \
+        --models "$MODELS" "${COMMON[@]}" >>"$LOG" 2>&1
+    rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        say "cross-validation stopped at its limit; finished folds are in $OUT/crossval (rerun to resume)"
+    fi
+    [ -f "$OUT/crossval/summary.md" ] && cp "$OUT/crossval/summary.md" "$OUT/crossval_summary.md"
 fi
-[ -f "$OUT/crossval/summary.md" ] && cp "$OUT/crossval/summary.md" "$OUT/crossval_summary.md"
 
 FINAL_LIMIT=$(( $(left) - 20 ))
 if [ "$FINAL_LIMIT" -lt 30 ]; then
     say "no time left for the final model"
     exit "$rc"
 fi
-say "final model on all the data, at most ${FINAL_LIMIT}s"
-timeout -k 10 "$FINAL_LIMIT" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" --out "$OUT/final" \
-    --split DRSegUNetLib/splits/all.json "${COMMON[@]}" >>"$LOG" 2>&1
+say "final model on all the data (the bundled model's recipe), at most ${FINAL_LIMIT}s"
+PYTHON="$PY" MEDSEG="$MEDSEG" ZENODO="$ZENODO" SPLIT="" DEVICE="$DEVICE" WORKERS="$WORKERS" \
+    BATCH="${FINAL_BATCH:-16}" STEPS1="${FINAL_STEPS1:-5000}" STEPS2="${FINAL_STEPS2:-2800}" LIMIT_S="$FINAL_LIMIT" \
+    bash scripts/train_bundled.sh "$OUT/final" >>"$LOG" 2>&1
 rc2=$?
-[ "$rc2" -ne 0 ] && say "final training ended with rc $rc2; exporting its last finished epoch if there is one"
-if [ -f "$OUT/final/last.pt" ]; then
-    "$PY" -m DRSegUNetLib export "$OUT/final/last.pt" "$OUT/final/drsegunet_level1.pt" >>"$LOG" 2>&1 || rc2=$?
-fi
+[ "$rc2" -ne 0 ] && say "final training ended with rc $rc2; the stages that finished are kept in $OUT/final (rerun to continue)"
 echo "{\"steps\": $STEPS, \"batch\": $BATCH, \"crop\": $CROP, \"workers\": $WORKERS, \"models\": \"$MODELS\", \"device\": \"$DEVICE\", \"seconds\": $(( $(date +%s) - START ))}" >"$OUT/settings.json"
 say "done in $(( $(date +%s) - START ))s (crossval rc $rc, final rc $rc2)"
 [ "$rc" -eq 0 ] && exit "$rc2"
