@@ -180,6 +180,9 @@ def main() -> int:
     ap.add_argument("shared_data", type=Path, nargs="?", help="the shared data folder (medseg/, zenodo20/)")
     ap.add_argument("--table", type=Path, nargs="+", default=None,
                     help="print the table of earlier --json outputs (merged) instead of running")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="the starting checkpoint (default: the bundled model); its replay and reference slices "
+                         "are the ones beside it, else the bundled model's")
     ap.add_argument("--volumes", default="0,1,2,3,4,5,6,7,8,medseg")
     ap.add_argument("--k", default="2,5,10", help="corrected slices per volume (0 is always scored)")
     ap.add_argument("--pickers", default="even,uncertain", help=f"comma list of {', '.join(PICKERS)} (pick's doc)")
@@ -201,9 +204,13 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    bundled = default_model_path()
+    bundled = args.model or default_model_path()
     ckpt = load_checkpoint(bundled)
-    data = load_adaptation_data(adaptation_data_path(bundled), ckpt.config.eight_bit)
+    if ckpt.config.inference.pixel_mm != WORKING_MM:
+        ap.error(f"--model: its working pixel is {ckpt.config.inference.pixel_mm} mm; this benchmark assumes {WORKING_MM} mm")
+    adapt = adaptation_data_path(bundled)
+    data = load_adaptation_data(adapt if adapt.exists() else adaptation_data_path(default_model_path()),
+                                ckpt.config.eight_bit)
     base = Predictor(ckpt.build_model(), ckpt.config, "cpu")  # the model's own working pixel and decision
     audit = [s for s in read_medseg_folder(args.shared_data / "medseg" / "train50") if s.name in AUDIT_MEDSEG]
     audit_regions = ("ggo", "consolidation", "infection")
