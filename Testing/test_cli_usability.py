@@ -110,6 +110,44 @@ def test_evaluate_says_which_scored_slices_trained_the_model_and_shows_progress(
                for r in caplog.records)
 
 
+def test_evaluate_says_when_the_model_was_trained_on_every_slice_of_the_data(tmp_path, caplog):
+    """A model trained with ``train --split ""`` (the bundled all-data model) has no held-out slice
+    in its data: the default split's test part is then training data, and evaluate says so."""
+    import torch
+
+    from DRSegUNetLib.checkpoint import Checkpoint, save_checkpoint
+    from DRSegUNetLib.config import ModelConfig, NetworkConfig
+    from DRSegUNetLib.data import fingerprint
+    from DRSegUNetLib.network import DRSegUNet
+
+    data = TESTDATA / "zenodo_mini.npz"
+    torch.manual_seed(0)
+    cfg = ModelConfig(network=NetworkConfig(base_filters=4))
+    model = DRSegUNet(cfg.network).eval()
+    paths = {}
+    for name, fp in (("all", {"data": fingerprint([data]), "split": None}),
+                     ("other_data", {"data": {"x.npz": "0" * 64}, "split": None}),
+                     ("split", {"data": fingerprint([data]), "split": "default.json"})):
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(Checkpoint.from_model(model, cfg, fingerprint=fp), paths[name])
+    out = tmp_path / "e.json"
+    results = {}
+    for name, path in paths.items():
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert main(["evaluate", str(data), "--model", str(path), "--json", str(out), "--device", "cpu",
+                         "--split-part", "test"]) == 0
+        results[name] = (json.loads(out.read_text()), [r for r in caplog.records if r.levelname == "WARNING"])
+    e, warnings = results["all"]
+    assert e["n_slices"] == 2 and e["n_slices_in_training_part"] == 2 and e["split"]["model_trained_on_every_slice"]
+    assert len(warnings) == 1 and "trained on in full" in warnings[0].getMessage()
+    assert "none of them is held out" in warnings[0].getMessage()
+    for name in ("other_data", "split"):  # another data set, or a split that held these slices out
+        e, warnings = results[name]
+        assert e["n_slices_in_training_part"] == 0 and "model_trained_on_every_slice" not in e["split"], name
+        assert not warnings, name
+
+
 # ----------------------------------------------------------------- export (item 13)
 
 

@@ -135,6 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split = {"file": Path(args.split).name if args.split else None,
              "model_trained_with": ((checkpoint.fingerprint or {}).get("split") if checkpoint is not None else None),
              **{part: sum(id(s) in scored for s in members) for part, members in parts.items()}}
+    if _trained_on_all_of(checkpoint, args.data):
+        split["model_trained_on_every_slice"] = True
     _split_note(split, len(samples))
     pixels = (_pixel_note(args, predictor, samples) if predictor is not None
               else {"slice_pixel_mm": None, "slice_pixel_mm_from": None, "pixel_mm": None})
@@ -173,14 +175,32 @@ def _result(args: argparse.Namespace, predictor, n_slices: int, split: dict, sum
            "flip_tta": None if predictor is None else predictor.inference.flip_tta,
            **pixels, "n_slices": n_slices, "split_part": args.split_part,
            # how many scored slices the split puts in each part: "train" ones taught the model
-           "split": split, "n_slices_in_training_part": split["train"], "metrics": summary}
+           "split": split,
+           "n_slices_in_training_part": n_slices if split.get("model_trained_on_every_slice") else split["train"],
+           "metrics": summary}
     if args.predictions:
         out["predictions"] = str(args.predictions)
     return out
 
 
+def _trained_on_all_of(checkpoint, data: str) -> bool:
+    """Whether ``checkpoint`` was trained on every slice of ``data``: ``train --split ""`` records the
+    split as None beside the sha256 of each data set (a fine-tune keeps its start's record)."""
+    fp = (checkpoint.fingerprint or {}) if checkpoint is not None else {}
+    if "split" not in fp or fp["split"] is not None or not isinstance(fp.get("data"), dict):
+        return False
+    from ..data import fingerprint
+
+    return next(iter(fingerprint([data]).values())) in fp["data"].values()
+
+
 def _split_note(split: dict, n: int) -> None:
     """One line on stderr: how many of the ``n`` slices to be scored trained the model under the split."""
+    if split.get("model_trained_on_every_slice"):
+        log.warning("scoring %d slices of a data set the model was trained on in full (its checkpoint records no "
+                    "split): none of them is held out, so the scores show how well it fits them, not how it does "
+                    "on new CT", n)
+        return
     if not split["file"]:
         log.warning("scoring %d slices with no --split: nothing says which of them trained the model", n)
         return
