@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The prepared call on the lent GPU machine (after bench/device_pack.sh; carry .device-data):
 #   TOTAL_S=550 CV_LIMIT=390 bash bench/device_run.sh 2>&1 | tee $OUT/run_out.txt
+#   (issue 21's all-data model in the bundled model's recipe, alone:
+#    CV=0 TOTAL_S=560 CV_LIMIT=540 bash bench/device_run.sh; every 4th COVID-19-CT-Seg slice travels)
 #  1. bench/gpu_crossval.sh (cross-validation folds, then the all-data model) on train50 and
 #     every 4th COVID-19-CT-Seg slice; MODELS, STEPS, ... pass through to it;
 #  2. bench/gpu.sh (issue 6's benchmark) with the time left of TOTAL_S, if 70 s or more;
