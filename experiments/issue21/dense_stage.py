@@ -6,7 +6,8 @@ With probability P per crop, the pixels known to be consolidation (MedSeg's, ``a
 consolidation only) are raised toward a density drawn from HU_LOW..HU_HIGH: hu + w * s *
 (target - hu) where it is below the target, w a soft mask of those pixels (Gaussian, sigma 1.5
 px, so the edge blends), s drawn from 0.5..1 (some texture stays); pixels darker than -850 HU
-(air bronchograms) are left. It runs after the crop's own augmentation, on a random stream
+(air bronchograms) are left; ``--open-type`` does the same to COVID-19-CT-Seg's infection
+(type open), whose crops label the tissue outside the lung background. It runs after the crop's own augmentation, on a random stream
 of its own, so with P = 0 the crops are exactly `train`'s (with `--workers 0`: crop processes do
 not see the patch). Everything else is
 `python -m DRSegUNetLib train ARGS...`.
@@ -28,14 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import DRSegUNetLib.training as training  # noqa: E402
 from DRSegUNetLib.cli import main as cli_main  # noqa: E402
 from DRSegUNetLib.data import bit  # noqa: E402
-from DRSegUNetLib.vocabulary import CONSOLIDATION  # noqa: E402
+from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO  # noqa: E402
 
 BRONCHOGRAM_HU = -850.0
 
 
-def densify(hu: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, hu_range: tuple[float, float]) -> np.ndarray:
-    """``hu`` with its consolidation-only pixels raised toward a drawn density (module doc)."""
+def densify(hu: np.ndarray, allowed: np.ndarray, rng: np.random.Generator, hu_range: tuple[float, float],
+            open_type: bool = False) -> np.ndarray:
+    """``hu`` with its consolidation-only pixels raised toward a drawn density (module doc);
+    ``open_type``: also lesions of open type (COVID-19-CT-Seg's infection, whose lung mask says
+    where the lung ends, so dense lesion is shown beside tissue labelled background)."""
     cons = allowed == bit(CONSOLIDATION)
+    if open_type:
+        cons |= allowed == bit(GGO, CONSOLIDATION)
     if not cons.any():
         return hu
     target = rng.uniform(*hu_range)
@@ -49,6 +55,7 @@ def run(argv=None) -> int:
     ap.add_argument("--dense", type=float, default=0.0, help="probability per crop")
     ap.add_argument("--hu", default="-100,40", help="range of the target density, HU")
     ap.add_argument("--dense-seed", type=int, default=12345)
+    ap.add_argument("--open-type", action="store_true", help="also densify lesions of open type (COVID-19-CT-Seg)")
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     lo, hi = (float(v) for v in a.hu.split(","))
@@ -58,7 +65,7 @@ def run(argv=None) -> int:
     def draw(self):
         hu, allowed = plain(self)
         if a.dense > 0 and rng.random() < a.dense:
-            hu = densify(hu, allowed, rng, (lo, hi))
+            hu = densify(hu, allowed, rng, (lo, hi), a.open_type)
         return hu, allowed
 
     training.PatchSampler.draw = draw
