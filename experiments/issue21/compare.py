@@ -67,9 +67,14 @@ def probabilities(pred: Predictor, samples, cache: Path):
 
 def per_slice(pred: Predictor, samples, probs) -> dict[str, dict[str, float]]:
     """{target: {slice name: Dice}}; slices where truth and prediction are both empty are left out."""
+    return per_slice_labels(samples, [pred.decide_labels(torch.from_numpy(p)[None], s.hu[None], eight_bit=s.eight_bit)[0]
+                                      for s, p in zip(samples, probs)])
+
+
+def per_slice_labels(samples, labels_list) -> dict[str, dict[str, float]]:
+    """As :func:`per_slice`, of label maps given slice by slice."""
     out: dict[str, dict[str, float]] = {f"{s}_{r}": {} for s, r in TARGETS}
-    for s, p in zip(samples, probs):
-        labels = pred.decide_labels(torch.from_numpy(p)[None], s.hu[None], eight_bit=s.eight_bit)[0]
+    for s, labels in zip(samples, labels_list):
         for src, region in TARGETS:
             truth = s.region_truth(region) if s.source == src else None
             if truth is None:

@@ -25,10 +25,9 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, TARGETS, _sha, load_samples, probabilities  # noqa: E402
+from compare import ROOT, TARGETS, _sha, load_samples, per_slice_labels, probabilities  # noqa: E402
 
 from DRSegUNetLib.inference import Predictor  # noqa: E402
-from DRSegUNetLib.metrics import counts, region_mask  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
 
 EIGHT = np.ones((3, 3), bool)
@@ -72,17 +71,9 @@ def main() -> int:
     print("|---|" + "---|" * (len(keys) + 1))
     for cell in args.grid.split(","):
         a, b = (float(x) for x in cell.split(":"))
-        scores: dict[str, list[float]] = {k: [] for k in keys}
-        for s, p, lab in zip(samples, probs, base):
-            scale = (s.pixel_mm / work) ** 2 if (s.pixel_mm and work) else 1.0
-            out = drop_small(lab, p.astype(np.float32), a, b, scale)
-            for src, region in TARGETS:
-                truth = s.region_truth(region) if s.source == src else None
-                if truth is None:
-                    continue
-                sc = counts(region_mask(out, region), truth).scores()
-                if sc is not None:
-                    scores[f"{src}_{region}"].append(sc["dice"])
+        outs = [drop_small(lab, p.astype(np.float32), a, b, (s.pixel_mm / work) ** 2 if (s.pixel_mm and work) else 1.0)
+                for s, p, lab in zip(samples, probs, base)]
+        scores = {k: list(v.values()) for k, v in per_slice_labels(samples, outs).items()}
         means = [float(np.mean(scores[k])) for k in keys]
         print(f"| {a:g} : {b:g} | " + " | ".join(f"{m:.3f} ({len(scores[k])})" for m, k in zip(means, keys))
               + f" | {np.mean(means):.3f} |")
