@@ -80,6 +80,15 @@ def adaptation_data_path(checkpoint_path: str | Path) -> Path:
     return p.with_name(p.name[: -len(p.suffix)] + ".adapt.npz" if p.suffix else p.name + ".adapt.npz")
 
 
+def adaptation_data_for(checkpoint_path: str | Path) -> Path:
+    """The replay and reference slices a fine-tune from ``checkpoint_path`` uses: those beside it
+    (:func:`adaptation_data_path`), else the bundled model's."""
+    from . import default_model_path
+
+    path = adaptation_data_path(checkpoint_path)
+    return path if path.exists() else adaptation_data_path(default_model_path())
+
+
 def write_adaptation_data(path: str | Path, slices: Sequence[dict[str, Any]]) -> None:
     """Write slices ``{"ct_uint8" or "hu", "allowed", "name", "group", "role", "spacing"}``
     into one ``.npz`` (``role``: ``replay`` or ``reference``; ``spacing``: (row, col) mm or None)."""

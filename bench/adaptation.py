@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from DRSegUNetLib import default_model_path  # noqa: E402
-from DRSegUNetLib.adaptation import adaptation_data_path, load_adaptation_data, score_samples, write_adaptation_data  # noqa: E402
+from DRSegUNetLib.adaptation import adaptation_data_for, adaptation_data_path, load_adaptation_data, score_samples, write_adaptation_data  # noqa: E402
 from DRSegUNetLib.checkpoint import load_checkpoint  # noqa: E402
 from DRSegUNetLib.config import ModelInference  # noqa: E402
 from DRSegUNetLib.data import labels_to_allowed, read_medseg_folder, read_zenodo_npz  # noqa: E402
@@ -204,19 +204,17 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    bundled = args.model or default_model_path()
-    ckpt = load_checkpoint(bundled)
+    start = args.model or default_model_path()
+    ckpt = load_checkpoint(start)
     if ckpt.config.inference.pixel_mm != WORKING_MM:
         ap.error(f"--model: its working pixel is {ckpt.config.inference.pixel_mm} mm; this benchmark assumes {WORKING_MM} mm")
-    adapt = adaptation_data_path(bundled)
-    data = load_adaptation_data(adapt if adapt.exists() else adaptation_data_path(default_model_path()),
-                                ckpt.config.eight_bit)
+    data = load_adaptation_data(adaptation_data_for(start), ckpt.config.eight_bit)
     base = Predictor(ckpt.build_model(), ckpt.config, "cpu")  # the model's own working pixel and decision
     audit = [s for s in read_medseg_folder(args.shared_data / "medseg" / "train50") if s.name in AUDIT_MEDSEG]
     audit_regions = ("ggo", "consolidation", "infection")
     audit_before = score_samples(base, audit, {}, audit_regions)
     ks = [int(k) for k in args.k.split(",") if k.strip() and int(k) > 0]
-    results = {"model": str(bundled), "finetune_args": args.finetune_args, "warm_cache": args.warm_cache, "k": ks, "pickers": args.pickers.split(","), "volumes": {},
+    results = {"model": str(start), "finetune_args": args.finetune_args, "warm_cache": args.warm_cache, "k": ks, "pickers": args.pickers.split(","), "volumes": {},
                "audit_before": audit_before}
     for name, pool, spacing, corr_spacing, known, regions, drop in volumes(args.shared_data, data, args.volumes.split(",")):
         sub = data.without_groups(drop)
@@ -240,7 +238,7 @@ def main() -> int:
                     _, _, base_guided = slice_scores(base, [pool[i] for i in rest], spacing, regions, guide, rest)
                 with tempfile.TemporaryDirectory(prefix="drsegunet-adapt-") as tmp:
                     model_dir = Path(tmp)
-                    shutil.copy(bundled, model_dir / "model.pt")
+                    shutil.copy(start, model_dir / "model.pt")
                     write_adaptation_data(adaptation_data_path(model_dir / "model.pt"), _as_slices(sub))
                     out, seconds = run_finetune(model_dir, pool, picked, corr_spacing, known, args.threads,
                                                 args.finetune_args.split(),

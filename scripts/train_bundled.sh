@@ -58,13 +58,11 @@ RECIPE=(--batch-size "$BATCH" --crop 256 --lr-schedule cosine --loss ce+regiondi
 stage() {  # name, steps, then train's own options
     local name=$1 steps=$2; shift 2
     if [ -f "$OUT/$name/DONE" ]; then say "$name finished before; skipped"; return 0; fi
-    local run=(timeout -k 10)
+    local run=()
     if [ "$LIMIT" -gt 0 ]; then
         local left=$((LIMIT - ($(date +%s) - START) - 30))
         [ "$left" -ge 30 ] || { say "no time left for $name"; return 124; }
-        run+=("$left")
-    else
-        run=()
+        run=(timeout -k 10 "$left")
     fi
     say "$name: $steps steps on $DEVICE"
     "${run[@]}" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" --out "$OUT/$name" \

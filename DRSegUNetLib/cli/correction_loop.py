@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .. import default_model_path
 from ..config import (ActivatePolicy, BatchNormMode, FineTuneConfig, InferenceConfig, Loss, ReplayLoss,
                       check_pixel_mm)
 from ..errors import InputError
@@ -142,8 +141,8 @@ def corrections_store(path: Optional[str], must_exist: bool):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..adaptation import (REFERENCE_CACHE, CorrectionSlice, cached_reference, finetune, load_adaptation_data,
-                              preset, reference_key, remember_reference)
+    from ..adaptation import (REFERENCE_CACHE, CorrectionSlice, adaptation_data_for, cached_reference, finetune,
+                              load_adaptation_data, preset, reference_key, remember_reference)
     from ..checkpoint import load_checkpoint
 
     printer = ProgressPrinter(json_lines=args.json_progress)
@@ -168,7 +167,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         c = corrections.load(cid)
         slices.append(CorrectionSlice(c.ct_hu, c.labels, tuple(c.spacing), c.known, cid, c.source, c.slice_index))
     init = load_checkpoint(start)
-    data_path = _adaptation_data_for(start)
+    data_path = adaptation_data_for(start)
     data = load_adaptation_data(data_path, init.config.eight_bit)
     fingerprint = corrections.fingerprint(ids)
     # The starting model's reference scores are kept in the store, so that only its first
@@ -183,19 +182,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         remember_reference(cache, start_key, outcome.gate.reference_before)
     version = _add_version(args, store, outcome, config, ids, fingerprint, start, parent)
     new_path = version.path
-    remember_reference(cache, reference_key(new_path, _adaptation_data_for(new_path), pixel_mm, args.device),
+    remember_reference(cache, reference_key(new_path, adaptation_data_for(new_path), pixel_mm, args.device),
                        outcome.gate.reference_after)
     _announce(args, store, version, outcome, parent, printer, config.soup)
     return 0
-
-
-def _adaptation_data_for(checkpoint: Path) -> Path:
-    """The replay and reference slices a fine-tune from ``checkpoint`` uses: those beside it,
-    else the bundled model's."""
-    from ..adaptation import adaptation_data_path
-
-    path = adaptation_data_path(checkpoint)
-    return path if path.exists() else adaptation_data_path(default_model_path())
 
 
 def _add_version(args: argparse.Namespace, store, outcome, config, ids, fingerprint, start, parent):
