@@ -165,6 +165,37 @@ def _other_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
+def test_export_keeps_float32_where_float16_would_overflow(tmp_path):
+    """A BatchNorm running variance beyond float16's range (the all-data model's decoders reach
+    9e4) stays float32 in the exported file; everything else is float16, and the export gives the
+    same labels as the checkpoint it came from."""
+    import torch
+
+    from DRSegUNetLib.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from DRSegUNetLib.config import ModelConfig, NetworkConfig
+    from DRSegUNetLib.network import DRSegUNet
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(network=NetworkConfig(base_filters=4))
+    model = DRSegUNet(cfg.network).eval()
+    (key,) = [k for k in model.state_dict() if k.endswith("decoders.0.block.shortcut_bn.running_var")]
+    bn = model.get_submodule(key.rsplit(".", 1)[0])
+    bn.running_var[:] = 9e4
+    bn.weight.data[:] = 300.0  # keeps the branch's output where it was
+    src, out = tmp_path / "last.pt", tmp_path / "export.pt"
+    save_checkpoint(Checkpoint.from_model(model, cfg), src)
+    assert main(["export", str(src), str(out)]) == 0
+    ck = load_checkpoint(out)  # loads: no inf
+    sd = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    assert sd[key].dtype == torch.float32 and float(sd[key].max()) == 9e4
+    halves = [k for k, v in sd.items() if v.is_floating_point() and v.dtype == torch.float16]
+    assert len(halves) == sum(v.is_floating_point() for v in sd.values()) - 1
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        a, b = model(x).argmax(1), ck.build_model().eval()(x).argmax(1)
+    assert (a == b).float().mean() > 0.99
+
+
 def test_export_records_only_metrics_of_the_checkpoint_it_exports(tmp_path, tiny_checkpoint, capsys):
     from DRSegUNetLib.checkpoint import load_checkpoint
 

@@ -75,13 +75,29 @@ def _metrics_of(path: str, model: str) -> dict:
     return d
 
 
+FLOAT16_MAX = 65504.0
+
+
+def half_where_it_fits(state_dict: dict) -> dict:
+    """Floating tensors in float16, except those with a value beyond float16's range, which stay
+    float32 (BatchNorm running variances of the decoders reach 1e5: in float16 they would become
+    inf, and the checkpoint would not load). A few kB of a ~11 MB file."""
+    out = {}
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not (v.abs().max() > FLOAT16_MAX if v.numel() else False):
+            out[k] = v.half()
+        else:
+            out[k] = v
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint, save_checkpoint
 
     check_outputs([args.model, *args.test_metrics], [args.output])
     ckpt = load_checkpoint(args.model)
     metrics = [_metrics_of(path, args.model) for path in args.test_metrics]  # all checked before anything is written
-    ckpt.state_dict = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt.state_dict.items()}
+    ckpt.state_dict = half_where_it_fits(ckpt.state_dict)
     ckpt.extra = {**ckpt.extra, "exported_from": str(args.model), "export_commit": _git_commit()}
     for d in metrics:
         ckpt.metrics.setdefault("test", {})[Path(d["data"]).name] = {
