@@ -4,6 +4,7 @@ restriction (d). Inference only, 1 torch thread, ~1-2 min on a shared 2-core CPU
 
     python experiments/issue21/hilar_styles.py [--variants hu,medseg_fit,...] [--overlays hu,medseg_fit,px1.5]
     python experiments/issue21/hilar_styles.py --variants hu --candidate runs/X/best.pt --json OUT.json
+    python experiments/issue21/hilar_styles.py --variants hu --base OLD.pt --candidate NEW.pt --overlays hu,candidate
 
 Rule ("hilar lesion area"): the reference lung field F is the bundled model's own lung
 field (GGO ∪ consolidation ∪ lung) on the HU slice at its 1.2 mm working pixel; the
@@ -93,14 +94,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(ALL))
     ap.add_argument("--overlays", default="", help="comma list of 3 variants for the PNG panels, e.g. hu,zenodo,px1.5")
+    ap.add_argument("--base", default=None,
+                    help="checkpoint of the variants and of the band (default: the bundled model; the numbers of "
+                         "HILAR.md and TRAINING.md were measured with the one of 2026-11-27, sha256 6c79a7e2...)")
     ap.add_argument("--candidate", default=None, help="checkpoint scored as the variant 'candidate' (HU, 1.2 mm)")
     ap.add_argument("--json", default=str(OUT / "hilar_styles.json"))
     ap.add_argument("--overlay-dir", default=str(OUT / "overlays"))
+    ap.add_argument("--titles", default="", help="comma list of panel titles for --overlays (default: the variants')")
+    ap.add_argument("--slices", default="", help="comma list of slice names to draw (default: all 12)")
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
     if args.candidate and "candidate" not in variants:
         variants.append("candidate")
-    preds = {p: predictor(p) for p in PIXELS}
+    preds = {p: predictor(p, model=args.base) for p in PIXELS}
     if args.candidate:
         preds["candidate"] = predictor(1.2, model=args.candidate)
     rows, vhu = [], {}
@@ -115,10 +121,10 @@ def main(argv=None) -> int:
             labs[v] = lab
             m = hilar_metrics(lab, hu, sp, field=field)
             rows.append({"slice": name, "variant": v, "clear": name not in NOT_CLEAR, **m})
-        if args.overlays:
+        if args.overlays and (not args.slices or name in args.slices.split(",")):
             ov = args.overlays.split(",")
-            common.overlay_png(Path(args.overlay_dir) / f"{name}.png", hu, [labs[v] for v in ov],
-                               [TITLES.get(v, v) for v in ov], band=band,
+            titles = args.titles.split(",") if args.titles else [TITLES.get(v, v) for v in ov]
+            common.overlay_png(Path(args.overlay_dir) / f"{name}.png", hu, [labs[v] for v in ov], titles, band=band,
                                suptitle=f"{name} ({'hila clear' if name not in NOT_CLEAR else 'diseased'})")
     Path(args.json).write_text(json.dumps({"rows": rows, "vessel_hu": vhu}, indent=1))
 
