@@ -11,7 +11,8 @@ gives an expert lung mask, by the extraction agreeing with it (Dice >= 0.95).
 
     python bench/hu_lungs.py --out out/hu_lungs [--model M] [--pixel-mm MM] [--overlays]
 
-prints one row per slice and a summary table, writes ``hu_lungs.json`` and, with
+prints one row per slice, a summary table and, for the volumes with CIP's lung mask, the GGO and
+consolidation labelled outside that mask; writes ``hu_lungs.json`` and, with
 ``--overlays``, one PNG per slice (extraction outline red, model outline green).
 """
 from __future__ import annotations
@@ -89,18 +90,28 @@ def main(argv=None) -> int:
     kw = {} if args.pixel_mm is None else {"pixel_mm": args.pixel_mm or None}
     predictor = None if args.extraction_only else Predictor.from_checkpoint(args.model or default_model_path(),
                                                                              device=args.device, **kw)
-    rows = []
+    rows, volumes = [], []
     for name, ct_path, expert_path, for_target in cases(Path(args.hu_dir)):
         image = sitk.Cast(read_ct(ct_path), sitk.sitkFloat32)
         hu, _ = axial_view(sitk.GetArrayFromImage(image), image.GetDirection())
         ext, _ = axial_view(sitk.GetArrayFromImage(extract_lungs(image)), image.GetDirection())
         if predictor is not None:
             lab = predictor.predict(image)
-            field, _ = axial_view(np.isin(sitk.GetArrayFromImage(lab), REGIONS["lung"]), lab.GetDirection())
+            labels, _ = axial_view(sitk.GetArrayFromImage(lab), lab.GetDirection())
+            field = np.isin(labels, REGIONS["lung"])
         expert = None
         if expert_path is not None:
             e = read_ct(expert_path)
             expert, _ = axial_view(sitk.GetArrayFromImage(e) > 0, e.GetDirection())
+            if predictor is not None:  # the whole volume: lesion labels where the expert says no lung
+                ml = float(np.prod(image.GetSpacing())) / 1000.0
+                volumes.append({"volume": name, "lung_field_dice": dice(field, expert),
+                                "expert_lung_ml": float(expert.sum()) * ml, "field_ml": float(field.sum()) * ml,
+                                **{f"{r}_outside_expert_lung_ml": float((np.isin(labels, REGIONS[r]) & ~expert).sum()) * ml
+                                   for r in ("ggo", "consolidation")},
+                                "slices_with_consolidation_outside": int((np.isin(labels, REGIONS["consolidation"])
+                                                                         & ~expert).any(axis=(1, 2)).sum()),
+                                "slices": int(hu.shape[0])})
         for z in range(hu.shape[0]):
             sname = name if hu.shape[0] == 1 else f"{name}[{z}]"
             x = ext[z].astype(bool)
@@ -126,7 +137,8 @@ def main(argv=None) -> int:
             rows.append(row)
     (out / "hu_lungs.json").write_text(json.dumps({
         "model": None if predictor is None else predictor.source,
-        "pixel_mm": None if predictor is None else predictor.inference.pixel_mm, "rows": rows}, indent=1))
+        "pixel_mm": None if predictor is None else predictor.inference.pixel_mm, "rows": rows, "volumes": volumes},
+        indent=1))
     if predictor is None:
         print(f"{len(rows)} extraction overlays in {out / 'png'}")
         return 0
@@ -145,6 +157,15 @@ def main(argv=None) -> int:
                        ("ct-64, clean (information)", [r for r in rows if not r["for_target"] and r["clean"]])):
         d = [r["model_vs_extraction"] for r in sel]
         print(f"| {label} | {len(d)} | {np.mean(d):.3f} | {np.min(d):.3f} |" if d else f"| {label} | 0 | | |")
+    print("\nWhole volumes with CIP's lung mask (COPD, no COVID-19): every GGO or consolidation voxel outside that\n"
+          "mask is a false positive (ct-64 reaches from the upper abdomen to the neck)\n")
+    print("| volume | slices | lung field vs CIP mask, Dice | CIP lung (mL) | lung field (mL) | GGO outside (mL) "
+          "| consolidation outside (mL) | slices with consolidation outside |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in volumes:
+        print(f"| {v['volume']} | {v['slices']} | {v['lung_field_dice']:.3f} | {v['expert_lung_ml']:.0f} | {v['field_ml']:.0f} "
+              f"| {v['ggo_outside_expert_lung_ml']:.0f} | {v['consolidation_outside_expert_lung_ml']:.0f} "
+              f"| {v['slices_with_consolidation_outside']} |")
     return 0
 
 
