@@ -474,7 +474,8 @@ class ModelConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     eight_bit: EightBitConfig = field(default_factory=EightBitConfig)
     # Working pixel, decision rule and body restriction; absent from checkpoints written before
-    # it existed (the bundled model's), which load with the defaults, the rule they were made for.
+    # it existed (the bundled model of 2026-11-27 among them), which load with the defaults, the
+    # rule they were made for.
     inference: ModelInference = field(default_factory=ModelInference)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,58 +1,62 @@
-"""The bundled model on real data it was not trained on (held-out part of the bundled split).
+"""The bundled model: what it is, what it fits, and how it does on real CT it never saw.
 
-These are the model card's numbers, recomputed: a model that regresses fails here.
+It trained on every annotated slice we have (``train --split ""``; MODEL_CARD.md), so no
+expert-masked slice is held out from it: how the recipe does on new slices is its development
+twin's number in the card, not a test here. What these tests hold: the file describes itself,
+it is not worse on the development validation slices than the model it replaced (issue 21),
+``evaluate`` says those slices are training data, and on real HU CT (never trained on) it finds
+the lungs.
 """
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from DRSegUNetLib.cli import main
 from DRSegUNetLib.checkpoint import load_checkpoint
+from DRSegUNetLib.cli import main
 from DRSegUNetLib.network import keras_parameter_count
 
-# Regression floors on the held-out test slices (mean Dice over slices), a little below
-# what the bundled model measured (MODEL_CARD.md: GGO 0.573, MedSeg infection 0.728,
-# lung 0.979). The GGO floor is issue 2's first target.
-TARGETS = {("medseg", "ggo"): 0.55, ("medseg", "infection"): 0.70, ("zenodo", "infection"): 0.47, ("zenodo", "lung"): 0.97}
+# Issue 21: the all-data model must not be worse on the development validation slices than the
+# model it replaces. That model's numbers there (mean Dice over slices, evaluate's defaults;
+# MODEL_CARD.md section 3) are the floors.
+REPLACED_ON_VALIDATION = {("medseg", "ggo"): 0.545, ("medseg", "consolidation"): 0.349, ("medseg", "infection"): 0.626,
+                          ("zenodo", "infection"): 0.699, ("zenodo", "lung"): 0.979}
 
 
 def test_bundled_model_is_small_fp16_and_describes_itself(bundled_model):
     ck = load_checkpoint(bundled_model)
     assert bundled_model.stat().st_size < 15e6
-    assert all(v.dtype.is_floating_point is False or str(v.dtype) == "torch.float16" for v in ck.state_dict.values())
+    floats = {k: v for k, v in ck.state_dict.items() if v.dtype.is_floating_point}
+    wide = {k for k, v in floats.items() if v.dtype != torch.float16}  # export keeps what float16 cannot hold
+    assert all(k.endswith("running_var") and float(floats[k].max()) > 65504 for k in wide), wide
+    assert len(wide) <= 2 < len(floats)
     assert keras_parameter_count(ck.build_model()) == 5_484_276
-    assert ck.fingerprint["data"] and ck.extra["command"] and ck.extra["export_commit"]
-    assert set(ck.metrics["test"]) == {"train50", "zenodo20_dev.npz"}
+    assert ck.fingerprint["split"] is None  # every slice trained it
+    assert sorted(Path(k).name for k in ck.fingerprint["data"]) == ["train50", "zenodo20_dev.npz"], ck.fingerprint["data"]
+    assert "test" not in ck.metrics  # nothing was left to test it on
+    command = ck.extra["command"]
+    assert "--hard-negatives 0.25" in command and "--init" in command, command  # scripts/train_bundled.sh's stage 2
+    assert ck.extra["export_commit"]
 
 
 @pytest.mark.slow
+@pytest.mark.realdata
 @pytest.mark.parametrize("dataset", ["medseg", "zenodo"])
-def test_held_out_accuracy(tmp_path, shared_data, bundled_model, dataset):
-    """The model card's table: the slices on their own grid (--slice-pixel-mm 0)."""
+def test_not_worse_on_the_development_validation_slices_than_the_model_it_replaced(tmp_path, shared_data, bundled_model,
+                                                                                    dataset):
+    """evaluate's defaults (COVID-19-CT-Seg taken at its 1.5 mm pixel and run at the 1.2 mm working
+    pixel, MedSeg on its own grid); evaluate must say the slices trained the model."""
     data = shared_data / ("medseg/train50" if dataset == "medseg" else "zenodo20/zenodo20_dev.npz")
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(data), "--split-part", "test", "--slice-pixel-mm", "0", "--json", str(out),
-                 "--device", "cpu"]) == 0
-    m = json.loads(out.read_text())["metrics"]
-    for (ds, region), target in TARGETS.items():
-        if ds == dataset:
-            assert m[region]["mean"]["dice"] >= target, (region, m[region]["mean"])
-
-
-@pytest.mark.slow
-def test_held_out_covid_slices_at_the_working_pixel_size(tmp_path, shared_data, bundled_model):
-    """evaluate's default: COVID-19-CT-Seg test slices taken as the data set's 1.5 mm pixels, so
-    the network sees them at the model's 1.2 mm working pixel as it sees CT in segment
-    (docs/hu_lungs.md): measured infection 0.585 (0.499 on their own grid) and lung 0.982.
-    Floors a little below."""
-    out = tmp_path / "z.json"
-    assert main(["evaluate", str(shared_data / "zenodo20/zenodo20_dev.npz"), "--split-part", "test",
-                 "--json", str(out), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(data), "--split-part", "val", "--json", str(out), "--device", "cpu"]) == 0
     e = json.loads(out.read_text())
-    assert (e["slice_pixel_mm"], e["slice_pixel_mm_from"], e["pixel_mm"]) == (1.5, "data set", 1.2)
-    m = e["metrics"]
-    assert m["infection"]["mean"]["dice"] >= 0.56 and m["lung"]["mean"]["dice"] >= 0.975, m
+    assert e["split"]["model_trained_on_every_slice"] is True and e["n_slices_in_training_part"] == e["n_slices"]
+    if dataset == "zenodo":
+        assert (e["slice_pixel_mm"], e["slice_pixel_mm_from"], e["pixel_mm"]) == (1.5, "data set", 1.2)
+    for (ds, region), floor in REPLACED_ON_VALIDATION.items():
+        if ds == dataset:
+            assert e["metrics"][region]["mean"]["dice"] >= floor, (region, e["metrics"][region]["mean"])
 
 
 def _lung_field(image, **inference_kw):
@@ -71,16 +75,16 @@ def _dice(a, b) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
-def test_finds_the_lungs_on_real_hu_ct_at_its_working_pixel_size():
+def test_finds_the_lungs_on_real_hu_ct():
     """Issue 5's HU target on the bundled real slices (all of docs/hu_lungs.md: bench/hu_lungs.py).
 
-    COVID-19-NY-SBU A002304-135 (0.64 mm pixels; its thesis lung extraction is clean):
-    lung field vs extraction measured 0.930 at the default 1.2 mm working pixel, 0.875 on
-    the native grid. CIP crop_ct_2slices (0.59 mm, COPD): vs CIP's lung mask 0.989 and
-    0.990, native grid 0.415 and 0.453 (dark emphysematous lung taken for outside air).
-    Floors: the target 0.90 on the COVID slice, 0.95 on CIP (the extraction itself scores
-    0.978 there), and the native grid must stay clearly worse on CIP, or the test would
-    not show that the working pixel size is what finds the lungs."""
+    COVID-19-NY-SBU A002304-135 (0.64 mm pixels; its thesis lung extraction is clean): lung field
+    vs extraction measured 0.954 at the default 1.2 mm working pixel. CIP crop_ct_2slices (0.59
+    mm, COPD): vs CIP's lung mask 0.992 and 0.991; on the CT's own grid 0.994 and 0.994. (The
+    model of 2026-11-27 scored 0.415 and 0.453 on the own grid, taking dark emphysematous lung for
+    outside air; this one, trained with a wider zoom, finds it at either pixel size.) Floors: the
+    target 0.90 on the COVID slice, 0.95 on CIP (the extraction itself scores 0.978 there) at
+    both pixel sizes."""
     import SimpleITK as sitk
 
     from DRSegUNetLib import sample_ct_path
@@ -98,18 +102,17 @@ def test_finds_the_lungs_on_real_hu_ct_at_its_working_pixel_size():
     native = _lung_field(cip, pixel_mm=None)
     for z in range(2):
         assert _dice(field[z], truth[z]) >= 0.95, z
-        assert _dice(native[z], truth[z]) < 0.80, z
+        assert _dice(native[z], truth[z]) >= 0.95, z
 
 
-def test_the_bundled_model_predates_its_own_rule_and_gets_todays(bundled_model):
-    """The bundled checkpoint has no ModelConfig.inference (it is not rewritten): it loads with
-    the 1.2 mm working pixel, argmax and the body restriction, the rule it was chosen with."""
-    import torch
-
+def test_the_bundled_model_carries_the_rule_it_was_chosen_with(bundled_model):
+    """The checkpoint stores its inference rule (1.2 mm working pixel, argmax, body restriction);
+    Predictor and segment take it from there. (A checkpoint from before the rule was stored gets
+    today's default: test_checkpoint.py.)"""
     from DRSegUNetLib.config import InferenceConfig, ModelInference
     from DRSegUNetLib.inference import Predictor
 
-    assert "inference" not in torch.load(bundled_model, map_location="cpu", weights_only=True)["config"]
+    assert "inference" in torch.load(bundled_model, map_location="cpu", weights_only=True)["config"]
     assert load_checkpoint(bundled_model).config.inference == ModelInference()
     assert Predictor.from_checkpoint(bundled_model, "cpu").inference == InferenceConfig()
     assert InferenceConfig().pixel_mm == 1.2 and InferenceConfig().decision == "argmax"

@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
                         "(docs/crossval.md; needs --model, not --predictions; doubles the time)")
     p.add_argument("--split", default=str(DEFAULT_SPLIT),
                    help="split file that says which slices trained the model (train), validated it (val) or were "
-                        "held out (test) (default: the bundled model's splits/default.json)")
+                        "held out (test) (default: splits/default.json, the development split)")
     add_common_options(p)
 
 
