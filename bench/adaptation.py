@@ -49,9 +49,10 @@ from DRSegUNetLib.report import slices_to_check  # noqa: E402
 from DRSegUNetLib.store import CorrectionsStore  # noqa: E402
 
 ZENODO_MM = 1.5
-# Audit set: MedSeg slices that neither a fine-tune nor its gate sees (the bundled model's test ids).
+# Audit set: MedSeg slices that neither a fine-tune nor its gate sees (the development split's test ids;
+# the all-data bundled model of 2026-12-06 trained on them, the one before it did not).
 AUDIT_MEDSEG = ("1", "2", "26", "30", "41", "42", "46", "47", "49", "57")
-WORKING_MM = ModelInference().pixel_mm  # the bundled model's (it carries no other)
+WORKING_MM = ModelInference().pixel_mm  # the bundled model's working pixel
 
 
 def slice_scores(predictor: Predictor, samples, spacing, regions, guide=None, index=None):
