@@ -520,12 +520,17 @@ class DRSegUNetTest(ScriptedLoadableModuleTest):
             self.assertEqual(len(ids), 1)
             self.delayDisplay(f"Accepted {len(ids)} slice")
 
-            # Fine-tune in a PythonSlicer process; a new version becomes active.
+            # Fine-tune in a PythonSlicer process; a new version is saved, and becomes active only if
+            # the gate passed it (this made-up correction may well not pass), which the job reports.
             before = logic.modelStore.active().version
             tune = logic.startFineTune(steps=2, lr=logic.fineTuneDefaults()["lr"], device="cpu")
             tune.wait(timeout=600)
             tune.raiseIfFailed()
-            self.assertNotEqual(logic.modelStore.active().version, before)
+            self.assertGreater(tune.version, before)
+            self.assertIn(tune.version, [v.version for v in logic.modelStore.versions()])
+            self.assertIn(tune.activated, (True, False))
+            self.assertEqual(logic.modelStore.active().version, tune.version if tune.activated else before)
+            self.assertIn(f"v{tune.version}", tune.message)
 
             # Save, read the file back, and check what it holds: our segments, a lung, the same labels.
             inScene = logic.labelsFromSegmentation(job.segmentationNode, volume)
