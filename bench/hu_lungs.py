@@ -105,12 +105,11 @@ def main(argv=None) -> int:
             expert, _ = axial_view(sitk.GetArrayFromImage(e) > 0, e.GetDirection())
             if predictor is not None:  # the whole volume: lesion labels where the expert says no lung
                 ml = float(np.prod(image.GetSpacing())) / 1000.0
+                outside = {r: np.isin(labels, REGIONS[r]) & ~expert for r in ("ggo", "consolidation")}
                 volumes.append({"volume": name, "lung_field_dice": dice(field, expert),
                                 "expert_lung_ml": float(expert.sum()) * ml, "field_ml": float(field.sum()) * ml,
-                                **{f"{r}_outside_expert_lung_ml": float((np.isin(labels, REGIONS[r]) & ~expert).sum()) * ml
-                                   for r in ("ggo", "consolidation")},
-                                "slices_with_consolidation_outside": int((np.isin(labels, REGIONS["consolidation"])
-                                                                         & ~expert).any(axis=(1, 2)).sum()),
+                                **{f"{r}_outside_expert_lung_ml": float(m.sum()) * ml for r, m in outside.items()},
+                                "slices_with_consolidation_outside": int(outside["consolidation"].any(axis=(1, 2)).sum()),
                                 "slices": int(hu.shape[0])})
         for z in range(hu.shape[0]):
             sname = name if hu.shape[0] == 1 else f"{name}[{z}]"

@@ -75,20 +75,18 @@ def _metrics_of(path: str, model: str) -> dict:
     return d
 
 
-FLOAT16_MAX = 65504.0
-
-
 def half_where_it_fits(state_dict: dict) -> dict:
     """Floating tensors in float16, except those with a value beyond float16's range, which stay
     float32 (BatchNorm running variances of the decoders reach 1e5: in float16 they would become
     inf, and the checkpoint would not load). A few kB of a ~11 MB file."""
-    out = {}
-    for k, v in state_dict.items():
-        if v.is_floating_point() and not (v.abs().max() > FLOAT16_MAX if v.numel() else False):
-            out[k] = v.half()
-        else:
-            out[k] = v
-    return out
+    import torch
+
+    top = torch.finfo(torch.float16).max
+
+    def fits(v) -> bool:
+        return v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) <= top)
+
+    return {k: v.half() if fits(v) else v for k, v in state_dict.items()}
 
 
 def cmd_export(args: argparse.Namespace) -> int:

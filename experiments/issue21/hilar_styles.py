@@ -93,7 +93,7 @@ def vessel_hu(hu, sp, field) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(ALL))
-    ap.add_argument("--overlays", default="", help="comma list of 3 variants for the PNG panels, e.g. hu,zenodo,px1.5")
+    ap.add_argument("--overlays", default="", help="comma list of variants for the PNG panels, e.g. hu,zenodo,px1.5 or hu,candidate")
     ap.add_argument("--base", default=None,
                     help="checkpoint of the variants and of the band (default: the bundled model; the numbers of "
                          "HILAR.md and TRAINING.md were measured with the one of 2026-11-27, sha256 6c79a7e2...)")
