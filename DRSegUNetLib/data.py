@@ -247,17 +247,27 @@ def read_npz(path: str | Path, what: str = ".npz", only: Optional[Sequence[str]]
         raise unreadable(e) from None
 
 
-def check_slices_npz(path: str | Path, d: dict[str, np.ndarray], masks: Sequence[str] = ()) -> np.ndarray:
-    """``d["ct_uint8"]`` after checking it is (N, H, W) uint8, that every array named in
-    ``masks`` is shaped like it and that ``group``/``source_index`` (if any) have N entries."""
-    if "ct_uint8" not in d:
-        raise InputError(f"{path} has no 'ct_uint8' array (N, H, W) uint8 of 8-bit slices; it has {sorted(d)}")
-    ct = d["ct_uint8"]
-    if ct.dtype != np.uint8 or ct.ndim != 3 or 0 in ct.shape:
-        raise InputError(f"{path}: 'ct_uint8' must be a non-empty (N, H, W) uint8 array, not {ct.dtype} {ct.shape}")
+def check_slices_npz(path: str | Path, d: dict[str, np.ndarray], masks: Sequence[str] = (),
+                     image: str = "ct_uint8") -> np.ndarray:
+    """``d[image]`` after checking it is (N, H, W) -- uint8 for ``ct_uint8`` (8-bit slices), integer
+    or floating HU for ``ct_hu`` --, that every array named in ``masks`` is shaped like it and that
+    ``group``/``source_index`` (if any) have N entries."""
+    if image not in d:
+        what = "uint8 of 8-bit slices" if image == "ct_uint8" else "of slices in HU"
+        raise InputError(f"{path} has no '{image}' array (N, H, W) {what}; it has {sorted(d)}")
+    ct = d[image]
+    if image == "ct_uint8":
+        ok = ct.dtype == np.uint8
+    else:
+        ok = np.issubdtype(ct.dtype, np.integer) or np.issubdtype(ct.dtype, np.floating)
+    if not ok or ct.ndim != 3 or 0 in ct.shape:
+        kind = "uint8" if image == "ct_uint8" else "integer or floating"
+        raise InputError(f"{path}: '{image}' must be a non-empty (N, H, W) {kind} array, not {ct.dtype} {ct.shape}")
+    if image != "ct_uint8" and not np.isfinite(ct).all():
+        raise InputError(f"{path}: '{image}' holds NaN or infinite values; give finite HU")
     for name in masks:
         if d[name].shape != ct.shape:
-            raise InputError(f"{path}: '{name}' is {d[name].shape}, but 'ct_uint8' is {ct.shape}; they must match")
+            raise InputError(f"{path}: '{name}' is {d[name].shape}, but '{image}' is {ct.shape}; they must match")
     for name in ("group", "source_index"):
         if name in d and d[name].shape != (len(ct),):
             raise InputError(f"{path}: '{name}' has shape {d[name].shape} for {len(ct)} slices; need ({len(ct)},)")
@@ -266,28 +276,37 @@ def check_slices_npz(path: str | Path, d: dict[str, np.ndarray], masks: Sequence
 
 def read_zenodo_npz(path: str | Path, eight_bit: EightBitConfig = EightBitConfig(),
                     groups: Sequence[int] | None = None) -> list[Sample]:
-    """Read a COVID-19-CT-Seg ``.npz`` (ct_uint8, lung_mask, infection_mask, group; optional
-    source_index and pixel_mm). The slices' pixel size: :func:`dataset_pixel_mm`, by default
-    ZENODO_PIXEL_MM (1.5 mm)."""
+    """Read a COVID-19-CT-Seg-style ``.npz``: slices (``ct_uint8``, 8-bit, mapped to approximate HU
+    with ``eight_bit``; or ``ct_hu``, CT in HU), lung_mask, infection_mask, group; optional
+    source_index, pixel_mm and ``source`` (a lower-case name, default "zenodo": the slices' data
+    set, which ``train --source-weights`` names; their groups are SOURCE + group number). The
+    slices' pixel size: :func:`dataset_pixel_mm`, by default ZENODO_PIXEL_MM (1.5 mm)."""
     d = read_npz(path)
-    missing = {"ct_uint8", "lung_mask", "infection_mask"} - set(d)
+    image = "ct_hu" if "ct_hu" in d else "ct_uint8"
+    missing = {image, "lung_mask", "infection_mask"} - set(d)
     if missing:
         raise InputError(f"{path} lacks arrays {sorted(missing)}")
-    ct = check_slices_npz(path, d, masks=("lung_mask", "infection_mask"))
+    ct = check_slices_npz(path, d, masks=("lung_mask", "infection_mask"), image=image)
+    source = str(d["source"]) if "source" in d else "zenodo"
+    if not (source.isascii() and source.isalpha() and source.islower()) or source in ("medseg", "corrections"):
+        raise InputError(f"{path}: 'source' must be a lower-case name of letters other than medseg and "
+                         f"corrections, not {source!r}")
     grp = d["group"] if "group" in d else np.zeros(len(ct), dtype=int)
     src = d["source_index"] if "source_index" in d else np.arange(len(grp))
     keep = np.arange(len(grp)) if groups is None else np.flatnonzero(np.isin(grp, list(groups)))
     lung, inf = d["lung_mask"], d["infection_mask"]
     mm = dataset_pixel_mm(path, len(ct), d, default=ZENODO_PIXEL_MM)
+    prefix = "z" if source == "zenodo" else source
+    hu = (lambda i: eight_bit_to_hu(ct[i], eight_bit)) if image == "ct_uint8" else (lambda i: ct[i].astype(np.float32))
     return [
-        Sample(eight_bit_to_hu(ct[i], eight_bit), zenodo_allowed(lung[i], inf[i]), f"z{int(src[i])}", f"zenodo{int(grp[i])}",
-               True, mm[i])
+        Sample(hu(i), zenodo_allowed(lung[i], inf[i]), f"{prefix}{int(src[i])}", f"{source}{int(grp[i])}",
+               image == "ct_uint8", mm[i])
         for i in keep
     ]
 
 
 def read_dataset(path: str | Path, eight_bit: EightBitConfig = EightBitConfig()) -> list[Sample]:
-    """A MedSeg-style folder or a COVID-19-CT-Seg-style ``.npz``, each slice with its data set's
+    """A MedSeg-style folder or a COVID-19-CT-Seg-style ``.npz`` (8-bit or HU slices), each slice with its data set's
     pixel size (``Sample.pixel_mm``, :func:`dataset_pixel_mm`)."""
     path = Path(path)
     if path.is_dir():

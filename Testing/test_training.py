@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from conftest import TESTDATA
 
 from DRSegUNetLib.checkpoint import load_checkpoint
 from DRSegUNetLib.config import ModelConfig, NetworkConfig, TrainConfig
-from DRSegUNetLib.data import bit, read_medseg_folder, read_zenodo_npz
+from DRSegUNetLib.data import bit, read_dataset, read_medseg_folder, read_zenodo_npz
 from DRSegUNetLib.training import (AugmentConfig, PatchSampler, compute_loss, freeze_first_layers,
                                    marginal_cross_entropy, marginal_soft_dice, train)
 from DRSegUNetLib.network import DRSegUNet
@@ -215,3 +217,42 @@ def test_cpu_training_takes_channels_last_only_where_onednn_trains_it_safely():
     assert not training_channels_last(cpu, NetworkConfig(base_filters=16), world=2)  # gloo DDP
     assert not training_channels_last(cpu, NetworkConfig(base_filters=16, arch="monai_unet"))
     assert training_channels_last(cuda, NetworkConfig(base_filters=4))
+
+
+OUTSIDE = Path(__file__).resolve().parents[1] / "data" / "outside_lungs"
+
+
+def test_hu_slices_npz_is_a_source_of_certain_background():
+    # data/outside_lungs: real abdomen/pelvis slices (COVID-19-NY-SBU) in HU, no lung anywhere.
+    train_part = read_zenodo_npz(OUTSIDE / "train.npz")
+    check = read_dataset(OUTSIDE / "check.npz")
+    assert len(train_part) == 4 and len(check) == 2
+    for s in train_part + check:
+        assert s.source == "outside" and not s.eight_bit and s.pixel_mm == pytest.approx(1.2)
+        assert (s.allowed == bit(BACKGROUND)).all()
+        body = s.hu > -500
+        assert 0.15 < body.mean() < 0.95 and s.hu[body].mean() > -100  # soft tissue, in HU (not 8-bit grey)
+        assert s.region_truth("lung").sum() == 0 and s.region_truth("infection").sum() == 0
+    assert {s.group for s in train_part} == {"outside0", "outside1"}  # two patients
+
+
+def test_sampler_draws_a_source_by_its_weight():
+    z = read_zenodo_npz(TESTDATA / "zenodo_mini.npz")
+    out = read_zenodo_npz(OUTSIDE / "train.npz")
+    from DRSegUNetLib.training import sample_probabilities
+    p = sample_probabilities(z + out, {"zenodo": 1, "outside": 0.25})
+    assert p[len(z):].sum() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("case, message", [
+    (dict(ct_hu=np.zeros((1, 8, 8), bool)), "integer or floating"),
+    (dict(ct_hu=np.full((1, 8, 8), np.nan, np.float32)), "NaN"),
+    (dict(ct_hu=np.zeros((1, 8, 8), np.int16), source=np.str_("Zenodo2")), "lower-case name"),
+    (dict(ct_hu=np.zeros((1, 8, 8), np.int16), source=np.str_("medseg")), "other than medseg"),
+])
+def test_broken_hu_slices_npz_is_one_line_error(tmp_path, case, message):
+    from DRSegUNetLib.errors import InputError
+    arrays = {"lung_mask": np.zeros((1, 8, 8), np.uint8), "infection_mask": np.zeros((1, 8, 8), np.uint8), **case}
+    np.savez(tmp_path / "x.npz", **arrays)
+    with pytest.raises(InputError, match=message):
+        read_zenodo_npz(tmp_path / "x.npz")

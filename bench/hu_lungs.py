@@ -11,8 +11,10 @@ gives an expert lung mask, by the extraction agreeing with it (Dice >= 0.95).
 
     python bench/hu_lungs.py --out out/hu_lungs [--model M] [--pixel-mm MM] [--overlays]
 
-prints one row per slice, a summary table and, for the volumes with CIP's lung mask, the GGO and
-consolidation labelled outside that mask; writes ``hu_lungs.json`` and, with
+prints one row per slice, a summary table, for the volumes with CIP's lung mask the GGO and
+consolidation labelled outside that mask, and what is labelled on the slices without lung in
+``data/outside_lungs`` (abdomen/pelvis studies of COVID-19-NY-SBU, every pixel background:
+``check.npz`` never trained on, ``train.npz`` for training); writes ``hu_lungs.json`` and, with
 ``--overlays``, one PNG per slice (extraction outline red, model outline green).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from DRSegUNetLib import default_model_path  # noqa: E402
+from DRSegUNetLib.data import read_dataset  # noqa: E402
 from DRSegUNetLib.imageio import read_ct  # noqa: E402
 from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.lungs import extract_lungs  # noqa: E402
@@ -36,6 +39,7 @@ from DRSegUNetLib.orientation import axial_view  # noqa: E402
 from DRSegUNetLib.vocabulary import REGIONS  # noqa: E402
 
 HU = ROOT.parent / "shared" / "data" / "hu"
+OUTSIDE = ROOT / "data" / "outside_lungs"
 CLEAN_FILE = Path(__file__).with_name("hu_clean_slices.json")
 CIP_CLEAN_DICE = 0.95  # extraction vs CIP's expert mask at least this: "clean"
 WINDOW = (-1350.0, 150.0)
@@ -70,6 +74,23 @@ def write_png(path: Path, hu: np.ndarray, extraction: np.ndarray, model: np.ndar
         rgb[outline(model)] = (0.1, 1.0, 0.1)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((rgb * 255).round().astype(np.uint8)).save(path)
+
+
+def outside_lungs(predictor: Predictor, folder: Path = OUTSIDE) -> list[dict]:
+    """Per slice of ``folder``'s sets (slices without lung, at their stored pixel size, which is
+    the working pixel): what the model labels there, in cm^2 (all of it is false positive)."""
+    rows = []
+    for part in ("check", "train"):
+        path = folder / f"{part}.npz"
+        if not path.is_file():
+            continue
+        ids = np.load(path)["slice_ids"]
+        for s, sid in zip(read_dataset(path), ids):
+            lab = predictor.predict_slices([s.hu], spacing=(s.pixel_mm,) * 2)[0]
+            cm2 = (s.pixel_mm or 1.0) ** 2 / 100.0
+            rows.append({"slice": str(sid), "part": part, **{f"{r}_cm2": float(np.isin(lab, REGIONS[r]).sum()) * cm2
+                                                             for r in ("lung", "ggo", "consolidation")}})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -134,10 +155,11 @@ def main(argv=None) -> int:
                 write_png(out / "png" / (sname.replace("/", "_").replace("[", "_").replace("]", "") + ".png"),
                           hu[z], x, None if predictor is None else field[z])
             rows.append(row)
+    outside = [] if predictor is None else outside_lungs(predictor)
     (out / "hu_lungs.json").write_text(json.dumps({
         "model": None if predictor is None else predictor.source,
-        "pixel_mm": None if predictor is None else predictor.inference.pixel_mm, "rows": rows, "volumes": volumes},
-        indent=1))
+        "pixel_mm": None if predictor is None else predictor.inference.pixel_mm, "rows": rows, "volumes": volumes,
+        "outside_lungs": outside}, indent=1))
     if predictor is None:
         print(f"{len(rows)} extraction overlays in {out / 'png'}")
         return 0
@@ -165,6 +187,12 @@ def main(argv=None) -> int:
         print(f"| {v['volume']} | {v['slices']} | {v['lung_field_dice']:.3f} | {v['expert_lung_ml']:.0f} | {v['field_ml']:.0f} "
               f"| {v['ggo_outside_expert_lung_ml']:.0f} | {v['consolidation_outside_expert_lung_ml']:.0f} "
               f"| {v['slices_with_consolidation_outside']} |")
+    print("\nSlices without lung (abdomen/pelvis studies, COVID-19-NY-SBU; data/outside_lungs): everything labelled\n"
+          "is false positive. check: never trained on; train: for training (see data/outside_lungs/README.md)\n")
+    print("| slice | part | lung field (cm2) | GGO (cm2) | consolidation (cm2) |")
+    print("|---|---|---|---|---|")
+    for r in outside:
+        print(f"| {r['slice']} | {r['part']} | {r['lung_cm2']:.1f} | {r['ggo_cm2']:.1f} | {r['consolidation_cm2']:.1f} |")
     return 0
 
 
