@@ -6,7 +6,7 @@
 #    bf16, WORKERS crop processes; OUTDIR/crossval/summary.md is the table.
 # 2. The final model: the bundled model's recipe (scripts/train_bundled.sh, issue 21) on all the
 #    data, with FINAL_BATCH (16) crops a step instead of the CPU's 8 and FINAL_STEPS1 /
-#    FINAL_STEPS2 (5000 / 2800) steps, exported as OUTDIR/final/drsegunet_level1.pt (fp16);
+#    FINAL_STEPS2 / FINAL_STEPS3 (5000 / 2800 / 1000) steps, exported as OUTDIR/final/drsegunet_level1.pt (fp16);
 #    OUTDIR/settings.json records the run. CV=0 skips the cross-validation and gives the
 #    final model the whole limit.
 # Everything stops at LIMIT_S seconds (default 560, under a 10-minute device call); the
@@ -17,7 +17,7 @@
 #      ../shared/data/zenodo20/zenodo20_dev.npz), STEPS (800), BATCH (16), CROP (256),
 #      WORKERS (8), MODELS (drsegunet,monai-unet,drsegunet-upsample), LIMIT_S (560),
 #      DEVICE (cuda; "cpu" with tiny STEPS is a smoke test of this script), CV (1),
-#      FINAL_BATCH, FINAL_STEPS1, FINAL_STEPS2.
+#      FINAL_BATCH, FINAL_STEPS1, FINAL_STEPS2, FINAL_STEPS3.
 # Measured on an NVIDIA H200 (docs/crossval.md, "First GPU run"): 21 s per DRSegUNet fold at 800
 # steps, 55 s at 2,000. On the lent machine, see bench/device_pack.sh and bench/device_run.sh.
 set -u -o pipefail
@@ -82,7 +82,8 @@ if [ "$FINAL_LIMIT" -lt 30 ]; then
 fi
 say "final model on all the data (the bundled model's recipe), at most ${FINAL_LIMIT}s"
 PYTHON="$PY" MEDSEG="$MEDSEG" ZENODO="$ZENODO" SPLIT="" DEVICE="$DEVICE" WORKERS="$WORKERS" \
-    BATCH="${FINAL_BATCH:-16}" STEPS1="${FINAL_STEPS1:-5000}" STEPS2="${FINAL_STEPS2:-2800}" LIMIT_S="$FINAL_LIMIT" \
+    BATCH="${FINAL_BATCH:-16}" STEPS1="${FINAL_STEPS1:-5000}" STEPS2="${FINAL_STEPS2:-2800}" \
+    STEPS3="${FINAL_STEPS3:-1000}" LIMIT_S="$FINAL_LIMIT" \
     bash scripts/train_bundled.sh "$OUT/final" >>"$LOG" 2>&1
 rc2=$?
 [ "$rc2" -ne 0 ] && say "final training ended with rc $rc2; the stages that finished are kept in $OUT/final (rerun to continue)"

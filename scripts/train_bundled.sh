@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the bundled model's recipe (issue 21; DRSegUNetLib/models/MODEL_CARD.md), in two stages:
+# Train the bundled model's recipe (issue 21; DRSegUNetLib/models/MODEL_CARD.md), in three stages:
 #
 #   bash scripts/train_bundled.sh OUTDIR
 #
@@ -10,17 +10,20 @@
 #    1.5 mm pixel, bf16 autocast.
 # 2. OUTDIR/stage2: from stage 1's last epoch, STEPS2 (2,800) steps at lr 3e-4, both data
 #    sets drawn equally often.
-# 3. OUTDIR/drsegunet_level1.pt: stage 2's last epoch, exported in float16.
+# 3. OUTDIR/stage3: from stage 2's last epoch, STEPS3 (1,000) steps at lr 1e-4, adding the
+#    slices without lung of data/outside_lungs/train.npz (abdomen and pelvis, every pixel
+#    background), drawn a tenth as often as each of the other two data sets.
+# 4. OUTDIR/drsegunet_level1.pt: stage 3's last epoch, exported in float16.
 #
 # A stage that finished (OUTDIR/stageN/DONE) is skipped, so a run stopped between stages
 # continues when called again; a stage stopped inside starts over. On this project's 2-core
-# CPU stage 1 takes about 1 h 45 min and stage 2 about 1 h (alone on the machine).
+# CPU stage 1 takes about 1 h 45 min, stage 2 about 1 h and stage 3 about 20 min (alone on the machine).
 #
 # Env: SPLIT ("" = every slice trains, as the bundled model; a split file, e.g.
 #      DRSegUNetLib/splits/default.json, gives the development twin, validated every
 #      VAL_EVERY (5) epochs and scored with experiments/issue21/compare.py),
 #      MEDSEG (../shared/data/medseg/train50), ZENODO (../shared/data/zenodo20/zenodo20_dev.npz),
-#      STEPS1, STEPS2 (multiples of 100), BATCH, DEVICE (cpu; cuda on a GPU machine),
+#      OUTSIDE (data/outside_lungs/train.npz), STEPS1, STEPS2, STEPS3 (multiples of 100), BATCH, DEVICE (cpu; cuda on a GPU machine),
 #      THREADS (2), WORKERS (0), PYTHON (.venv/bin/python, then python3),
 #      LIMIT_S (no limit; the seconds the whole script may take, e.g. inside a device call).
 set -u -o pipefail
@@ -36,6 +39,8 @@ MEDSEG=${MEDSEG:-../shared/data/medseg/train50}
 ZENODO=${ZENODO:-../shared/data/zenodo20/zenodo20_dev.npz}
 STEPS1=${STEPS1:-5000}
 STEPS2=${STEPS2:-2800}
+STEPS3=${STEPS3:-1000}
+OUTSIDE=${OUTSIDE:-data/outside_lungs/train.npz}
 BATCH=${BATCH:-8}
 DEVICE=${DEVICE:-cpu}
 THREADS=${THREADS:-2}
@@ -44,12 +49,12 @@ VAL_EVERY=${VAL_EVERY:-5}
 LIMIT=${LIMIT_S:-0}
 START=$(date +%s)
 say() { echo "[train_bundled] $*" | tee -a "$OUT/run.log" >&2; }
-for f in "$MEDSEG" "$ZENODO"; do [ -e "$f" ] || { say "missing data: $f (set MEDSEG / ZENODO)"; exit 2; }; done
-for n in "$STEPS1" "$STEPS2"; do
-    [ $((n % 100)) -eq 0 ] && [ "$n" -gt 0 ] || { say "STEPS1 and STEPS2 must be positive multiples of 100, not $n"; exit 2; }
+for f in "$MEDSEG" "$ZENODO" "$OUTSIDE"; do [ -e "$f" ] || { say "missing data: $f (set MEDSEG / ZENODO / OUTSIDE)"; exit 2; }; done
+for n in "$STEPS1" "$STEPS2" "$STEPS3"; do
+    [ $((n % 100)) -eq 0 ] && [ "$n" -gt 0 ] || { say "STEPS1, STEPS2 and STEPS3 must be positive multiples of 100, not $n"; exit 2; }
 done
 
-# The recipe; the two stages differ only in what follows it.
+# The recipe; the stages differ only in extra data (EXTRA) and what follows it.
 RECIPE=(--batch-size "$BATCH" --crop 256 --lr-schedule cosine --loss ce+regiondice
         --hard-negatives 0.25 --blur 0.5,2.0 --scale 0.6,1.25 --ema 0.998 --slice-pixel-mm zenodo=1.5
         --bf16 on --split "$SPLIT" --device "$DEVICE" --threads "$THREADS" --workers "$WORKERS")
@@ -65,7 +70,7 @@ stage() {  # name, steps, then train's own options
         run=(timeout -k 10 "$left")
     fi
     say "$name: $steps steps on $DEVICE"
-    "${run[@]}" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" --out "$OUT/$name" \
+    "${run[@]}" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" "${EXTRA[@]}" --out "$OUT/$name" \
         --epochs $((steps / 100)) --steps-per-epoch 100 "${RECIPE[@]}" "$@" >>"$OUT/$name.log" 2>&1
     local rc=$?
     [ "$rc" -eq 0 ] && touch "$OUT/$name/DONE"
@@ -73,7 +78,10 @@ stage() {  # name, steps, then train's own options
     return "$rc"
 }
 
+EXTRA=()
 stage stage1 "$STEPS1" --lr 1e-3 --source-weights medseg=2,zenodo=1 --seed 0 || exit $?
 stage stage2 "$STEPS2" --lr 3e-4 --source-weights medseg=1,zenodo=1 --seed 2 --init "$OUT/stage1/last.pt" || exit $?
-"$PY" -m DRSegUNetLib export "$OUT/stage2/last.pt" "$OUT/drsegunet_level1.pt" >>"$OUT/run.log" 2>&1 || exit $?
+EXTRA=("$OUTSIDE")
+stage stage3 "$STEPS3" --lr 1e-4 --source-weights medseg=1,zenodo=1,outside=0.1 --seed 3 --init "$OUT/stage2/last.pt" || exit $?
+"$PY" -m DRSegUNetLib export "$OUT/stage3/last.pt" "$OUT/drsegunet_level1.pt" >>"$OUT/run.log" 2>&1 || exit $?
 say "exported $OUT/drsegunet_level1.pt in $(( $(date +%s) - START )) s"
