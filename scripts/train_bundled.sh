@@ -17,7 +17,7 @@
 #
 # A stage that finished (OUTDIR/stageN/DONE) is skipped, so a run stopped between stages
 # continues when called again; a stage stopped inside starts over. On this project's 2-core
-# CPU stage 1 takes about 1 h 45 min, stage 2 about 1 h and stage 3 about 20 min (alone on the machine).
+# CPU stage 1 takes about 1 h 45 min, stage 2 about 1 h and stage 3 about 35 min (alone on the machine).
 #
 # Env: SPLIT ("" = every slice trains, as the bundled model; a split file, e.g.
 #      DRSegUNetLib/splits/default.json, gives the development twin, validated every
