@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import MEDSEG_PIXEL_MM, ZENODO_PIXEL_MM, EightBitConfig
 from .errors import InputError
-from .preprocessing import eight_bit_to_hu, working_size
+from .preprocessing import check_ct_hu, eight_bit_to_hu, working_size
 from .vocabulary import (BACKGROUND, BACKGROUND_NAME, CHECKABLE, CLASS_NAMES, CONSOLIDATION, GGO, INFECTION_NAME, LUNG,
                          LUNG_NAME, NUM_CLASSES, REGIONS, check_class_names)
 
@@ -252,19 +252,17 @@ def check_slices_npz(path: str | Path, d: dict[str, np.ndarray], masks: Sequence
     """``d[image]`` after checking it is (N, H, W) -- uint8 for ``ct_uint8`` (8-bit slices), integer
     or floating HU for ``ct_hu`` --, that every array named in ``masks`` is shaped like it and that
     ``group``/``source_index`` (if any) have N entries."""
+    eight = image == "ct_uint8"
     if image not in d:
-        what = "uint8 of 8-bit slices" if image == "ct_uint8" else "of slices in HU"
-        raise InputError(f"{path} has no '{image}' array (N, H, W) {what}; it has {sorted(d)}")
+        raise InputError(f"{path} has no '{image}' array (N, H, W) {'uint8 of 8-bit slices' if eight else 'of slices in HU'}; "
+                         f"it has {sorted(d)}")
     ct = d[image]
-    if image == "ct_uint8":
-        ok = ct.dtype == np.uint8
-    else:
-        ok = np.issubdtype(ct.dtype, np.integer) or np.issubdtype(ct.dtype, np.floating)
-    if not ok or ct.ndim != 3 or 0 in ct.shape:
-        kind = "uint8" if image == "ct_uint8" else "integer or floating"
-        raise InputError(f"{path}: '{image}' must be a non-empty (N, H, W) {kind} array, not {ct.dtype} {ct.shape}")
-    if image != "ct_uint8" and not np.isfinite(ct).all():
-        raise InputError(f"{path}: '{image}' holds NaN or infinite values; give finite HU")
+    numeric = np.issubdtype(ct.dtype, np.integer) or np.issubdtype(ct.dtype, np.floating)
+    if not (ct.dtype == np.uint8 if eight else numeric) or ct.ndim != 3 or 0 in ct.shape:
+        raise InputError(f"{path}: '{image}' must be a non-empty (N, H, W) {'uint8' if eight else 'integer or floating'} "
+                         f"array, not {ct.dtype} {ct.shape}")
+    if not eight:
+        check_ct_hu(ct, f"{path}: '{image}'")
     for name in masks:
         if d[name].shape != ct.shape:
             raise InputError(f"{path}: '{name}' is {d[name].shape}, but '{image}' is {ct.shape}; they must match")
@@ -286,11 +284,11 @@ def read_zenodo_npz(path: str | Path, eight_bit: EightBitConfig = EightBitConfig
     missing = {image, "lung_mask", "infection_mask"} - set(d)
     if missing:
         raise InputError(f"{path} lacks arrays {sorted(missing)}")
-    ct = check_slices_npz(path, d, masks=("lung_mask", "infection_mask"), image=image)
     source = str(d["source"]) if "source" in d else "zenodo"
     if not (source.isascii() and source.isalpha() and source.islower()) or source in ("medseg", "corrections"):
         raise InputError(f"{path}: 'source' must be a lower-case name of letters other than medseg and "
                          f"corrections, not {source!r}")
+    ct = check_slices_npz(path, d, masks=("lung_mask", "infection_mask"), image=image)
     grp = d["group"] if "group" in d else np.zeros(len(ct), dtype=int)
     src = d["source_index"] if "source_index" in d else np.arange(len(grp))
     keep = np.arange(len(grp)) if groups is None else np.flatnonzero(np.isin(grp, list(groups)))

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from DRSegUNetLib import default_model_path  # noqa: E402
-from DRSegUNetLib.data import read_dataset  # noqa: E402
+from DRSegUNetLib.data import read_dataset, read_npz  # noqa: E402
 from DRSegUNetLib.imageio import read_ct  # noqa: E402
 from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.lungs import extract_lungs  # noqa: E402
@@ -84,10 +84,10 @@ def outside_lungs(predictor: Predictor, folder: Path = OUTSIDE) -> list[dict]:
         path = folder / f"{part}.npz"
         if not path.is_file():
             continue
-        ids = np.load(path)["slice_ids"]
+        ids = read_npz(path, only=("slice_ids",))["slice_ids"]  # closes the file; the slices come from read_dataset
         for s, sid in zip(read_dataset(path), ids):
             lab = predictor.predict_slices([s.hu], spacing=(s.pixel_mm,) * 2)[0]
-            cm2 = (s.pixel_mm or 1.0) ** 2 / 100.0
+            cm2 = s.pixel_mm ** 2 / 100.0
             rows.append({"slice": str(sid), "part": part, **{f"{r}_cm2": float(np.isin(lab, REGIONS[r]).sum()) * cm2
                                                              for r in ("lung", "ggo", "consolidation")}})
     return rows

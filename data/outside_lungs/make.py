@@ -28,8 +28,7 @@ SLICES = {
 def load(path: Path) -> np.ndarray:
     img = sitk.ReadImage(str(path), sitk.sitkFloat32)
     sp, size = img.GetSpacing(), img.GetSize()
-    sigma = [0.4 * PIXEL_MM, 0.4 * PIXEL_MM, 0.0]
-    smooth = sitk.SmoothingRecursiveGaussian(img[:, :, 0], sigma[:2])
+    smooth = sitk.SmoothingRecursiveGaussian(img[:, :, 0], [0.4 * PIXEL_MM] * 2)
     new = [int(round(size[0] * sp[0] / PIXEL_MM)), int(round(size[1] * sp[1] / PIXEL_MM))]
     out = sitk.Resample(smooth, new, sitk.Transform(), sitk.sitkLinear, smooth.GetOrigin(), [PIXEL_MM] * 2,
                         smooth.GetDirection(), -1024.0, sitk.sitkFloat32)
