@@ -69,6 +69,14 @@ def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
     return np.isin(labels, REGIONS[region])
 
 
+def region_areas_cm2(labels: np.ndarray, pixel_mm: float,
+                     regions: Iterable[str] = tuple(REGIONS)) -> dict[str, float]:
+    """Area of each region of a label slice (or summed over a stack of slices) in cm², for
+    square pixels of ``pixel_mm``."""
+    cm2 = float(pixel_mm) ** 2 / 100.0
+    return {r: float(np.count_nonzero(region_mask(labels, r))) * cm2 for r in regions}
+
+
 class MetricAccumulator:
     """Collects per-slice and pooled scores per region over many slices."""
 

@@ -38,3 +38,16 @@ def test_prediction_without_truth_scores_zero_not_nan():
     acc.add("a", np.array([[1, 0]]), {"ggo": np.zeros((1, 2), bool)})
     s = acc.summary()["ggo"]
     assert s["mean"]["dice"] == 0.0 and s["pooled"]["precision"] == 0.0
+
+
+def test_region_areas_count_label_values_of_each_region_at_the_pixel_size():
+    from DRSegUNetLib.metrics import region_areas_cm2
+    from DRSegUNetLib.vocabulary import CONSOLIDATION, GGO, LUNG
+
+    labels = np.zeros((2, 10, 10), np.uint8)
+    labels[0, :2] = GGO            # 20 px
+    labels[0, 2:5] = CONSOLIDATION  # 30 px
+    labels[1, :4] = LUNG           # 40 px
+    areas = region_areas_cm2(labels, 2.0)  # 4 mm² a pixel = 0.04 cm²
+    assert areas == pytest.approx({"ggo": 0.8, "consolidation": 1.2, "infection": 2.0, "lung": 3.6})
+    assert region_areas_cm2(labels[1], 1.0, ("lung",)) == pytest.approx({"lung": 0.4})

@@ -35,6 +35,7 @@ from DRSegUNetLib.data import read_dataset, read_npz  # noqa: E402
 from DRSegUNetLib.imageio import read_ct  # noqa: E402
 from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.lungs import extract_lungs  # noqa: E402
+from DRSegUNetLib.metrics import region_areas_cm2  # noqa: E402
 from DRSegUNetLib.orientation import axial_view  # noqa: E402
 from DRSegUNetLib.vocabulary import REGIONS  # noqa: E402
 
@@ -87,9 +88,8 @@ def outside_lungs(predictor: Predictor, folder: Path = OUTSIDE) -> list[dict]:
         ids = read_npz(path, only=("slice_ids",))["slice_ids"]  # closes the file; the slices come from read_dataset
         for s, sid in zip(read_dataset(path), ids):
             lab = predictor.predict_slices([s.hu], spacing=(s.pixel_mm,) * 2)[0]
-            cm2 = s.pixel_mm ** 2 / 100.0
-            rows.append({"slice": str(sid), "part": part, **{f"{r}_cm2": float(np.isin(lab, REGIONS[r]).sum()) * cm2
-                                                             for r in ("lung", "ggo", "consolidation")}})
+            areas = region_areas_cm2(lab, s.pixel_mm, ("lung", "ggo", "consolidation"))
+            rows.append({"slice": str(sid), "part": part, **{f"{r}_cm2": a for r, a in areas.items()}})
     return rows
 
 
