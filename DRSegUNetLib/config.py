@@ -479,7 +479,7 @@ class ModelConfig:
     inference: ModelInference = field(default_factory=ModelInference)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -496,4 +496,7 @@ class ModelConfig:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config as plain types (what checkpoints store: they load with ``weights_only``), its
+    enum members as their values."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: v.value if isinstance(v, Enum) else v
+                                                               for k, v in items})

@@ -259,33 +259,44 @@ def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 class _CropStream(torch.utils.data.IterableDataset):
-    """Endless (normalised crops, allowed) batches drawn by a PatchSampler per worker."""
+    """Endless (normalised crops, allowed) batches drawn by a PatchSampler per worker.
+
+    In this process (no workers) the sampler is kept as ``self.sampler``, and ``rng_state``
+    (its random generator's state, saved by an interrupted run) is where its draws continue."""
 
     def __init__(self, samples: Sequence[Sample], config: TrainConfig, augment: AugmentConfig, seed: int,
-                 preprocess: PreprocessConfig) -> None:
+                 preprocess: PreprocessConfig, rng_state: Optional[dict[str, Any]] = None) -> None:
         self.samples, self.config, self.augment, self.seed, self.preprocess = samples, config, augment, seed, preprocess
+        self.rng_state = rng_state
+        self.sampler: Optional[PatchSampler] = None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         seed = self.seed + (7919 * (info.id + 1) if info is not None else 0)
         sampler = PatchSampler(self.samples, self.config.crop, self.augment, seed, dict(self.config.source_weights))
+        if info is None:
+            if self.rng_state is not None:
+                sampler.rng.bit_generator.state = self.rng_state
+            self.sampler = sampler
         while True:
             hu, allowed = sampler.batch(self.config.batch_size)
             yield torch.from_numpy(normalize(hu, self.preprocess)), torch.from_numpy(allowed)
 
 
 def _batch_stream(samples: Sequence[Sample], config: TrainConfig, augment: AugmentConfig, rank: int,
-                  preprocess: PreprocessConfig, device: torch.device):
-    """Iterator of training batches. ``config.workers`` = 0 draws them in this process
-    (the reproducible default); N > 0 draws them in N worker processes ahead of the GPU
-    (other random streams: worker k is seeded seed + rank + 7919 (k + 1))."""
-    stream = _CropStream(samples, config, augment, config.seed + rank, preprocess)
+                  preprocess: PreprocessConfig, device: torch.device,
+                  rng_state: Optional[dict[str, Any]] = None):
+    """(iterator of training batches, its crop stream). ``config.workers`` = 0 draws them in
+    this process (the reproducible default; ``rng_state`` continues an interrupted run's
+    draws); N > 0 draws them in N worker processes ahead of the GPU (other random streams:
+    worker k is seeded seed + rank + 7919 (k + 1))."""
+    stream = _CropStream(samples, config, augment, config.seed + rank, preprocess, rng_state)
     if config.workers <= 0:
-        return iter(stream)
+        return iter(stream), stream
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4,
                                          persistent_workers=False)
-    return iter(loader)
+    return iter(loader), stream
 
 
 def training_autocast(device: torch.device, mode: str):
@@ -562,6 +573,53 @@ class _Keeper:
                                                   extra=self.meta), self.best_path)
 
 
+RESUME_FILE = "resume.pt"  # in a run's folder while it runs (train's ``resume_state``)
+
+
+def can_resume(config: TrainConfig, world: int = 1) -> bool:
+    """Whether a run can save and continue from a resume state: crops drawn in this process
+    (``workers`` 0) by a single process, whose random stream the state holds."""
+    return config.workers <= 0 and world == 1
+
+
+def _save_resume_state(path: Path, run: _Setup, averaged: Optional[_WeightAverage], keeper: _Keeper,
+                       stream: _CropStream, identity: dict[str, Any], epoch: int, step: int, seconds: float) -> None:
+    """Everything an interrupted run needs to go on as if it had not stopped: the live weights,
+    the optimiser and schedule, the weight average, the crop and torch random streams, the
+    history and the best score so far (not a model to use: a few times a checkpoint's size)."""
+    import io
+
+    from .atomic import atomic_write_bytes
+
+    state = {"identity": identity, "epoch": epoch, "step": step, "seconds": seconds,
+             "model": run.model.state_dict(), "opt": run.opt.state_dict(),
+             "sched": run.sched.state_dict() if run.sched is not None else None,
+             "average": ({"model": averaged.model.state_dict(), "updates": averaged.updates}
+                         if averaged is not None else None),
+             "rng": stream.sampler.rng.bit_generator.state if stream.sampler is not None else None,
+             "torch_rng": torch.get_rng_state(),
+             "best_score": keeper.best_score, "best_epoch": keeper.best_epoch, "history": keeper.history}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_resume_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """An interrupted run's state (:func:`_save_resume_state`); InputError when it cannot be
+    read or was written by a run with other data, options or network."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which and what to do
+        raise InputError(f"{path} cannot be read ({type(e).__name__}); delete it to start the run "
+                         "from the beginning") from None
+    saved = state.get("identity", {}) if isinstance(state, dict) else {}
+    differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if differ:
+        raise InputError(f"{path} was written by a run with other {', '.join(differ)}; resume with the "
+                         "same data and options, or delete it (or use another --out) to start anew")
+    return state
+
+
 def train(
     train_samples: Sequence[Sample],
     val_samples: Sequence[Sample],
@@ -575,6 +633,8 @@ def train(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCheck] = None,
     extra: Optional[dict[str, Any]] = None,
+    resume_state: bool = False,
+    resume: bool = False,
 ) -> TrainResult:
     """Train and write ``best.pt`` (best validation Dice) and ``last.pt`` into ``out_dir``.
 
@@ -586,6 +646,13 @@ def train(
     training ends (an older ``best.pt`` in ``out_dir`` is removed at the start, so an
     interrupted run never leaves one that is not its own). Validation applies the model's
     own decision rule and body restriction (``ModelConfig.inference``) on the slices' grid.
+
+    ``resume_state``: also write ``out_dir/resume.pt`` after every epoch (:data:`RESUME_FILE`;
+    removed when the run ends), from which ``resume`` continues a run that was stopped: the
+    same steps and crops as if it had run through, and on CPU the same weights bit for bit
+    (CUDA kernels are not deterministic run to run anyway). It must have the same data,
+    options and network (:func:`can_resume` says which runs can). ``resume`` without such a
+    file starts from the beginning.
     """
     if not train_samples:
         raise ValueError("no training samples")
@@ -595,12 +662,30 @@ def train(
     if run.rank != 0:
         progress = None
     _check_settings(run, train_samples, val_samples, config)
-    batches = _batch_stream(train_samples, config, augment, run.rank, run.config.preprocess, run.device)
+    resume_path = out_dir / RESUME_FILE
+    if (resume_state or resume) and not can_resume(config, run.world):
+        raise InputError("a run can be resumed only when its crops are drawn in this process by one process "
+                         "(workers 0, no torchrun)")
+    identity = {"train_config": to_dict(config), "model_config": to_dict(run.config), "fingerprint": fingerprint or {},
+                "n_train": len(train_samples), "n_val": len(val_samples), "augment": to_dict(augment)}
+    state = _read_resume_state(resume_path, identity) if resume and resume_path.exists() else None
+    if state is not None:
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["opt"])
+        if run.sched is not None:
+            run.sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming %s after epoch %d of %d", out_dir, state["epoch"], config.epochs)
+    batches, stream = _batch_stream(train_samples, config, augment, run.rank, run.config.preprocess, run.device,
+                                    rng_state=state["rng"] if state is not None else None)
     # Validation uses the training run's precision (bf16="off" reproduces float32 runs).
     val_cfg = InferenceConfig.for_model(run.config, batch_size=1, cpu_bf16=config.bf16, cuda_bf16=config.bf16)
     from .inference import Predictor  # validation segments as inference does; the one use of inference here
 
     averaged = _WeightAverage(run.model, config.ema_decay) if config.ema_decay > 0 else None
+    if averaged is not None and state is not None:
+        averaged.model.load_state_dict(state["average"]["model"])
+        averaged.updates = int(state["average"]["updates"])
     scored = averaged.model if averaged is not None else run.model  # what is validated and saved
     keeper = _Keeper(out_dir, run.config, scored,
                      Predictor(scored, run.config, run.device, val_cfg, channels_last=run.channels_last),
@@ -609,10 +694,16 @@ def train(
                       "init": (init.extra.get("name") if init else None), **(extra or {})})
     if not val_samples and run.rank == 0:
         keeper.best_path.unlink(missing_ok=True)
-    step = 0
-    t0 = time.time()
+    step, first, t0 = 0, 1, time.time()
+    if state is not None:
+        step, first, t0 = int(state["step"]), int(state["epoch"]) + 1, time.time() - float(state["seconds"])
+        keeper.best_score, keeper.best_epoch, keeper.history = state["best_score"], state["best_epoch"], state["history"]
+        if first > config.epochs and not val_samples:  # stopped after the last epoch, before best.pt was written
+            from .checkpoint import load_checkpoint
+
+            keeper.final = load_checkpoint(keeper.last_path)
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(first, config.epochs + 1):
             losses, step = _train_epoch(run, batches, config, epoch, step, averaged, progress, cancel)
             entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)}
             if run.rank != 0:
@@ -620,6 +711,8 @@ def train(
             if val_samples and (epoch % config.val_every == 0 or epoch == config.epochs):
                 keeper.validate(entry, config.select_regions)
             keeper.epoch_done(epoch, entry)
+            if resume_state:
+                _save_resume_state(resume_path, run, averaged, keeper, stream, identity, epoch, step, entry["seconds"])
             report(progress, "epoch", epoch, config.epochs,
                    f"epoch {epoch}: loss {entry['loss']:.4f}" + (f" val Dice {entry['val_dice']:.3f}" if "val_dice" in entry else ""),
                    **{k: v for k, v in entry.items() if k in ("loss", "val_dice")})
@@ -636,4 +729,6 @@ def train(
         if run.rank != 0:
             return result
     keeper.finish()
+    if resume_state or resume:
+        resume_path.unlink(missing_ok=True)  # the run ended: nothing to resume, no optimiser state left behind
     return result

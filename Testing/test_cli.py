@@ -387,6 +387,35 @@ def test_train_takes_a_source_at_a_pixel_size(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err
 
 
+def test_train_resume_continues_a_stopped_run(tmp_path, capsys, monkeypatch):
+    """train writes resume.pt after every epoch; a run stopped in its second epoch and run again
+    with --resume ends with the weights of an uninterrupted run, and without resume.pt."""
+    import torch
+
+    import DRSegUNetLib.training as training
+    from DRSegUNetLib.checkpoint import load_checkpoint
+
+    args = lambda out: ["train", str(TESTDATA / "zenodo_mini.npz"), "--out", str(out), "--split", "",  # noqa: E731
+                        "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "1", "--crop", "32",
+                        "--base-filters", "4", "--ema", "0.9", "--bf16", "off", "--device", "cpu"]
+    assert main(args(tmp_path / "through")) == 0
+    real_train, calls = training.train, []
+
+    def stopped(*a, **k):  # the second epoch's first step is not taken
+        return real_train(*a, **{**k, "cancel": lambda: calls.append(1) or len(calls) == 3})
+
+    monkeypatch.setattr(training, "train", stopped)
+    assert main(args(tmp_path / "run")) != 0
+    assert (tmp_path / "run" / "resume.pt").exists()
+    monkeypatch.setattr(training, "train", real_train)
+    assert main(args(tmp_path / "run") + ["--resume"]) == 0
+    assert not (tmp_path / "run" / "resume.pt").exists() and not (tmp_path / "through" / "resume.pt").exists()
+    a, b = (load_checkpoint(tmp_path / d / "last.pt").state_dict for d in ("through", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(args(tmp_path / "w") + ["--workers", "1", "--resume"]) == 2
+    assert "workers 0" in capsys.readouterr().err
+
+
 def test_train_refuses_a_split_that_leaves_no_training_slices(tmp_path, capsys):
     # The default split holds groups 3, 5 and 6 out: all four slices of zenodo_mini. Before,
     # train stopped with a ValueError traceback ("no training samples").

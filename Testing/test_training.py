@@ -102,7 +102,7 @@ def test_crop_workers_are_seeded_and_the_default_draws_in_process(tmp_path):
     ms = read_medseg_folder(TESTDATA / "medseg_mini")
     pp = ModelConfig().preprocess
     cfg = TrainConfig(batch_size=2, crop=32, seed=5)
-    x, y = next(_batch_stream(ms, cfg, AugmentConfig(), 0, pp, torch.device("cpu")))
+    x, y = next(_batch_stream(ms, cfg, AugmentConfig(), 0, pp, torch.device("cpu"))[0])
     hu, allowed = PatchSampler(ms, 32, AugmentConfig(), 5).batch(2)
     assert torch.equal(x, torch.from_numpy(normalize(hu, pp))) and torch.equal(y, torch.from_numpy(allowed))
 
@@ -256,3 +256,67 @@ def test_broken_hu_slices_npz_is_one_line_error(tmp_path, case, message):
     np.savez(tmp_path / "x.npz", **arrays)
     with pytest.raises(InputError, match=message):
         read_zenodo_npz(tmp_path / "x.npz")
+
+
+def _resumable_run(ms, out, cancel_at=None, resume=False, **overrides):
+    """3 epochs of 2 steps on medseg_mini with validation, a weight average and a cosine
+    schedule; ``cancel_at``: stop when step N is about to start."""
+    from DRSegUNetLib.config import LrSchedule
+
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return cancel_at is not None and len(calls) == cancel_at
+
+    cfg = TrainConfig(**{**dict(epochs=3, steps_per_epoch=2, batch_size=2, crop=32, seed=4, ema_decay=0.9,
+                                lr_schedule=LrSchedule.COSINE, bf16="off", val_every=1), **overrides})
+    return train(ms[1:], ms[:1], out, cfg, ModelConfig(network=NetworkConfig(base_filters=4)), device="cpu",
+                 fingerprint={"data": "medseg_mini"}, cancel=cancel, resume_state=True, resume=resume)
+
+
+def test_a_stopped_run_resumed_ends_as_if_it_had_run_through(tmp_path):
+    """train(resume_state=True) writes resume.pt after every epoch; a run stopped in its second
+    epoch and resumed ends with the weights, history and best epoch of one that was never
+    stopped (same steps, crops, schedule and weight average), and leaves no resume.pt."""
+    from DRSegUNetLib.progress import Cancelled
+    from DRSegUNetLib.training import RESUME_FILE
+
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    through = _resumable_run(ms, tmp_path / "through")
+    assert not (tmp_path / "through" / RESUME_FILE).exists() and len(through.history) == 3
+    with pytest.raises(Cancelled):
+        _resumable_run(ms, tmp_path / "stopped", cancel_at=4, resume=True)  # no resume.pt yet: starts anew
+    assert (tmp_path / "stopped" / RESUME_FILE).exists()
+    stopped = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert stopped.metrics["epoch"] == 1
+    assert stopped.extra["train_config"]["lr_schedule"] == "cosine"  # an enum member is stored as its value
+    resumed = _resumable_run(ms, tmp_path / "stopped", resume=True)
+    assert not (tmp_path / "stopped" / RESUME_FILE).exists()
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(through.history)
+    assert resumed.best_epoch == through.best_epoch
+    a, b = load_checkpoint(through.last_path).state_dict, load_checkpoint(resumed.last_path).state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Without resume, the stopped run would have started over and ended elsewhere.
+    with pytest.raises(Cancelled):
+        _resumable_run(ms, tmp_path / "again", cancel_at=4)
+    fresh = _resumable_run(ms, tmp_path / "again", epochs=3)
+    assert strip(fresh.history) == strip(through.history)  # the same run from the start, as a check of the check
+
+
+def test_resuming_with_other_options_or_a_damaged_state_is_refused(tmp_path):
+    from DRSegUNetLib.errors import InputError
+    from DRSegUNetLib.progress import Cancelled
+    from DRSegUNetLib.training import RESUME_FILE
+
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    with pytest.raises(Cancelled):
+        _resumable_run(ms, tmp_path, cancel_at=3)
+    with pytest.raises(InputError, match="other train_config"):
+        _resumable_run(ms, tmp_path, resume=True, lr=5e-4)
+    (tmp_path / RESUME_FILE).write_bytes(b"not a state")
+    with pytest.raises(InputError, match="cannot be read.*delete it"):
+        _resumable_run(ms, tmp_path, resume=True)
+    with pytest.raises(InputError, match="workers 0"):
+        _resumable_run(ms, tmp_path / "w", workers=1)

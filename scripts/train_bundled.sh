@@ -15,8 +15,9 @@
 #    background), drawn a tenth as often as each of the other two data sets.
 # 4. OUTDIR/drsegunet_level1.pt: stage 3's last epoch, exported in float16.
 #
-# A stage that finished (OUTDIR/stageN/DONE) is skipped, so a run stopped between stages
-# continues when called again; a stage stopped inside starts over. On this project's 2-core
+# A stage that finished (OUTDIR/stageN/DONE) is skipped and a stage stopped inside continues
+# from its last whole epoch (train --resume, with WORKERS 0; at most 100 steps are lost), so a
+# run stopped anywhere goes on when called again, as if it had not stopped. On this project's 2-core
 # CPU stage 1 takes about 1 h 45 min, stage 2 about 1 h and stage 3 about 35 min (alone on the machine).
 #
 # Env: SPLIT ("" = every slice trains, as the bundled model; a split file, e.g.
@@ -59,6 +60,8 @@ RECIPE=(--batch-size "$BATCH" --crop 256 --lr-schedule cosine --loss ce+regiondi
         --hard-negatives 0.25 --blur 0.5,2.0 --scale 0.6,1.25 --ema 0.998 --slice-pixel-mm zenodo=1.5
         --bf16 on --split "$SPLIT" --device "$DEVICE" --threads "$THREADS" --workers "$WORKERS")
 [ -n "$SPLIT" ] && RECIPE+=(--val-every "$VAL_EVERY")
+RESUME=(--resume)  # a stage stopped inside continues; train can resume only crops drawn in its own process
+[ "$WORKERS" -gt 0 ] && RESUME=()
 
 stage() {  # name, steps, then train's own options
     local name=$1 steps=$2; shift 2
@@ -71,7 +74,7 @@ stage() {  # name, steps, then train's own options
     fi
     say "$name: $steps steps on $DEVICE"
     "${run[@]}" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" "${EXTRA[@]}" --out "$OUT/$name" \
-        --epochs $((steps / 100)) --steps-per-epoch 100 "${RECIPE[@]}" "$@" >>"$OUT/$name.log" 2>&1
+        --epochs $((steps / 100)) --steps-per-epoch 100 "${RESUME[@]}" "${RECIPE[@]}" "$@" >>"$OUT/$name.log" 2>&1
     local rc=$?
     [ "$rc" -eq 0 ] && touch "$OUT/$name/DONE"
     say "$name ended with rc $rc after $(( $(date +%s) - START )) s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +62,10 @@ def add_parsers(sub) -> None:
                         "bf16 (off reproduces float32 runs exactly)")
     add_workers(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and augmentation (default 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out that was stopped (from its resume.pt, written after every epoch "
+                        "of a run with --workers 0 and removed when it ends), with the same data and options: it "
+                        "ends with the weights it would have had without the stop; without a resume.pt, start anew")
     add_json_progress(p)
     add_common_options(p)
 
@@ -113,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..config import ModelConfig, NetworkConfig, TrainConfig, to_dict
     from ..data import apply_split, fingerprint, load_split, read_dataset, resample_sample
-    from ..training import train
+    from ..training import can_resume, train
 
     if args.bn == BatchNormMode.FROZEN and not args.init:
         raise InputError("--bn frozen keeps the BatchNorm statistics of --init; a network trained from scratch has none")
@@ -157,7 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    fingerprint={"data": fingerprint(args.data), "split": Path(args.split).name if args.split else None,
                                 **({"slice_pixel_mm": slice_mm, "pixel_mm": working} if slice_mm else {})},
                    augment=augment, progress=ProgressPrinter(json_lines=args.json_progress),
-                   extra={"command": " ".join(sys.argv), "augment": to_dict(augment)})
+                   extra={"command": " ".join(sys.argv), "augment": to_dict(augment)},
+                   resume_state=can_resume(cfg, int(os.environ.get("WORLD_SIZE", "1"))), resume=args.resume)
     from ..atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(args.out, "history.json"), json.dumps(result.history, indent=1).encode())
