@@ -109,8 +109,13 @@ def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, tor
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
+    atomic_torch_save(ckpt.to_dict(), path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``obj`` to ``path``, never half-written (:func:`atomic_write_bytes`)."""
     buf = io.BytesIO()
-    torch.save(ckpt.to_dict(), buf)
+    torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

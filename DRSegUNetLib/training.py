@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .checkpoint import Checkpoint, nonfinite_keys, save_checkpoint
+from .checkpoint import Checkpoint, atomic_torch_save, nonfinite_keys, save_checkpoint
 from .config import (Arch, BatchNormMode, InferenceConfig, Loss, LrSchedule, ModelConfig, NetworkConfig, Optimizer,
                      PreprocessConfig, TrainConfig, to_dict)
 from .data import Sample, bit
@@ -240,6 +240,11 @@ def estimate_normalisation(samples: Sequence[Sample], cfg: PreprocessConfig) -> 
 
 
 # ---------------------------------------------------------------- training
+def world_size() -> int:
+    """Processes of this run: torchrun's WORLD_SIZE, 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(world size, rank, device) — joins the process group when run under ``torchrun``.
 
@@ -247,7 +252,7 @@ def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return 1, 0, device
     if device.type == "cuda":
@@ -587,10 +592,6 @@ def _save_resume_state(path: Path, run: _Setup, averaged: Optional[_WeightAverag
     """Everything an interrupted run needs to go on as if it had not stopped: the live weights,
     the optimiser and schedule, the weight average, the crop and torch random streams, the
     history and the best score so far (not a model to use: a few times a checkpoint's size)."""
-    import io
-
-    from .atomic import atomic_write_bytes
-
     state = {"identity": identity, "epoch": epoch, "step": step, "seconds": seconds,
              "model": run.model.state_dict(), "opt": run.opt.state_dict(),
              "sched": run.sched.state_dict() if run.sched is not None else None,
@@ -599,9 +600,7 @@ def _save_resume_state(path: Path, run: _Setup, averaged: Optional[_WeightAverag
              "rng": stream.sampler.rng.bit_generator.state if stream.sampler is not None else None,
              "torch_rng": torch.get_rng_state(),
              "best_score": keeper.best_score, "best_epoch": keeper.best_epoch, "history": keeper.history}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(state, path)
 
 
 def _read_resume_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -690,7 +689,7 @@ def train(
     keeper = _Keeper(out_dir, run.config, scored,
                      Predictor(scored, run.config, run.device, val_cfg, channels_last=run.channels_last),
                      val_samples, fingerprint or {},
-                     {"train_config": to_dict(config), "n_train": len(train_samples), "n_val": len(val_samples),
+                     {"train_config": identity["train_config"], "n_train": len(train_samples), "n_val": len(val_samples),
                       "init": (init.extra.get("name") if init else None), **(extra or {})})
     if not val_samples and run.rank == 0:
         keeper.best_path.unlink(missing_ok=True)

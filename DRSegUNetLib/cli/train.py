@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -118,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..config import ModelConfig, NetworkConfig, TrainConfig, to_dict
     from ..data import apply_split, fingerprint, load_split, read_dataset, resample_sample
-    from ..training import can_resume, train
+    from ..training import can_resume, train, world_size
 
     if args.bn == BatchNormMode.FROZEN and not args.init:
         raise InputError("--bn frozen keeps the BatchNorm statistics of --init; a network trained from scratch has none")
@@ -163,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 **({"slice_pixel_mm": slice_mm, "pixel_mm": working} if slice_mm else {})},
                    augment=augment, progress=ProgressPrinter(json_lines=args.json_progress),
                    extra={"command": " ".join(sys.argv), "augment": to_dict(augment)},
-                   resume_state=can_resume(cfg, int(os.environ.get("WORLD_SIZE", "1"))), resume=args.resume)
+                   resume_state=can_resume(cfg, world_size()), resume=args.resume)
     from ..atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(args.out, "history.json"), json.dumps(result.history, indent=1).encode())
