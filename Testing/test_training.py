@@ -258,9 +258,9 @@ def test_broken_hu_slices_npz_is_one_line_error(tmp_path, case, message):
         read_zenodo_npz(tmp_path / "x.npz")
 
 
-def _resumable_run(ms, out, cancel_at=None, resume=False, **overrides):
-    """3 epochs of 2 steps on medseg_mini with validation, a weight average and a cosine
-    schedule; ``cancel_at``: stop when step N is about to start."""
+def _resumable_run(ms, out, cancel_at=None, resume=False, validate=True, **overrides):
+    """3 epochs of 2 steps on medseg_mini with validation (unless not ``validate``), a weight
+    average and a cosine schedule; ``cancel_at``: stop when step N is about to start."""
     from DRSegUNetLib.config import LrSchedule
 
     calls = []
@@ -271,7 +271,7 @@ def _resumable_run(ms, out, cancel_at=None, resume=False, **overrides):
 
     cfg = TrainConfig(**{**dict(epochs=3, steps_per_epoch=2, batch_size=2, crop=32, seed=4, ema_decay=0.9,
                                 lr_schedule=LrSchedule.COSINE, bf16="off", val_every=1), **overrides})
-    return train(ms[1:], ms[:1], out, cfg, ModelConfig(network=NetworkConfig(base_filters=4)), device="cpu",
+    return train(ms[1:], ms[:1] if validate else [], out, cfg, ModelConfig(network=NetworkConfig(base_filters=4)), device="cpu",
                  fingerprint={"data": "medseg_mini"}, cancel=cancel, resume_state=True, resume=resume)
 
 
@@ -303,6 +303,36 @@ def test_a_stopped_run_resumed_ends_as_if_it_had_run_through(tmp_path):
         _resumable_run(ms, tmp_path / "again", cancel_at=4)
     fresh = _resumable_run(ms, tmp_path / "again", epochs=3)
     assert strip(fresh.history) == strip(through.history)  # the same run from the start, as a check of the check
+
+
+def test_a_run_stopped_after_its_last_epoch_resumes_to_its_best_pt(tmp_path, monkeypatch):
+    """Without validation best.pt is written when the run ends; a run stopped after its last
+    epoch's resume.pt but before that, resumed, trains nothing more and writes as best.pt the
+    last epoch's checkpoint, the one an uninterrupted run writes."""
+    from DRSegUNetLib import training
+    from DRSegUNetLib.training import RESUME_FILE
+
+    ms = read_medseg_folder(TESTDATA / "medseg_mini")
+    through = _resumable_run(ms, tmp_path / "through", validate=False)
+    real_finish = training._Keeper.finish
+
+    def stop(self):
+        raise KeyboardInterrupt  # as if the process were killed here
+
+    monkeypatch.setattr(training._Keeper, "finish", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _resumable_run(ms, tmp_path / "stopped", validate=False)
+    assert (tmp_path / "stopped" / RESUME_FILE).exists() and not (tmp_path / "stopped" / "best.pt").exists()
+    monkeypatch.setattr(training._Keeper, "finish", real_finish)
+    last = (tmp_path / "stopped" / "last.pt").read_bytes()
+    resumed = _resumable_run(ms, tmp_path / "stopped", validate=False, resume=True)
+    assert (tmp_path / "stopped" / "last.pt").read_bytes() == last  # no epoch ran again
+    assert not (tmp_path / "stopped" / RESUME_FILE).exists()
+    assert resumed.best_epoch == through.best_epoch == 3
+    a, b = load_checkpoint(through.best_path), load_checkpoint(resumed.best_path)
+    assert a.metrics["epoch"] == b.metrics["epoch"] == 3 and len(b.extra["history"]) == 3  # the epoch's record
+    assert a.state_dict.keys() == b.state_dict.keys() and all(torch.equal(a.state_dict[k], b.state_dict[k])
+                                                              for k in a.state_dict)
 
 
 def test_resuming_with_other_options_or_a_damaged_state_is_refused(tmp_path):
