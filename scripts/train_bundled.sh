@@ -18,7 +18,8 @@
 # A stage that finished (OUTDIR/stageN/DONE) is skipped and a stage stopped inside continues
 # from its last whole epoch (train --resume, with WORKERS 0; at most 100 steps are lost), so a
 # run stopped anywhere goes on when called again, as if it had not stopped. On this project's 2-core
-# CPU stage 1 takes about 1 h 45 min, stage 2 about 1 h and stage 3 about 35 min (alone on the machine).
+# CPU stage 1 took 1 h 51 min to 2 h 36 min, stage 2 51 to 85 min and stage 3 29 to 36 min (the slower
+# with SPLIT's validation every 5 epochs, on a slower day of the machine).
 #
 # Env: SPLIT ("" = every slice trains, as the bundled model; a split file, e.g.
 #      DRSegUNetLib/splits/default.json, gives the development twin, validated every
