@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .checkpoint import Checkpoint, atomic_torch_save, nonfinite_keys, save_checkpoint
+from .checkpoint import Checkpoint, atomic_torch_save, load_checkpoint, nonfinite_keys, save_checkpoint
 from .config import (Arch, BatchNormMode, InferenceConfig, Loss, LrSchedule, ModelConfig, NetworkConfig, Optimizer,
                      PreprocessConfig, TrainConfig, to_dict)
 from .data import Sample, bit
@@ -698,8 +698,6 @@ def train(
         step, first, t0 = int(state["step"]), int(state["epoch"]) + 1, time.time() - float(state["seconds"])
         keeper.best_score, keeper.best_epoch, keeper.history = state["best_score"], state["best_epoch"], state["history"]
         if first > config.epochs and not val_samples:  # stopped after the last epoch, before best.pt was written
-            from .checkpoint import load_checkpoint
-
             keeper.final = load_checkpoint(keeper.last_path)
     try:
         for epoch in range(first, config.epochs + 1):

@@ -314,16 +314,14 @@ def test_a_run_stopped_after_its_last_epoch_resumes_to_its_best_pt(tmp_path, mon
 
     ms = read_medseg_folder(TESTDATA / "medseg_mini")
     through = _resumable_run(ms, tmp_path / "through", validate=False)
-    real_finish = training._Keeper.finish
 
     def stop(self):
         raise KeyboardInterrupt  # as if the process were killed here
 
-    monkeypatch.setattr(training._Keeper, "finish", stop)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(training._Keeper, "finish", stop)
         _resumable_run(ms, tmp_path / "stopped", validate=False)
     assert (tmp_path / "stopped" / RESUME_FILE).exists() and not (tmp_path / "stopped" / "best.pt").exists()
-    monkeypatch.setattr(training._Keeper, "finish", real_finish)
     last = (tmp_path / "stopped" / "last.pt").read_bytes()
     resumed = _resumable_run(ms, tmp_path / "stopped", validate=False, resume=True)
     assert (tmp_path / "stopped" / "last.pt").read_bytes() == last  # no epoch ran again

@@ -65,10 +65,15 @@ def probabilities(pred: Predictor, samples, cache: Path):
     return out
 
 
+def decided(pred: Predictor, samples, probs) -> list:
+    """The label map of each slice: ``probs`` under the model's own decision rule."""
+    return [pred.decide_labels(torch.from_numpy(p)[None], s.hu[None], eight_bit=s.eight_bit)[0]
+            for s, p in zip(samples, probs)]
+
+
 def per_slice(pred: Predictor, samples, probs) -> dict[str, dict[str, float]]:
     """{target: {slice name: Dice}}; slices where truth and prediction are both empty are left out."""
-    return per_slice_labels(samples, [pred.decide_labels(torch.from_numpy(p)[None], s.hu[None], eight_bit=s.eight_bit)[0]
-                                      for s, p in zip(samples, probs)])
+    return per_slice_labels(samples, decided(pred, samples, probs))
 
 
 def per_slice_labels(samples, labels_list) -> dict[str, dict[str, float]]:

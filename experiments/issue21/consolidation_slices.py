@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (sets the path to the repository and one torch thread)
 
@@ -36,10 +34,9 @@ def main() -> int:
         pred = Predictor.from_checkpoint(m, device="cpu", cpu_bf16="off")
         samples = compare.load_samples(args.shared_data, pred, args.part)
         probs = compare.probabilities(pred, samples, compare.ROOT / "runs" / "issue21_compare" / f"{compare._sha(m)}_{args.part}.npz")
-        for s, p in zip(samples, probs):
+        for s, labels in zip(samples, compare.decided(pred, samples, probs)):
             if s.source != "medseg":
                 continue
-            labels = pred.decide_labels(torch.from_numpy(p)[None], s.hu[None], eight_bit=s.eight_bit)[0]
             cons, truth, ggo = region_mask(labels, "consolidation"), s.region_truth("consolidation"), s.region_truth("ggo")
             sc = counts(cons, truth).scores()
             dice = "-" if sc is None else f"{sc['dice']:.3f}"
