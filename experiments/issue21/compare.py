@@ -42,6 +42,11 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+def cache_path(model: Path, tag: str) -> Path:
+    """Where :func:`probabilities` keeps ``model``'s probabilities for a part (``tag``: val, test, val_flip ...)."""
+    return ROOT / "runs" / "issue21_compare" / f"{_sha(model)}_{tag}.npz"
+
+
 def load_samples(shared: Path, pred: Predictor, part: str):
     split = load_split(ROOT / "DRSegUNetLib" / "splits" / "default.json")
     out = []
@@ -112,7 +117,7 @@ def main() -> int:
     samples = load_samples(args.shared_data, preds[0], args.part)
     names = [m.parent.name + "/" + m.name for m in args.models]
     tag = f"{args.part}{'_flip' if args.flip_tta else ''}"
-    probs = [probabilities(p, samples, ROOT / "runs" / "issue21_compare" / f"{_sha(m)}_{tag}.npz")
+    probs = [probabilities(p, samples, cache_path(m, tag))
              for p, m in zip(preds, args.models)]
     scores = [per_slice(p, samples, pr) for p, pr in zip(preds, probs)]
     if args.ensemble and len(probs) > 1:

@@ -33,7 +33,7 @@ def main() -> int:
     for m in args.models:
         pred = Predictor.from_checkpoint(m, device="cpu", cpu_bf16="off")
         samples = compare.load_samples(args.shared_data, pred, args.part)
-        probs = compare.probabilities(pred, samples, compare.ROOT / "runs" / "issue21_compare" / f"{compare._sha(m)}_{args.part}.npz")
+        probs = compare.probabilities(pred, samples, compare.cache_path(m, args.part))
         for s, labels in zip(samples, compare.decided(pred, samples, probs)):
             if s.source != "medseg":
                 continue

@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, _sha, load_samples, probabilities  # noqa: E402
+from compare import ROOT, cache_path, decided, load_samples, probabilities  # noqa: E402
 
 from DRSegUNetLib.config import EightBitConfig  # noqa: E402
 from DRSegUNetLib.data import apply_split, load_split, read_dataset  # noqa: E402
@@ -49,14 +48,13 @@ def main() -> int:
               f"{', '.join(dense) or '-'} |")
     pred = Predictor.from_checkpoint(args.model, device="cpu", cpu_bf16="off")
     samples = load_samples(args.shared_data, pred, "val")
-    probs = probabilities(pred, samples, ROOT / "runs" / "issue21_compare" / f"{_sha(args.model)}_val.npz")
+    probs = probabilities(pred, samples, cache_path(args.model, "val"))
     print(f"\n{args.model}, MedSeg validation: truth consolidation called ... (pixels, median HU)")
     print("| slice | consolidation | GGO | neither (background or lung) |")
     print("|---|---|---|---|")
-    for s, p in zip(samples, probs):
-        if s.source != "medseg":
-            continue
-        lab = pred.decide_labels(torch.from_numpy(p)[None], s.hu[None], eight_bit=s.eight_bit)[0]
+    medseg = [i for i, s in enumerate(samples) if s.source == "medseg"]
+    ms = [samples[i] for i in medseg]
+    for s, lab in zip(ms, decided(pred, ms, [probs[i] for i in medseg])):
         truth = np.asarray(s.region_truth("consolidation"), bool)
         cells = []
         for m in (truth & (lab == CONSOLIDATION), truth & (lab == GGO), truth & (lab != GGO) & (lab != CONSOLIDATION)):

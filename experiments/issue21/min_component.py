@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, TARGETS, _sha, load_samples, per_slice_labels, probabilities  # noqa: E402
+from compare import TARGETS, cache_path, decided, load_samples, per_slice_labels, probabilities  # noqa: E402
 
 from DRSegUNetLib.inference import Predictor  # noqa: E402
 from DRSegUNetLib.vocabulary import BACKGROUND, CONSOLIDATION, GGO, LUNG  # noqa: E402
@@ -62,9 +61,8 @@ def main() -> int:
     pred = Predictor.from_checkpoint(args.model, device="cpu", cpu_bf16="off")
     work = pred.config.inference.pixel_mm or None
     samples = load_samples(args.shared_data, pred, args.part)
-    probs = probabilities(pred, samples, ROOT / "runs" / "issue21_compare" / f"{_sha(args.model)}_{args.part}.npz")
-    base = [pred.decide_labels(torch.from_numpy(p)[None], s.hu[None], eight_bit=s.eight_bit)[0]
-            for s, p in zip(samples, probs)]
+    probs = probabilities(pred, samples, cache_path(args.model, args.part))
+    base = decided(pred, samples, probs)
     keys = [f"{s}_{r}" for s, r in TARGETS]
     print(f"{args.model} on {args.part} ({len(samples)} slices): mean Dice over slices (slices scored)")
     print("| min cons. px : min lesion px | " + " | ".join(keys) + " | mean of five |")
