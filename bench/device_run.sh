@@ -2,9 +2,10 @@
 # The prepared call on the lent GPU machine (after bench/device_pack.sh; carry .device-data):
 #   TOTAL_S=550 CV_LIMIT=390 bash bench/device_run.sh 2>&1 | tee $OUT/run_out.txt
 #   (issue 21's all-data model in the bundled model's recipe, alone:
-#    CV=0 TOTAL_S=560 CV_LIMIT=540 bash bench/device_run.sh; every 4th COVID-19-CT-Seg slice travels)
+#    CV=0 TOTAL_S=560 CV_LIMIT=540 bash bench/device_run.sh; every K-th COVID-19-CT-Seg slice
+#    travels, K in .device-data/zenodo_subset.txt)
 #  1. bench/gpu_crossval.sh (cross-validation folds, then the all-data model) on train50 and
-#     every 4th COVID-19-CT-Seg slice; MODELS, STEPS, ... pass through to it;
+#     every K-th COVID-19-CT-Seg slice (device_pack.sh); MODELS, STEPS, ... pass through to it;
 #  2. bench/gpu.sh (issue 6's benchmark) with the time left of TOTAL_S, if 70 s or more;
 #  3. everything but checkpoints and arrays packed into $OUT/results.tgz (the tool returns
 #     files at most two folders down), the exported all-data model beside it.
@@ -27,8 +28,9 @@ if [ "${SKIP_SITK:-0}" != 1 ]; then
 fi
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
 "$PYTHON" -c "import sys, torch, SimpleITK, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'SimpleITK', SimpleITK.__version__, 'numpy', numpy.__version__)" 2>&1 | tee "$W/env.txt"
+cat .device-data/zenodo_subset.txt 2>/dev/null | tee -a "$W/env.txt"  # which COVID-19-CT-Seg slices travelled
 
-MEDSEG=.device-data/train50 ZENODO=.device-data/zenodo_every4.npz MODELS=${MODELS:-drsegunet} \
+MEDSEG=.device-data/train50 ZENODO=.device-data/zenodo_subset.npz MODELS=${MODELS:-drsegunet} \
     LIMIT_S=${CV_LIMIT:-390} bash bench/gpu_crossval.sh "$W/gc"
 echo "[device_run] gpu_crossval rc $? at $(el)s"
 [ -f "$W/gc/crossval/summary.md" ] && cat "$W/gc/crossval/summary.md"

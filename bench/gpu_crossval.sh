@@ -17,7 +17,8 @@
 #      ../shared/data/zenodo20/zenodo20_dev.npz), STEPS (800), BATCH (16), CROP (256),
 #      WORKERS (8), MODELS (drsegunet,monai-unet,drsegunet-upsample), LIMIT_S (560),
 #      DEVICE (cuda; "cpu" with tiny STEPS is a smoke test of this script), CV (1),
-#      FINAL_BATCH, FINAL_STEPS1, FINAL_STEPS2, FINAL_STEPS3.
+#      FINAL_BATCH, FINAL_STEPS1, FINAL_STEPS2, FINAL_STEPS3 (and EPOCH_STEPS, passed on to
+#      train_bundled.sh: with CV=0 and tiny steps on the CPU, Testing/test_scripts.py's smoke test).
 # Measured on an NVIDIA H200 (docs/crossval.md, "First GPU run"): 21 s per DRSegUNet fold at 800
 # steps, 55 s at 2,000. On the lent machine, see bench/device_pack.sh and bench/device_run.sh.
 set -u -o pipefail
@@ -87,7 +88,7 @@ PYTHON="$PY" MEDSEG="$MEDSEG" ZENODO="$ZENODO" SPLIT="" DEVICE="$DEVICE" WORKERS
     bash scripts/train_bundled.sh "$OUT/final" >>"$LOG" 2>&1
 rc2=$?
 [ "$rc2" -ne 0 ] && say "final training ended with rc $rc2; the stages that finished are kept in $OUT/final (rerun to continue)"
-echo "{\"steps\": $STEPS, \"batch\": $BATCH, \"crop\": $CROP, \"workers\": $WORKERS, \"models\": \"$MODELS\", \"device\": \"$DEVICE\", \"seconds\": $(( $(date +%s) - START ))}" >"$OUT/settings.json"
+echo "{\"cv\": \"$CV\", \"steps\": $STEPS, \"batch\": $BATCH, \"crop\": $CROP, \"workers\": $WORKERS, \"models\": \"$MODELS\", \"device\": \"$DEVICE\", \"final_batch\": ${FINAL_BATCH:-16}, \"final_steps\": [${FINAL_STEPS1:-5000}, ${FINAL_STEPS2:-2800}, ${FINAL_STEPS3:-1000}], \"seconds\": $(( $(date +%s) - START ))}" >"$OUT/settings.json"
 say "done in $(( $(date +%s) - START ))s (crossval rc $rc, final rc $rc2)"
 [ "$rc" -eq 0 ] && exit "$rc2"
 exit "$rc"

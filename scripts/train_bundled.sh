@@ -16,7 +16,7 @@
 # 4. OUTDIR/drsegunet_level1.pt: stage 3's last epoch, exported in float16.
 #
 # A stage that finished (OUTDIR/stageN/DONE) is skipped and a stage stopped inside continues
-# from its last whole epoch (train --resume, with WORKERS 0; at most 100 steps are lost), so a
+# from its last whole epoch (train --resume, with WORKERS 0; at most EPOCH_STEPS steps are lost), so a
 # run stopped anywhere goes on when called again, as if it had not stopped. On this project's 2-core
 # CPU stage 1 took 1 h 51 min to 2 h 36 min, stage 2 51 to 85 min and stage 3 29 to 36 min (the slower
 # with SPLIT's validation every 5 epochs, on a slower day of the machine).
@@ -25,7 +25,9 @@
 #      DRSegUNetLib/splits/default.json, gives the development twin, validated every
 #      VAL_EVERY (5) epochs and scored with experiments/issue21/compare.py),
 #      MEDSEG (../shared/data/medseg/train50), ZENODO (../shared/data/zenodo20/zenodo20_dev.npz),
-#      OUTSIDE (data/outside_lungs/train.npz), STEPS1, STEPS2, STEPS3 (multiples of 100), BATCH, DEVICE (cpu; cuda on a GPU machine),
+#      OUTSIDE (data/outside_lungs/train.npz), STEPS1, STEPS2, STEPS3 (multiples of EPOCH_STEPS),
+#      EPOCH_STEPS (100: steps per epoch, the unit a stopped stage loses at most; a smaller one
+#      makes a smoke test, Testing/test_scripts.py), BATCH, DEVICE (cpu; cuda on a GPU machine),
 #      THREADS (2), WORKERS (0), PYTHON (.venv/bin/python, then python3),
 #      LIMIT_S (no limit; the seconds the whole script may take, e.g. inside a device call).
 set -u -o pipefail
@@ -42,6 +44,7 @@ ZENODO=${ZENODO:-../shared/data/zenodo20/zenodo20_dev.npz}
 STEPS1=${STEPS1:-5000}
 STEPS2=${STEPS2:-2800}
 STEPS3=${STEPS3:-1000}
+EPOCH_STEPS=${EPOCH_STEPS:-100}
 OUTSIDE=${OUTSIDE:-data/outside_lungs/train.npz}
 BATCH=${BATCH:-8}
 DEVICE=${DEVICE:-cpu}
@@ -52,8 +55,10 @@ LIMIT=${LIMIT_S:-0}
 START=$(date +%s)
 say() { echo "[train_bundled] $*" | tee -a "$OUT/run.log" >&2; }
 for f in "$MEDSEG" "$ZENODO" "$OUTSIDE"; do [ -e "$f" ] || { say "missing data: $f (set MEDSEG / ZENODO / OUTSIDE)"; exit 2; }; done
+[[ "$EPOCH_STEPS" =~ ^[1-9][0-9]*$ ]] || { say "EPOCH_STEPS must be a positive whole number, not $EPOCH_STEPS"; exit 2; }
 for n in "$STEPS1" "$STEPS2" "$STEPS3"; do
-    [ $((n % 100)) -eq 0 ] && [ "$n" -gt 0 ] || { say "STEPS1, STEPS2 and STEPS3 must be positive multiples of 100, not $n"; exit 2; }
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] && [ $((n % EPOCH_STEPS)) -eq 0 ] \
+        || { say "STEPS1, STEPS2 and STEPS3 must be positive multiples of EPOCH_STEPS ($EPOCH_STEPS), not $n"; exit 2; }
 done
 
 # The recipe; the stages differ only in extra data (EXTRA) and what follows it.
@@ -75,7 +80,7 @@ stage() {  # name, steps, then train's own options
     fi
     say "$name: $steps steps on $DEVICE"
     "${run[@]}" "$PY" -m DRSegUNetLib train "$MEDSEG" "$ZENODO" "${EXTRA[@]}" --out "$OUT/$name" \
-        --epochs $((steps / 100)) --steps-per-epoch 100 "${RESUME[@]}" "${RECIPE[@]}" "$@" >>"$OUT/$name.log" 2>&1
+        --epochs $((steps / EPOCH_STEPS)) --steps-per-epoch "$EPOCH_STEPS" "${RESUME[@]}" "${RECIPE[@]}" "$@" >>"$OUT/$name.log" 2>&1
     local rc=$?
     [ "$rc" -eq 0 ] && touch "$OUT/$name/DONE"
     say "$name ended with rc $rc after $(( $(date +%s) - START )) s"
