@@ -45,7 +45,8 @@ def test_train_bundled_runs_its_three_stages_exports_and_skips_finished_stages(t
         assert (out / f"stage{n}" / "DONE").is_file()
         assert not (out / f"stage{n}" / "resume.pt").exists()  # no optimiser state left behind
     model = load_checkpoint(out / "drsegunet_level1.pt")
-    last = load_checkpoint(out / "stage3" / "last.pt")
+    stage = {n: load_checkpoint(out / f"stage{n}" / "last.pt") for n in (1, 2, 3)}
+    last = stage[3]
     # the export is stage 3's last epoch, in float16 where float16 holds it
     for k, v in last.state_dict.items():
         if v.dtype.is_floating_point and model.state_dict[k].dtype == torch.float16:
@@ -55,9 +56,9 @@ def test_train_bundled_runs_its_three_stages_exports_and_skips_finished_stages(t
     assert model.fingerprint["split"] is None  # SPLIT="" : every slice trains, as for the bundled model
     assert "outside=0.1" in last.extra["command"] and "--hard-negatives 0.25" in last.extra["command"]
     assert f"--init {out / 'stage2' / 'last.pt'}" in last.extra["command"]
-    assert f"--init {out / 'stage1' / 'last.pt'}" in load_checkpoint(out / "stage2" / "last.pt").extra["command"]
-    assert "--init" not in load_checkpoint(out / "stage1" / "last.pt").extra["command"]  # from scratch
-    assert [len(load_checkpoint(out / f"stage{n}" / "last.pt").extra["history"]) for n in (1, 2, 3)] == [2, 1, 1]
+    assert f"--init {out / 'stage1' / 'last.pt'}" in stage[2].extra["command"]
+    assert "--init" not in stage[1].extra["command"]  # from scratch
+    assert [len(stage[n].extra["history"]) for n in (1, 2, 3)] == [2, 1, 1]
 
     # called again, it trains nothing and exports the same weights
     r = _bash("scripts/train_bundled.sh", out, STEPS1=2, STEPS2=1, STEPS3=1)

@@ -37,6 +37,10 @@ CROP=${CROP:-256}
 WORKERS=${WORKERS:-8}
 MODELS=${MODELS:-drsegunet,monai-unet,drsegunet-upsample}
 CV=${CV:-1}
+FINAL_BATCH=${FINAL_BATCH:-16}
+FINAL_STEPS1=${FINAL_STEPS1:-5000}
+FINAL_STEPS2=${FINAL_STEPS2:-2800}
+FINAL_STEPS3=${FINAL_STEPS3:-1000}
 LOG="$OUT/run.log"
 START=$(date +%s)
 say() { echo "[gpu_crossval] $*" | tee -a "$LOG" >&2; }
@@ -83,12 +87,11 @@ if [ "$FINAL_LIMIT" -lt 30 ]; then
 fi
 say "final model on all the data (the bundled model's recipe), at most ${FINAL_LIMIT}s"
 PYTHON="$PY" MEDSEG="$MEDSEG" ZENODO="$ZENODO" SPLIT="" DEVICE="$DEVICE" WORKERS="$WORKERS" \
-    BATCH="${FINAL_BATCH:-16}" STEPS1="${FINAL_STEPS1:-5000}" STEPS2="${FINAL_STEPS2:-2800}" \
-    STEPS3="${FINAL_STEPS3:-1000}" LIMIT_S="$FINAL_LIMIT" \
+    BATCH="$FINAL_BATCH" STEPS1="$FINAL_STEPS1" STEPS2="$FINAL_STEPS2" STEPS3="$FINAL_STEPS3" LIMIT_S="$FINAL_LIMIT" \
     bash scripts/train_bundled.sh "$OUT/final" >>"$LOG" 2>&1
 rc2=$?
 [ "$rc2" -ne 0 ] && say "final training ended with rc $rc2; the stages that finished are kept in $OUT/final (rerun to continue)"
-echo "{\"cv\": \"$CV\", \"steps\": $STEPS, \"batch\": $BATCH, \"crop\": $CROP, \"workers\": $WORKERS, \"models\": \"$MODELS\", \"device\": \"$DEVICE\", \"final_batch\": ${FINAL_BATCH:-16}, \"final_steps\": [${FINAL_STEPS1:-5000}, ${FINAL_STEPS2:-2800}, ${FINAL_STEPS3:-1000}], \"seconds\": $(( $(date +%s) - START ))}" >"$OUT/settings.json"
+echo "{\"cv\": \"$CV\", \"steps\": $STEPS, \"batch\": $BATCH, \"crop\": $CROP, \"workers\": $WORKERS, \"models\": \"$MODELS\", \"device\": \"$DEVICE\", \"final_batch\": $FINAL_BATCH, \"final_steps\": [$FINAL_STEPS1, $FINAL_STEPS2, $FINAL_STEPS3], \"seconds\": $(( $(date +%s) - START ))}" >"$OUT/settings.json"
 say "done in $(( $(date +%s) - START ))s (crossval rc $rc, final rc $rc2)"
 [ "$rc" -eq 0 ] && exit "$rc2"
 exit "$rc"
